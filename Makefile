@@ -1,0 +1,47 @@
+# ebpfwd — build, test and demo. `make test` and `make demo` need root
+# (they create network namespaces).
+
+GO      ?= go
+CLANG   ?= clang-19
+BIN     := bin/ebpfwd
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+# How long each fuzz target runs in `make test`: enough to catch a shallow
+# panic on every change, short enough for CI.
+FUZZTIME ?= 10s
+
+.PHONY: build test unit e2e fuzz demo generate lint clean need-root
+
+build:
+	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
+
+need-root:
+	@[ "$$(id -u)" = 0 ] || { echo "this target needs root: it creates network namespaces (run it as root)"; exit 1; }
+
+# The README's test command: lint, unit and end-to-end tests, then a short
+# run of every fuzz target.
+test: need-root lint build unit e2e fuzz
+
+unit:
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test$$)
+
+e2e:
+	$(GO) test -count=1 -timeout 15m ./test/
+
+fuzz:
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./config
+	$(GO) test -run='^$$' -fuzz='^FuzzReadResponse$$' -fuzztime=$(FUZZTIME) ./userspace/httpconnect
+
+demo: need-root build
+	$(GO) run ./test/demo -ebpfwd $(BIN) -config docs/examples/seed000.yaml
+
+# BPF objects and bindings are committed; this regenerates them (needs clang-19).
+generate:
+	$(GO) generate ./...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
+	 [ -z "$$out" ] || { echo "gofmt would change:"; echo "$$out"; exit 1; }
+	$(GO) vet ./...
+
+clean:
+	rm -rf bin

@@ -1,0 +1,206 @@
+// Command ebpfwd forwards TCP and UDP between Linux network namespaces,
+// configured with GOST v3's YAML.
+package main
+
+import (
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/config"
+	"github.com/ebpfwd/ebpfwd/daemon"
+)
+
+// version is set at build time with -ldflags "-X main.version=...".
+var version = "dev"
+
+// env is what a command may touch, injected so tests can run the CLI
+// in-process.
+type env struct {
+	stdout, stderr io.Writer
+}
+
+type command struct {
+	name, usage, help string
+	run               func(e env, args []string) int
+}
+
+func commands() []command {
+	return []command{
+		{"run", "run [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground", cmdRun},
+		{"check", "check CONFIG", "validate CONFIG and open every namespace it names", cmdCheck},
+		{"plan", "plan CONFIG", "print the datapath chosen for each service, and why", cmdPlan},
+		{"version", "version", "print the version", cmdVersion},
+	}
+}
+
+func main() {
+	os.Exit(dispatch(env{stdout: os.Stdout, stderr: os.Stderr}, os.Args[1:]))
+}
+
+func dispatch(e env, args []string) int {
+	if len(args) == 0 || args[0] == "-h" || args[0] == "--help" || args[0] == "help" {
+		usage(e.stderr)
+		if len(args) == 0 {
+			return 2
+		}
+		return 0
+	}
+	for _, c := range commands() {
+		if c.name == args[0] {
+			return c.run(e, args[1:])
+		}
+	}
+	fmt.Fprintf(e.stderr, "ebpfwd: unknown command %q\n\n", args[0])
+	usage(e.stderr)
+	return 2
+}
+
+func usage(w io.Writer) {
+	fmt.Fprintln(w, "usage: ebpfwd COMMAND [ARGS]\n\ncommands:")
+	for _, c := range commands() {
+		fmt.Fprintf(w, "  %-52s %s\n", c.usage, c.help)
+	}
+}
+
+func cmdVersion(e env, _ []string) int {
+	fmt.Fprintf(e.stdout, "ebpfwd %s\n", version)
+	return 0
+}
+
+// loadConfig loads and validates path, printing warnings and errors.
+func loadConfig(e env, path string) (*config.Config, bool) {
+	cfg, warnings, err := config.Load(path)
+	for _, w := range warnings {
+		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+	}
+	if err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return nil, false
+	}
+	return cfg, true
+}
+
+func configArg(e env, fs *flag.FlagSet, cmd string) (string, bool) {
+	if fs.NArg() != 1 {
+		fmt.Fprintf(e.stderr, "ebpfwd %s: exactly one CONFIG file is needed (got %d arguments)\n", cmd, fs.NArg())
+		return "", false
+	}
+	return fs.Arg(0), true
+}
+
+func cmdCheck(e env, args []string) int {
+	fs := flag.NewFlagSet("check", flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	if fs.Parse(args) != nil {
+		return 2
+	}
+	path, ok := configArg(e, fs, "check")
+	if !ok {
+		return 2
+	}
+	cfg, ok := loadConfig(e, path)
+	if !ok {
+		return 1
+	}
+	d, err := daemon.New(cfg, daemon.Options{}, discardLogger())
+	if err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	if err := missingPrivileges(cfg); err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd check: %v\n", err)
+		return 1
+	}
+	if err := d.Check(); err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	fmt.Fprintf(e.stdout, "%s: ok (%d services, %d chains)\n", path, len(cfg.Services), len(cfg.Chains))
+	return 0
+}
+
+func cmdPlan(e env, args []string) int {
+	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	if fs.Parse(args) != nil {
+		return 2
+	}
+	path, ok := configArg(e, fs, "plan")
+	if !ok {
+		return 2
+	}
+	cfg, ok := loadConfig(e, path)
+	if !ok {
+		return 1
+	}
+	d, err := daemon.New(cfg, daemon.Options{}, discardLogger())
+	if err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	for _, p := range d.Plans() {
+		fmt.Fprintf(e.stdout, "%s\t%s\t%s\n", p.Service, p.Datapath, p.Reason)
+	}
+	return 0
+}
+
+func cmdRun(e env, args []string) int {
+	fs := flag.NewFlagSet("run", flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
+	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM")
+	if fs.Parse(args) != nil {
+		return 2
+	}
+	path, ok := configArg(e, fs, "run")
+	if !ok {
+		return 2
+	}
+	if *drain < 0 {
+		fmt.Fprintln(e.stderr, "ebpfwd run: --drain-timeout must not be negative")
+		return 2
+	}
+	cfg, ok := loadConfig(e, path)
+	if !ok {
+		return 1
+	}
+	logger, closeLog, err := newLogger(cfg.Log, e.stderr)
+	if err != nil {
+		fmt.Fprintf(e.stderr, "%s: log: %v\n", path, err)
+		return 1
+	}
+	defer closeLog()
+	if err := missingPrivileges(cfg); err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd run: %v\n", err)
+		return 1
+	}
+	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain}, logger)
+	if err != nil {
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	logger.Info("ebpfwd starting", "version", version, "config", path, "pid", os.Getpid())
+	if err := d.Run(ctx); err != nil {
+		logger.Error("ebpfwd failed to start", "err", firstLine(err))
+		fmt.Fprintln(e.stderr, err)
+		return 1
+	}
+	return 0
+}
+
+func firstLine(err error) string {
+	s, _, _ := strings.Cut(err.Error(), "\n")
+	return s
+}
+
+var errNoPrivileges = errors.New("missing privileges")

@@ -1,0 +1,91 @@
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"net"
+	"os"
+	"strconv"
+	"strings"
+
+	"github.com/ebpfwd/ebpfwd/config"
+)
+
+// Capability numbers from linux/capability.h.
+const (
+	capNetBindService = 10
+	capSysAdmin       = 21 // setns(2) into a network namespace
+)
+
+// effectiveCaps reads the effective capability set from /proc/self/status.
+func effectiveCaps() (uint64, error) {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return 0, err
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if v, ok := strings.CutPrefix(sc.Text(), "CapEff:"); ok {
+			return strconv.ParseUint(strings.TrimSpace(v), 16, 64)
+		}
+	}
+	return 0, fmt.Errorf("no CapEff in /proc/self/status")
+}
+
+// missingPrivileges names the capabilities cfg needs that this process
+// lacks, so an unprivileged start fails with a message instead of an EPERM
+// deep inside a namespace switch.
+func missingPrivileges(cfg *config.Config) error {
+	caps, err := effectiveCaps()
+	if err != nil {
+		return fmt.Errorf("read capabilities: %w", err)
+	}
+	has := func(c uint) bool { return caps&(1<<c) != 0 }
+	var missing []string
+	if usesNamespaces(cfg) && !has(capSysAdmin) {
+		missing = append(missing, "CAP_SYS_ADMIN (to enter the network namespaces the config names)")
+	}
+	if low := lowPort(cfg); low != "" && !has(capNetBindService) {
+		missing = append(missing, fmt.Sprintf("CAP_NET_BIND_SERVICE (to listen on %s)", low))
+	}
+	if len(missing) > 0 {
+		return fmt.Errorf("%w: %s; run as root or grant them", errNoPrivileges, strings.Join(missing, ", "))
+	}
+	return nil
+}
+
+func usesNamespaces(cfg *config.Config) bool {
+	for _, s := range cfg.Services {
+		if s.NetNS != "" || s.NetNSOut != "" {
+			return true
+		}
+	}
+	for _, c := range cfg.Chains {
+		for _, h := range c.Hops {
+			if h.NetNS != "" {
+				return true
+			}
+			for _, n := range h.Nodes {
+				if n.NetNS != "" {
+					return true
+				}
+			}
+		}
+	}
+	return false
+}
+
+// lowPort returns the first listen address below port 1024, if any.
+func lowPort(cfg *config.Config) string {
+	for _, s := range cfg.Services {
+		_, p, err := net.SplitHostPort(s.Addr)
+		if err != nil {
+			continue
+		}
+		if n, err := strconv.Atoi(p); err == nil && n < 1024 {
+			return s.Addr
+		}
+	}
+	return ""
+}

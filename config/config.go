@@ -1,0 +1,292 @@
+// Package config loads and validates ebpfwd's configuration, which is a GOST v3
+// YAML file (services, chains, hops, log, metrics).
+//
+// The package only checks syntax and meaning; it never opens sockets,
+// namespaces or BPF objects. It decodes through yaml.Node so that every
+// problem carries the file, line and column it came from, and it collects all
+// problems of a file instead of stopping at the first one.
+//
+// GOST's keys keep GOST's meaning. Parts of GOST that ebpfwd does not
+// implement are errors rather than being silently ignored, because ignoring
+// them (a bypass list, a limiter, a TLS listener...) would change how traffic
+// is handled. Keys GOST reads case-insensitively (it loads through viper) are
+// matched case-insensitively here too.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"sort"
+	"strconv"
+	"strings"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is a validated ebpfwd configuration with all defaults applied.
+type Config struct {
+	Path     string // file it was loaded from
+	Services []*Service
+	Chains   []*Chain // hops referenced by name are already resolved into Chain.Hops
+	Hops     []*Hop   // top-level hops as written
+	Log      Log
+	Metrics  Metrics
+}
+
+// Pos is where an element starts in the configuration file (1-based).
+type Pos struct{ Line, Column int }
+
+// Service is one listening address and what is done with its traffic.
+type Service struct {
+	Name      string
+	Addr      string
+	Handler   Handler
+	Listener  Listener
+	Forwarder *Forwarder // nil when absent
+	Metadata  map[string]any
+	// NetNS is the effective listen namespace: metadata "netns", else the
+	// deprecated service-level `netns` field; "" is the daemon's own.
+	NetNS string
+	// NetNSOut is metadata "netns.out": the namespace nodes are dialed from;
+	// "" is the daemon's own.
+	NetNSOut string
+	// Datapath is ebpfwd's own metadata key "datapath":
+	// "auto" (default), "tc", "sockmap" or "userspace".
+	Datapath string
+	// IdleTimeout is ebpfwd's own metadata key "idleTimeout": how long a TCP
+	// relay may stay silent in both directions before it is closed; 0 (the
+	// default) means never.
+	IdleTimeout time.Duration
+	Pos         Pos
+}
+
+// Handler says how a service treats accepted traffic.
+type Handler struct {
+	Type     string // tcp, udp or http
+	Chain    string // name of the chain traffic leaves through; "" = direct
+	Auth     *Auth  // proxy authentication (http only)
+	Metadata map[string]any
+}
+
+// Listener says how a service accepts traffic.
+type Listener struct {
+	Type string // tcp or udp
+	// TTL is listener metadata "ttl": how long a UDP session may stay idle
+	// before it expires (GOST's meaning). It defaults to 5s for udp listeners
+	// and is 0 for tcp listeners, where it has no meaning.
+	TTL      time.Duration
+	Metadata map[string]any
+}
+
+// Forwarder lists the targets a tcp or udp service forwards to.
+type Forwarder struct {
+	Nodes    []*Node
+	Selector Selector
+}
+
+// Selector chooses among nodes (or hops) and takes failing ones out of the
+// rotation for a while.
+type Selector struct {
+	Strategy    string        // round, rand, fifo or hash; default round
+	MaxFails    int           // failures before a node is skipped; default 1
+	FailTimeout time.Duration // how long a failed node is skipped; default 10s
+}
+
+// Chain is a named sequence of proxy hops traffic passes through.
+type Chain struct {
+	Name string
+	Hops []*Hop
+	Pos  Pos
+}
+
+// Hop is one step of a chain: a group of equivalent proxy nodes.
+type Hop struct {
+	Name     string
+	Selector Selector
+	NetNS    string // metadata "netns": namespace the hop's nodes are dialed from
+	Nodes    []*Node
+	Metadata map[string]any
+	Pos      Pos
+}
+
+// Node is a forward target (in Forwarder) or a proxy (in a Hop).
+//
+// Connector and Dialer are set only for nodes of a hop: GOST's forward
+// targets have neither, so they are left zero there.
+type Node struct {
+	Name      string
+	Addr      string
+	Connector Connector // type defaults to "http" (GOST's default) in hops
+	Dialer    Dialer    // type defaults to "tcp" in hops
+	NetNS     string    // node metadata "netns" (overrides the hop's)
+	Metadata  map[string]any
+	Pos       Pos
+}
+
+// Connector is the protocol spoken to a proxy node.
+type Connector struct {
+	Type     string
+	Auth     *Auth
+	Metadata map[string]any
+}
+
+// Dialer is how the connection to a proxy node is made.
+type Dialer struct {
+	Type     string
+	Metadata map[string]any
+}
+
+// Auth is a username and password pair.
+type Auth struct {
+	Username, Password string
+}
+
+// Log configures the daemon's own logging.
+type Log struct {
+	Level  string // debug, info, warn or error; default info
+	Format string // text or json; default text
+	Output string // stderr (default), stdout, none, or a file path
+}
+
+// Metrics configures the Prometheus endpoint. Addr "" means disabled.
+type Metrics struct {
+	Addr string
+	Path string // default /metrics
+	Auth *Auth
+}
+
+// Defaults that GOST applies when a key is absent.
+const (
+	defaultStrategy    = "round"
+	defaultMaxFails    = 1
+	defaultFailTimeout = 10 * time.Second
+	defaultUDPTTL      = 5 * time.Second
+	defaultDatapath    = "auto"
+	defaultMetricsPath = "/metrics"
+)
+
+// Load reads the file at path and parses it; see Parse.
+func Load(path string) (*Config, []Diagnostic, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, nil, fmt.Errorf("read config %s: %w", path, err)
+	}
+	return Parse(path, data)
+}
+
+// Parse decodes and validates a GOST v3 YAML configuration. path is only
+// used to label diagnostics and Config.Path.
+//
+// Warnings (things that are ignored but probably meant something) are
+// returned in every case. When the configuration is invalid, the config is
+// nil and the error is an *Errors listing every problem found.
+func Parse(path string, data []byte) (*Config, []Diagnostic, error) {
+	d := &decoder{file: path}
+	cfg := d.config(d.document(data))
+	sortDiagnostics(d.warns)
+	if len(d.errs) > 0 {
+		sortDiagnostics(d.errs)
+		return nil, d.warns, &Errors{List: d.errs}
+	}
+	cfg.Path = path
+	return cfg, d.warns, nil
+}
+
+// yamlLineError matches the "yaml: line N: message" form yaml.v3 uses for
+// syntax errors.
+var yamlLineError = regexp.MustCompile(`^yaml: line (\d+): (.*)$`)
+
+// document parses data into its root node. It returns nil for an empty
+// document (or after reporting a syntax error).
+func (d *decoder) document(data []byte) *yaml.Node {
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	var doc yaml.Node
+	if err := dec.Decode(&doc); err != nil {
+		if !errors.Is(err, io.EOF) {
+			d.syntaxError(err)
+		}
+		return nil
+	}
+	// GOST reads one document; a second one would be silently dropped.
+	var next yaml.Node
+	switch err := dec.Decode(&next); {
+	case err == nil:
+		d.errorf(&next, "", "the file holds more than one YAML document; ebpfwd reads exactly one")
+	case !errors.Is(err, io.EOF):
+		d.syntaxError(err)
+	}
+	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
+		return doc.Content[0]
+	}
+	return nil
+}
+
+// syntaxError turns a yaml.v3 parse error into a diagnostic. yaml.v3 gives
+// only a line (and not always that); a missing line is reported as line 1.
+func (d *decoder) syntaxError(err error) {
+	line, msg := 1, err.Error()
+	if m := yamlLineError.FindStringSubmatch(msg); m != nil {
+		if n, convErr := strconv.Atoi(m[1]); convErr == nil && n > 0 {
+			line = n
+		}
+		msg = m[2]
+	} else {
+		msg = strings.TrimPrefix(msg, "yaml: ")
+	}
+	d.errs = append(d.errs, Diagnostic{File: d.file, Line: line, Field: "", Message: "YAML syntax error: " + msg})
+}
+
+// config builds the whole configuration from the root node (nil = empty).
+// Sections are decoded in dependency order (hops, chains, services) no
+// matter where they appear in the file.
+func (d *decoder) config(root *yaml.Node) *Config {
+	cfg := &Config{
+		Log:     Log{Level: "info", Format: "text", Output: "stderr"},
+		Metrics: Metrics{Path: defaultMetricsPath},
+	}
+	if root == nil {
+		if len(d.errs) == 0 {
+			d.errs = append(d.errs, Diagnostic{File: d.file, Line: 1, Column: 1, Field: "services", Message: "no services: the file is empty"})
+		}
+		return cfg
+	}
+	top, ok := d.mapping(root, "", &topLevelSection)
+	if !ok {
+		return cfg
+	}
+	if f, ok := top["log"]; ok {
+		cfg.Log = d.log(f)
+	}
+	if f, ok := top["metrics"]; ok {
+		cfg.Metrics = d.metrics(f)
+	}
+	var hopsByName map[string]*Hop
+	if f, ok := top["hops"]; ok {
+		cfg.Hops, hopsByName = d.topHops(f)
+	}
+	var chainsByName map[string]*Chain
+	if f, ok := top["chains"]; ok {
+		cfg.Chains, chainsByName = d.chains(f, hopsByName)
+	}
+	f, ok := top["services"]
+	if !ok {
+		d.errorf(root, "services", "no services: the file has no services section")
+		return cfg
+	}
+	cfg.Services = d.services(f, chainsByName)
+	return cfg
+}
+
+func sortDiagnostics(list []Diagnostic) {
+	sort.SliceStable(list, func(i, j int) bool {
+		if list[i].Line != list[j].Line {
+			return list[i].Line < list[j].Line
+		}
+		return list[i].Column < list[j].Column
+	})
+}

@@ -1,0 +1,268 @@
+package config
+
+import (
+	"fmt"
+	"maps"
+	"slices"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+func posOf(n *yaml.Node) Pos { return Pos{Line: n.Line, Column: n.Column} }
+
+// services decodes the services list; an empty one is an error because
+// ebpfwd would have nothing to do.
+func (d *decoder) services(f field, chains map[string]*Chain) []*Service {
+	if isNull(f.value) || (f.value.Kind == yaml.SequenceNode && len(f.value.Content) == 0) {
+		d.errorf(f.pos(), f.path, "no services: the list is empty")
+		return nil
+	}
+	var out []*Service
+	names := map[string]Pos{}
+	for i, item := range d.sequence(f) {
+		svc := d.service(item, i, chains)
+		if svc == nil {
+			continue
+		}
+		if first, dup := names[svc.Name]; dup {
+			d.errorf(item.value, join(item.path, "name"), "duplicate service name %q (first at line %d)", svc.Name, first.Line)
+		} else {
+			names[svc.Name] = svc.Pos
+		}
+		out = append(out, svc)
+	}
+	return out
+}
+
+func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
+	fs, ok := d.fieldMapping(f, &serviceSection)
+	if !ok {
+		return nil
+	}
+	svc := &Service{Name: fmt.Sprintf("service-%d", i), Datapath: defaultDatapath, Pos: posOf(f.value)}
+	if nf, ok := fs["name"]; ok {
+		if name, ok := d.str(nf); ok && name != "" {
+			svc.Name = name
+		}
+	}
+	if af, ok := fs["addr"]; ok {
+		svc.Addr, _ = d.addr(af, listenAddr)
+	} else {
+		d.errorf(f.value, join(f.path, "addr"), "is required (the host:port to listen on, e.g. \":8080\")")
+	}
+	legacyNS, hasLegacyNS := fs["netns"]
+	if hasLegacyNS {
+		d.warnf(legacyNS.key, legacyNS.path, "the service-level netns field is deprecated; write it as metadata.netns")
+		svc.NetNS, _ = d.netns(legacyNS)
+	}
+
+	hf, hasHandler := fs["handler"]
+	var hfs fields
+	if hasHandler && !isNull(hf.value) {
+		svc.Handler, hfs = d.handler(hf)
+	} else {
+		d.errorf(f.pos(), join(f.path, "handler"), "is required (handler.type: %s)", joinList(handlerTypes))
+	}
+
+	lf, hasListener := fs["listener"]
+	var lfs fields
+	if hasListener {
+		svc.Listener, lfs = d.listener(lf)
+	}
+
+	ff, hasForwarder := fs["forwarder"]
+	var ffs fields
+	if hasForwarder && !isNull(ff.value) {
+		svc.Forwarder, ffs = d.forwarder(ff)
+	}
+
+	if mf, ok := fs["metadata"]; ok {
+		md, known := d.metadata(mf, serviceMetadataKeys)
+		svc.Metadata = md
+		d.serviceMetadata(svc, known, legacyNS, hasLegacyNS)
+	}
+
+	d.checkServiceCombination(f, svc, serviceParts{
+		handler: hfs, listener: lfs, forwarder: ffs,
+		forwarderField: ff, hasForwarder: hasForwarder && !isNull(ff.value),
+	}, chains)
+	return svc
+}
+
+// serviceMetadata applies the service metadata keys ebpfwd reads.
+func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, hasLegacyNS bool) {
+	if nf, ok := known["netns"]; ok {
+		if ns, ok := d.netns(nf); ok {
+			if hasLegacyNS && svc.NetNS != "" && svc.NetNS != ns {
+				d.errorf(nf.pos(), nf.path, "conflicts with the service-level netns %q at line %d; set the namespace once", svc.NetNS, legacyNS.value.Line)
+			}
+			svc.NetNS = ns
+		}
+	}
+	if of, ok := known["netns.out"]; ok {
+		svc.NetNSOut, _ = d.netns(of)
+	}
+	if df, ok := known["datapath"]; ok {
+		if dp, ok := d.str(df); ok {
+			if slices.Contains(datapathKinds, dp) {
+				svc.Datapath = dp
+			} else {
+				d.errorf(df.pos(), df.path, "%s", oneOf(dp, datapathKinds))
+			}
+		}
+	}
+	if tf, ok := known["idleTimeout"]; ok {
+		svc.IdleTimeout, _ = d.duration(tf)
+	}
+}
+
+// serviceParts carries the decoded key sets of a service's sections, so
+// cross-section checks can point at the exact key at fault.
+type serviceParts struct {
+	handler, listener, forwarder fields
+	forwarderField               field
+	hasForwarder                 bool
+}
+
+// checkServiceCombination enforces which handler, listener, forwarder and
+// chain settings make sense together.
+func (d *decoder) checkServiceCombination(f field, svc *Service, parts serviceParts, chains map[string]*Chain) {
+	handlerType := svc.Handler.Type
+	if handlerType == "" {
+		return // already reported; every check below depends on it
+	}
+
+	wantListener := "tcp"
+	if handlerType == "udp" {
+		wantListener = "udp"
+	}
+	if svc.Listener.Type == "" {
+		svc.Listener.Type = wantListener
+	} else if svc.Listener.Type != wantListener {
+		tf := parts.listener["type"]
+		d.errorf(tf.pos(), tf.path, "listener type %q cannot carry handler type %q (use listener type %q)", svc.Listener.Type, handlerType, wantListener)
+	}
+	if svc.Listener.Type == "udp" && svc.Listener.TTL == 0 {
+		svc.Listener.TTL = defaultUDPTTL
+	}
+	if ttl, ok := parts.listener["metadata.ttl"]; ok && svc.Listener.Type == "tcp" {
+		d.warnf(ttl.key, ttl.path, "ttl applies only to udp listeners; ignored")
+		svc.Listener.TTL = 0
+	}
+
+	switch handlerType {
+	case "tcp", "udp":
+		if svc.Forwarder == nil || len(svc.Forwarder.Nodes) == 0 {
+			at, path := f.pos(), join(f.path, "forwarder.nodes")
+			if nf, ok := parts.forwarder["nodes"]; ok {
+				at = nf.pos()
+			} else if parts.hasForwarder {
+				at = parts.forwarderField.pos()
+			}
+			d.errorf(at, path, "handler type %q needs at least one forwarder node to send traffic to", handlerType)
+		}
+	case "http":
+		if parts.hasForwarder {
+			d.warnf(parts.forwarderField.key, parts.forwarderField.path, "an http handler connects to the address each client asks for; forwarder is ignored")
+		}
+	}
+
+	if af, ok := parts.handler["auth"]; ok && handlerType != "http" {
+		d.warnf(af.key, af.path, "auth only applies to the http handler; ignored for handler type %q", handlerType)
+	}
+
+	if chain := svc.Handler.Chain; chain != "" {
+		cf := parts.handler["chain"]
+		if _, ok := chains[chain]; !ok {
+			d.errorf(cf.pos(), cf.path, "unknown chain %q%s", chain, suggestion(chain, slices.Sorted(maps.Keys(chains))))
+		}
+		if handlerType == "udp" {
+			d.errorf(cf.pos(), cf.path, "a udp service cannot use a chain: hops are reached with HTTP CONNECT, which carries only TCP")
+		}
+	}
+}
+
+// handler decodes a service's handler section.
+func (d *decoder) handler(f field) (Handler, fields) {
+	var h Handler
+	fs, ok := d.fieldMapping(f, &handlerSection)
+	if !ok {
+		return h, nil
+	}
+	if tf, ok := fs["type"]; ok {
+		if t, ok := d.str(tf); ok {
+			switch {
+			case t == "":
+				d.errorf(tf.pos(), tf.path, "must not be empty (supported: %s)", joinList(handlerTypes))
+			case slices.Contains(handlerTypes, t):
+				h.Type = t
+			default:
+				d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, handlerTypes))
+			}
+		}
+	} else {
+		d.errorf(f.pos(), join(f.path, "type"), "is required (supported: %s)", joinList(handlerTypes))
+	}
+	if cf, ok := fs["chain"]; ok {
+		h.Chain, _ = d.str(cf)
+	}
+	if af, ok := fs["auth"]; ok {
+		h.Auth = d.auth(af)
+	}
+	if mf, ok := fs["metadata"]; ok {
+		h.Metadata, _ = d.metadata(mf, nil)
+	}
+	return h, fs
+}
+
+// listener decodes a service's listener section. An empty type is filled
+// in from the handler later, as GOST does when the listener is omitted.
+// The returned fields include "metadata.ttl" when ttl was given.
+func (d *decoder) listener(f field) (Listener, fields) {
+	var l Listener
+	fs, ok := d.fieldMapping(f, &listenerSection)
+	if !ok {
+		return l, nil
+	}
+	if tf, ok := fs["type"]; ok {
+		if t, ok := d.str(tf); ok && t != "" {
+			if slices.Contains(listenerTypes, t) {
+				l.Type = t
+			} else {
+				d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, listenerTypes))
+			}
+		}
+	}
+	if mf, ok := fs["metadata"]; ok {
+		md, known := d.metadata(mf, listenerMetadataKeys)
+		l.Metadata = md
+		if ttl, ok := known["ttl"]; ok {
+			fs["metadata.ttl"] = ttl
+			l.TTL, _ = d.duration(ttl)
+		}
+	}
+	return l, fs
+}
+
+// forwarder decodes a service's forwarder section.
+func (d *decoder) forwarder(f field) (*Forwarder, fields) {
+	fw := &Forwarder{Selector: defaultSelector()}
+	fs, ok := d.fieldMapping(f, &forwarderSection)
+	if !ok {
+		return fw, nil
+	}
+	if nf, ok := fs["name"]; ok {
+		d.warnf(nf.key, nf.path, "forwarder.name is deprecated in GOST and has no effect; ignored")
+	}
+	if sf, ok := fs["selector"]; ok {
+		fw.Selector = d.selector(sf)
+	}
+	if nf, ok := fs["nodes"]; ok {
+		fw.Nodes = d.nodes(nf, false)
+	}
+	return fw, fs
+}
+
+// joinList formats a set of values for messages: "tcp, udp, http".
+func joinList(list []string) string { return strings.Join(list, ", ") }

@@ -1,0 +1,253 @@
+// Package daemon turns a validated configuration into running services:
+// it resolves namespaces, builds chains and node selectors, plans a datapath
+// per service, opens listeners, and drains on shutdown.
+//
+// The way of a connection reads top to bottom: config -> plan -> datapath
+// Setup -> accept -> dial (node selection, chain) -> datapath Splice.
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/config"
+	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/selector"
+	"github.com/ebpfwd/ebpfwd/userspace"
+	"github.com/ebpfwd/ebpfwd/userspace/chain"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+// dialTimeout bounds one attempt to reach one node (through its chain, if
+// any); a dead node then costs at most this before the next is tried.
+const dialTimeout = 10 * time.Second
+
+// Options tune a daemon's lifetime, not its traffic (that is the config's).
+type Options struct {
+	// DrainTimeout is how long in-flight connections may finish after
+	// shutdown starts before they are closed.
+	DrainTimeout time.Duration
+	// ReadyFile, when set, is written once every service is listening.
+	ReadyFile string
+}
+
+// Daemon runs the services of one configuration.
+type Daemon struct {
+	cfg       *config.Config
+	opts      Options
+	log       *slog.Logger
+	services  []*service
+	datapaths map[datapath.Kind]datapath.Datapath
+}
+
+// New builds the daemon's services from cfg without opening anything: it
+// parses every namespace reference and wires chains and selectors. Errors
+// name the config file, line and field.
+func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
+	d := &Daemon{
+		cfg:  cfg,
+		opts: opts,
+		log:  log,
+		datapaths: map[datapath.Kind]datapath.Datapath{
+			datapath.Userspace: userspace.Datapath{Logger: log},
+		},
+	}
+	var errs []error
+	chains := map[string]*chain.Chain{}
+	for _, cc := range cfg.Chains {
+		c, err := buildChain(cfg, cc)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		chains[cc.Name] = c
+	}
+	for i, sc := range cfg.Services {
+		s, err := newService(d, i, sc, chains)
+		if err != nil {
+			errs = append(errs, err)
+			continue
+		}
+		d.services = append(d.services, s)
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	return d, nil
+}
+
+// located formats an error at a config position, as config's diagnostics do.
+func located(cfg *config.Config, pos config.Pos, field string, err error) error {
+	return fmt.Errorf("%s:%d:%d: %s: %w", cfg.Path, pos.Line, pos.Column, field, err)
+}
+
+func parseNS(cfg *config.Config, pos config.Pos, field, spec string) (netns.NS, error) {
+	ns, err := netns.Parse(spec)
+	if err != nil {
+		return ns, located(cfg, pos, field, err)
+	}
+	return ns, nil
+}
+
+func selectorOptions(s config.Selector) (selector.Options, error) {
+	strategy, err := selector.ParseStrategy(s.Strategy)
+	if err != nil {
+		return selector.Options{}, err
+	}
+	return selector.Options{Strategy: strategy, MaxFails: s.MaxFails, FailTimeout: s.FailTimeout}, nil
+}
+
+func buildChain(cfg *config.Config, cc *config.Chain) (*chain.Chain, error) {
+	c := &chain.Chain{Name: cc.Name}
+	var errs []error
+	for hi, hc := range cc.Hops {
+		field := fmt.Sprintf("chains[%s].hops[%d]", cc.Name, hi)
+		hopNS, err := parseNS(cfg, hc.Pos, field+".metadata.netns", hc.NetNS)
+		if err != nil {
+			errs = append(errs, err)
+		}
+		opts, err := selectorOptions(hc.Selector)
+		if err != nil {
+			errs = append(errs, located(cfg, hc.Pos, field+".selector", err))
+		}
+		var nodes []*selector.Node[*chain.Node]
+		for ni, nc := range hc.Nodes {
+			nodeNS, err := parseNS(cfg, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni), nc.NetNS)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			n := &chain.Node{Name: nc.Name, Addr: nc.Addr, NS: nodeNS}
+			if a := nc.Connector.Auth; a != nil {
+				n.Auth = &httpconnect.Auth{Username: a.Username, Password: a.Password}
+			}
+			nodes = append(nodes, &selector.Node[*chain.Node]{Name: nc.Name, Value: n})
+		}
+		c.Hops = append(c.Hops, &chain.Hop{Name: hc.Name, NS: hopNS, Selector: selector.New(opts, nodes...)})
+	}
+	return c, errors.Join(errs...)
+}
+
+// Check opens every namespace the configuration names, so a missing one is
+// reported before anything listens. It returns every problem found.
+func (d *Daemon) Check() error {
+	var errs []error
+	check := func(ns netns.NS, pos config.Pos, field string) {
+		if err := ns.Check(); err != nil {
+			errs = append(errs, located(d.cfg, pos, field, err))
+		}
+	}
+	for _, s := range d.services {
+		field := fmt.Sprintf("services[%d].metadata", s.index)
+		check(s.listenNS, s.cfg.Pos, field+".netns")
+		check(s.outNS, s.cfg.Pos, field+".netns.out")
+	}
+	for _, cc := range d.cfg.Chains {
+		for hi, hc := range cc.Hops {
+			field := fmt.Sprintf("chains[%s].hops[%d]", cc.Name, hi)
+			ns, _ := netns.Parse(hc.NetNS)
+			check(ns, hc.Pos, field+".metadata.netns")
+			for ni, nc := range hc.Nodes {
+				ns, _ := netns.Parse(nc.NetNS)
+				check(ns, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// Plans describes the datapath chosen for each service and why.
+func (d *Daemon) Plans() []Plan {
+	var plans []Plan
+	for _, s := range d.services {
+		plans = append(plans, Plan{Service: s.cfg.Name, Datapath: s.plan.Datapath, Reason: s.plan.Reason})
+	}
+	return plans
+}
+
+// Run starts every service and serves until ctx is done, then stops
+// accepting, lets in-flight connections finish for the drain timeout,
+// closes the rest and removes whatever the datapaths attached. If any
+// service cannot start, everything already started is undone and the
+// error returned.
+func (d *Daemon) Run(ctx context.Context) error {
+	if err := d.Check(); err != nil {
+		return err
+	}
+	if err := d.start(ctx); err != nil {
+		d.closeAll()
+		return err
+	}
+	for _, s := range d.services {
+		d.log.Info("service started", "service", s.cfg.Name, "addr", s.ln.addr(),
+			"handler", s.cfg.Handler.Type, "netns", s.listenNS.String(), "netns.out", s.outNS.String(),
+			"datapath", s.plan.Datapath, "reason", s.plan.Reason)
+	}
+	if d.opts.ReadyFile != "" {
+		if err := os.WriteFile(d.opts.ReadyFile, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644); err != nil {
+			d.closeAll()
+			return fmt.Errorf("write ready file: %w", err)
+		}
+	}
+
+	// Connections live in their own context: shutdown cancels it only
+	// after the drain timeout, so in-flight transfers may finish.
+	connCtx, cancelConns := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelConns()
+	var serving sync.WaitGroup
+	for _, s := range d.services {
+		serving.Add(1)
+		go func() {
+			defer serving.Done()
+			s.serve(connCtx)
+		}()
+	}
+
+	<-ctx.Done()
+	d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
+	for _, s := range d.services {
+		s.stopAccepting()
+	}
+	drained := make(chan struct{})
+	go func() { serving.Wait(); close(drained) }()
+	select {
+	case <-drained:
+	case <-time.After(d.opts.DrainTimeout):
+		d.log.Warn("drain timeout: closing connections still open", "active", d.active())
+		cancelConns()
+		<-drained
+	}
+	d.closeAll()
+	d.log.Info("stopped")
+	return nil
+}
+
+func (d *Daemon) start(ctx context.Context) error {
+	for _, s := range d.services {
+		if err := s.start(ctx); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (d *Daemon) closeAll() {
+	for _, s := range d.services {
+		s.close()
+	}
+}
+
+func (d *Daemon) active() int64 {
+	var n int64
+	for _, s := range d.services {
+		if s.att != nil {
+			n += s.att.Counters().Active
+		}
+	}
+	return n
+}

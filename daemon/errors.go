@@ -1,0 +1,95 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"syscall"
+
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/userspace/relay"
+)
+
+// Reason classifies a failed connection for logs and metrics. The set is
+// small and fixed so that it can be a metric label.
+type Reason string
+
+const (
+	ReasonRefused     Reason = "dial_refused"
+	ReasonTimeout     Reason = "timeout"
+	ReasonUnreachable Reason = "unreachable"
+	ReasonResolve     Reason = "resolve"
+	ReasonNetnsGone   Reason = "netns_gone"
+	ReasonHopAuth     Reason = "hop_407"
+	ReasonHopGateway  Reason = "hop_502"
+	ReasonHopStatus   Reason = "hop_status"
+	ReasonHopProtocol Reason = "hop_protocol"
+	ReasonHopClosed   Reason = "hop_closed"
+	ReasonReset       Reason = "reset"
+	ReasonIdle        Reason = "idle_timeout"
+	ReasonAccept      Reason = "accept"
+	ReasonOther       Reason = "other"
+)
+
+// reasonOf maps an error from dialing or relaying to its Reason.
+func reasonOf(err error) Reason {
+	var se *httpconnect.StatusError
+	var dnsErr *net.DNSError
+	switch {
+	case errors.Is(err, netns.ErrGone):
+		return ReasonNetnsGone
+	case errors.Is(err, relay.ErrIdleTimeout):
+		return ReasonIdle
+	case errors.Is(err, httpconnect.ErrProxyAuthRequired):
+		return ReasonHopAuth
+	case errors.As(err, &se):
+		if se.Code == 502 || se.Code == 503 || se.Code == 504 {
+			return ReasonHopGateway
+		}
+		return ReasonHopStatus
+	case errors.Is(err, httpconnect.ErrMalformedResponse):
+		return ReasonHopProtocol
+	case errors.Is(err, io.ErrUnexpectedEOF):
+		return ReasonHopClosed
+	case errors.Is(err, syscall.ECONNREFUSED):
+		return ReasonRefused
+	case errors.Is(err, syscall.ECONNRESET), errors.Is(err, syscall.EPIPE):
+		return ReasonReset
+	case errors.Is(err, syscall.EHOSTUNREACH), errors.Is(err, syscall.ENETUNREACH):
+		return ReasonUnreachable
+	case errors.Is(err, os.ErrDeadlineExceeded), errors.Is(err, context.DeadlineExceeded):
+		return ReasonTimeout
+	case errors.As(err, &dnsErr):
+		return ReasonResolve
+	}
+	return ReasonOther
+}
+
+// Errors counts failures of one service by reason.
+type Errors struct {
+	m sync.Map // Reason -> *atomic.Uint64
+}
+
+// Add counts one failure.
+func (e *Errors) Add(r Reason) {
+	v, ok := e.m.Load(r)
+	if !ok {
+		v, _ = e.m.LoadOrStore(r, new(atomic.Uint64))
+	}
+	v.(*atomic.Uint64).Add(1)
+}
+
+// Snapshot returns the counts so far.
+func (e *Errors) Snapshot() map[Reason]uint64 {
+	out := map[Reason]uint64{}
+	e.m.Range(func(k, v any) bool {
+		out[k.(Reason)] = v.(*atomic.Uint64).Load()
+		return true
+	})
+	return out
+}

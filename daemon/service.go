@@ -1,0 +1,323 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"sync"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/config"
+	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/selector"
+	"github.com/ebpfwd/ebpfwd/userspace/chain"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+// service is one configured service at run time.
+type service struct {
+	d        *Daemon
+	index    int
+	cfg      *config.Service
+	log      *slog.Logger
+	listenNS netns.NS
+	outNS    netns.NS
+	chain    *chain.Chain               // nil: nodes are dialed directly
+	nodes    *selector.Selector[string] // forward targets (addr); nil for http
+	plan     Plan
+	errs     *Errors
+	proxy    *httpproxy.Server // handler http only
+
+	att datapath.Attachment
+	ln  listener
+	wg  sync.WaitGroup // accept loop and in-flight connections
+}
+
+func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.Chain) (*service, error) {
+	field := fmt.Sprintf("services[%d]", i)
+	s := &service{
+		d:     d,
+		index: i,
+		cfg:   sc,
+		log:   d.log.With("service", sc.Name),
+		errs:  &Errors{},
+	}
+	var errs []error
+	var err error
+	if s.listenNS, err = parseNS(d.cfg, sc.Pos, field+".metadata.netns", sc.NetNS); err != nil {
+		errs = append(errs, err)
+	}
+	if s.outNS, err = parseNS(d.cfg, sc.Pos, field+".metadata.netns.out", sc.NetNSOut); err != nil {
+		errs = append(errs, err)
+	}
+	if sc.Handler.Chain != "" {
+		if s.chain = chains[sc.Handler.Chain]; s.chain == nil {
+			// config validates chain names; a chain that failed to build
+			// has already reported its own error.
+			return nil, errors.Join(errs...)
+		}
+	}
+	if sc.Forwarder != nil && sc.Handler.Type != "http" {
+		opts, err := selectorOptions(sc.Forwarder.Selector)
+		if err != nil {
+			errs = append(errs, located(d.cfg, sc.Pos, field+".forwarder.selector", err))
+		}
+		var nodes []*selector.Node[string]
+		for _, n := range sc.Forwarder.Nodes {
+			nodes = append(nodes, &selector.Node[string]{Name: n.Name, Value: n.Addr})
+		}
+		s.nodes = selector.New(opts, nodes...)
+	}
+	if s.plan, err = planDatapath(sc, s.chain != nil); err != nil {
+		errs = append(errs, located(d.cfg, sc.Pos, field+".metadata.datapath", err))
+	}
+	if sc.Handler.Type == "http" {
+		s.proxy = s.newProxy()
+	}
+	if len(errs) > 0 {
+		return nil, errors.Join(errs...)
+	}
+	s.log = s.log.With("datapath", s.plan.Datapath)
+	return s, nil
+}
+
+func (s *service) spec() datapath.Service {
+	svc := datapath.Service{
+		Name:        s.cfg.Name,
+		Network:     s.cfg.Listener.Type,
+		Addr:        s.cfg.Addr,
+		ListenNS:    s.listenNS.Path(),
+		OutNS:       s.outNS.Path(),
+		Chained:     s.chain != nil,
+		IdleTimeout: s.cfg.IdleTimeout,
+		PacketTTL:   s.cfg.Listener.TTL,
+	}
+	if s.cfg.Forwarder != nil {
+		for _, n := range s.cfg.Forwarder.Nodes {
+			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr})
+		}
+	}
+	return svc
+}
+
+// start sets up the datapath and opens the listening socket.
+func (s *service) start(ctx context.Context) error {
+	dp := s.d.datapaths[s.plan.Datapath]
+	att, err := dp.Setup(ctx, s.spec())
+	if err != nil {
+		return fmt.Errorf("service %s: set up datapath %s: %w", s.cfg.Name, s.plan.Datapath, err)
+	}
+	s.att = att
+	switch s.cfg.Listener.Type {
+	case "udp":
+		if _, ok := att.(datapath.PacketForwarder); !ok {
+			return fmt.Errorf("service %s: datapath %s cannot forward UDP", s.cfg.Name, s.plan.Datapath)
+		}
+		pc, err := s.listenNS.ListenPacket(ctx, "udp", s.cfg.Addr)
+		if err != nil {
+			return fmt.Errorf("service %s: listen udp %s in netns %s: %w", s.cfg.Name, s.cfg.Addr, s.listenNS, err)
+		}
+		s.ln = listener{pc: pc}
+	default:
+		l, err := s.listenNS.Listen(ctx, "tcp", s.cfg.Addr)
+		if err != nil {
+			return fmt.Errorf("service %s: listen tcp %s in netns %s: %w", s.cfg.Name, s.cfg.Addr, s.listenNS, err)
+		}
+		s.ln = listener{l: l}
+	}
+	return nil
+}
+
+// serve runs until the listener is closed and every connection is done.
+func (s *service) serve(ctx context.Context) {
+	defer s.wg.Wait()
+	if s.ln.pc != nil {
+		pf := s.att.(datapath.PacketForwarder)
+		if err := pf.ServePackets(ctx, s.ln.pc, s.dialPacket); err != nil && !errors.Is(err, net.ErrClosed) {
+			s.log.Error("udp service stopped", "err", err)
+		}
+		return
+	}
+	s.acceptLoop(ctx)
+}
+
+// acceptBackoffMax bounds the pause after a failing Accept (EMFILE and the
+// like): long enough not to spin, short enough to recover quickly.
+const acceptBackoffMax = time.Second
+
+func (s *service) acceptLoop(ctx context.Context) {
+	var backoff time.Duration
+	for {
+		conn, err := s.ln.l.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			backoff = min(max(2*backoff, 5*time.Millisecond), acceptBackoffMax)
+			s.errs.Add(ReasonAccept)
+			s.log.Error("accept failed", "err", err, "retry_in", backoff)
+			time.Sleep(backoff)
+			continue
+		}
+		backoff = 0
+		s.wg.Add(1)
+		go func() {
+			defer s.wg.Done()
+			if s.proxy != nil {
+				s.proxy.ServeConn(ctx, conn)
+				return
+			}
+			s.forward(ctx, conn)
+		}()
+	}
+}
+
+func peerOf(c net.Conn) netip.AddrPort {
+	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
+		return a.AddrPort()
+	}
+	ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	return ap
+}
+
+// forward serves one accepted TCP connection of a tcp handler.
+func (s *service) forward(ctx context.Context, client net.Conn) {
+	peer := peerOf(client)
+	upstream, node, err := s.dialNode(ctx, peer.Addr().String())
+	if err != nil {
+		client.Close()
+		s.log.Warn("connection dropped: no node reachable", "client", peer, "err", err)
+		return
+	}
+	err = s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node})
+	if err != nil && !errors.Is(err, context.Canceled) {
+		s.errs.Add(reasonOf(err))
+		s.log.Info("connection ended with error", "client", peer, "node", node, "err", err)
+	}
+}
+
+// dialNode tries the forward nodes in the selector's order until one
+// answers, marking the ones that do not.
+func (s *service) dialNode(ctx context.Context, key string) (net.Conn, string, error) {
+	var errs []error
+	for _, n := range s.nodes.Order(key) {
+		if ctx.Err() != nil {
+			break
+		}
+		start := time.Now()
+		conn, err := s.dial(ctx, "tcp", n.Value, key)
+		if err == nil {
+			s.nodes.MarkOK(n)
+			s.log.Debug("dialed node", "node", n.Name, "addr", n.Value, "took", time.Since(start))
+			return conn, n.Name, nil
+		}
+		reason := reasonOf(err)
+		s.errs.Add(reason)
+		// A broken chain is not the node's fault: marking every node dead
+		// would only hide which hop is failing.
+		if s.chain == nil || chain.TargetUnreachable(err) {
+			s.nodes.MarkFailed(n)
+		}
+		s.log.Warn("dial failed", "node", n.Name, "addr", n.Value, "reason", reason, "err", err)
+		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
+	}
+	if len(errs) == 0 {
+		return nil, "", fmt.Errorf("no node tried: %w", context.Cause(ctx))
+	}
+	return nil, "", errors.Join(errs...)
+}
+
+// dial reaches addr from the service's outbound namespace, through its
+// chain when it has one. One attempt is bounded by dialTimeout.
+func (s *service) dial(ctx context.Context, network, addr, key string) (net.Conn, error) {
+	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
+	defer cancel()
+	if s.chain != nil {
+		return s.chain.Dial(ctx, chain.Request{Target: addr, Key: key, DefaultNS: s.outNS})
+	}
+	return s.outNS.Dial(ctx, network, addr)
+}
+
+// dialPacket opens the upstream socket of a new UDP session.
+func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, error) {
+	key := client.String()
+	if ua, ok := client.(*net.UDPAddr); ok {
+		key = ua.IP.String()
+	}
+	var errs []error
+	for _, n := range s.nodes.Order(key) {
+		conn, err := s.dial(ctx, "udp", n.Value, key)
+		if err == nil {
+			s.nodes.MarkOK(n)
+			return conn, nil
+		}
+		s.nodes.MarkFailed(n)
+		s.errs.Add(reasonOf(err))
+		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
+	}
+	return nil, errors.Join(errs...)
+}
+
+func (s *service) newProxy() *httpproxy.Server {
+	srv := &httpproxy.Server{
+		Logger: s.log,
+		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
+			// GOST's hash strategy keys proxy traffic by destination.
+			return s.dial(ctx, network, addr, addr)
+		},
+		Relay: func(ctx context.Context, client, upstream net.Conn) error {
+			return s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peerOf(client)})
+		},
+		OnResult: func(r httpproxy.Result) {
+			if r.Err != nil && !errors.Is(r.Err, context.Canceled) {
+				s.errs.Add(reasonOf(r.Err))
+			}
+		},
+	}
+	if a := s.cfg.Handler.Auth; a != nil {
+		srv.Auth = &httpconnect.Auth{Username: a.Username, Password: a.Password}
+	}
+	return srv
+}
+
+func (s *service) stopAccepting() { s.ln.close() }
+
+func (s *service) close() {
+	s.ln.close()
+	if s.att != nil {
+		if err := s.att.Close(); err != nil {
+			s.log.Error("detach datapath", "err", err)
+		}
+	}
+}
+
+// listener is a service's listening socket: a stream listener or a packet
+// socket.
+type listener struct {
+	l  net.Listener
+	pc net.PacketConn
+}
+
+func (l listener) addr() string {
+	switch {
+	case l.l != nil:
+		return l.l.Addr().String()
+	case l.pc != nil:
+		return l.pc.LocalAddr().String()
+	}
+	return ""
+}
+
+func (l listener) close() {
+	if l.l != nil {
+		l.l.Close()
+	}
+	if l.pc != nil {
+		l.pc.Close()
+	}
+}

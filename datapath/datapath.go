@@ -1,0 +1,105 @@
+// Package datapath defines the one interface every ebpfwd datapath implements.
+//
+// A datapath moves the bytes of a service between clients and the nodes they
+// are forwarded to. The daemon plans a datapath per service, calls Setup once,
+// hands it every stream it accepts and dials (Splice), reads its Counters for
+// metrics, and calls Close on shutdown. The userspace relay is the first
+// implementation; the tc and sockmap datapaths plug in here without touching
+// config or CLI code.
+package datapath
+
+import (
+	"context"
+	"net"
+	"net/netip"
+	"time"
+)
+
+// Kind names a datapath as it is written in configuration (`datapath:` metadata).
+type Kind string
+
+const (
+	// Userspace is the splice(2)-based relay: always available.
+	Userspace Kind = "userspace"
+	// TC is eBPF NAT at tcx that moves packets between namespaces.
+	TC Kind = "tc"
+	// Sockmap splices accepted/dialed socket pairs in the kernel via sk_skb.
+	Sockmap Kind = "sockmap"
+	// Auto picks the fastest datapath that applies.
+	Auto Kind = "auto"
+)
+
+// Service is what a datapath needs to know about one service, free of any
+// configuration syntax.
+type Service struct {
+	Name     string
+	Network  string // "tcp" or "udp"
+	Addr     string // listen address as configured
+	ListenNS string // namespace the service listens in ("" = the daemon's own)
+	OutNS    string // namespace nodes are dialed from ("" = the daemon's own)
+	Nodes    []Node // forward targets (empty for proxy services)
+	Chained  bool   // traffic leaves through a chain of proxy hops
+	// IdleTimeout closes a stream when no byte moved either way for this
+	// long (0: never).
+	IdleTimeout time.Duration
+	// PacketTTL expires a datagram session after this long without traffic.
+	PacketTTL time.Duration
+}
+
+// Node is one forward target of a service.
+type Node struct {
+	Name string
+	Addr string
+}
+
+// Counters are cumulative figures for one service on one datapath.
+type Counters struct {
+	Opened    uint64 // streams, flows or datagram sessions started
+	Active    int64  // streams, flows or sessions open now
+	BytesUp   uint64 // client -> node
+	BytesDown uint64 // node -> client
+	Errors    uint64 // streams that ended in an error
+	Dropped   uint64 // datagrams dropped (session limit, dial failure)
+}
+
+// Stream describes one accepted-and-dialed connection pair.
+type Stream struct {
+	Client   net.Conn       // accepted from the client
+	Upstream net.Conn       // dialed to the node (possibly through hops)
+	Peer     netip.AddrPort // the client's address, for logs
+	Node     string         // the node name, for logs
+}
+
+// Datapath is the interface tc, sockmap and userspace implement.
+type Datapath interface {
+	// Kind names the datapath.
+	Kind() Kind
+	// Setup prepares the datapath for one service. It returns an Attachment
+	// that owns everything set up for it.
+	Setup(ctx context.Context, svc Service) (Attachment, error)
+}
+
+// Attachment is a datapath prepared for one service.
+type Attachment interface {
+	// Splice takes ownership of both connections of s and moves bytes
+	// between them until both directions are done, propagating half-close.
+	// It closes both connections before it returns. The returned error is
+	// nil for a clean end.
+	Splice(ctx context.Context, s Stream) error
+	// Counters returns the service's figures so far.
+	Counters() Counters
+	// Close removes whatever Setup attached. Streams in flight end.
+	Close() error
+}
+
+// PacketDialer opens the upstream socket of a new datagram session for the
+// client at addr: it picks the node and dials it in the right namespace.
+type PacketDialer func(ctx context.Context, client net.Addr) (net.Conn, error)
+
+// PacketForwarder is implemented by attachments that forward datagrams of a
+// UDP service from its listening socket themselves.
+type PacketForwarder interface {
+	// ServePackets forwards datagrams arriving on pc, one session per
+	// client address, until ctx is done or pc is closed.
+	ServePackets(ctx context.Context, pc net.PacketConn, dial PacketDialer) error
+}

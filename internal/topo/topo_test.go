@@ -1,0 +1,258 @@
+package topo
+
+import (
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"regexp"
+	"runtime"
+	"strings"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("topo tests create network namespaces and need root (run as root or with CAP_SYS_ADMIN+CAP_NET_ADMIN)")
+	}
+}
+
+func newNS(t *testing.T, prefix string) *NS {
+	t.Helper()
+	ns, err := CreateUnique(prefix)
+	if err != nil {
+		t.Fatalf("CreateUnique(%q): %v", prefix, err)
+	}
+	t.Cleanup(func() {
+		if err := ns.Delete(); err != nil {
+			t.Errorf("cleanup: %v", err)
+		}
+	})
+	return ns
+}
+
+// inNS runs fn on a thread switched into the namespace at path. Sockets
+// created by fn stay in that namespace after the thread switches back.
+func inNS(path string, fn func() error) error {
+	runtime.LockOSThread()
+	self, err := os.Open("/proc/thread-self/ns/net")
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer self.Close()
+	target, err := os.Open(path)
+	if err != nil {
+		runtime.UnlockOSThread()
+		return err
+	}
+	defer target.Close()
+	if err := unix.Setns(int(target.Fd()), unix.CLONE_NEWNET); err != nil {
+		runtime.UnlockOSThread()
+		return fmt.Errorf("setns %s: %w", path, err)
+	}
+	fnErr := fn()
+	if err := unix.Setns(int(self.Fd()), unix.CLONE_NEWNET); err != nil {
+		// Leave the thread locked: the runtime discards it when the
+		// goroutine exits instead of reusing a thread in the wrong namespace.
+		return fmt.Errorf("restore namespace: %w", err)
+	}
+	runtime.UnlockOSThread()
+	return fnErr
+}
+
+// roundTrip listens on listenAddr inside srv and dials it from cli, proving
+// the two namespaces can reach each other over TCP.
+func roundTrip(t *testing.T, srv, cli *NS, listenAddr string) error {
+	t.Helper()
+	var l net.Listener
+	if err := inNS(srv.Path(), func() (err error) {
+		l, err = net.Listen("tcp", listenAddr)
+		return err
+	}); err != nil {
+		return fmt.Errorf("listen %s in %s: %w", listenAddr, srv.Name, err)
+	}
+	defer l.Close()
+	go func() {
+		c, err := l.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.Copy(c, c)
+	}()
+	var c net.Conn
+	if err := inNS(cli.Path(), func() (err error) {
+		c, err = net.DialTimeout("tcp", l.Addr().String(), 3*time.Second)
+		return err
+	}); err != nil {
+		return fmt.Errorf("dial %s from %s: %w", l.Addr(), cli.Name, err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(3 * time.Second))
+	msg := []byte("ping")
+	if _, err := c.Write(msg); err != nil {
+		return err
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(c, got); err != nil {
+		return err
+	}
+	if string(got) != string(msg) {
+		return fmt.Errorf("echo %q, want %q", got, msg)
+	}
+	return nil
+}
+
+func linkNames(t *testing.T, args ...string) string {
+	t.Helper()
+	out, err := exec.Command("ip", append(args, "-o", "link", "show")...).CombinedOutput()
+	if err != nil {
+		t.Fatalf("ip link show: %v: %s", err, out)
+	}
+	return string(out)
+}
+
+func TestCreate(t *testing.T) {
+	requireRoot(t)
+	ns := newNS(t, "topo-c")
+
+	if !regexp.MustCompile(`^topo-c-[0-9a-f]{6}$`).MatchString(ns.Name) {
+		t.Errorf("CreateUnique name %q, want topo-c-<6 hex>", ns.Name)
+	}
+	if ns.Path() != "/var/run/netns/"+ns.Name {
+		t.Errorf("Path() = %q", ns.Path())
+	}
+	if !Exists(ns.Name) {
+		t.Errorf("Exists(%q) = false after Create", ns.Name)
+	}
+	if lo := linkNames(t, "-n", ns.Name); !strings.Contains(lo, "lo:") || !strings.Contains(lo, "UP") {
+		t.Errorf("lo is not up in new namespace: %s", lo)
+	}
+
+	_, err := Create(ns.Name)
+	if want := "namespace " + ns.Name + " already exists"; err == nil || err.Error() != want {
+		t.Errorf("Create(existing) error = %v, want %q", err, want)
+	}
+
+	if err := ns.Delete(); err != nil {
+		t.Fatalf("Delete: %v", err)
+	}
+	if Exists(ns.Name) {
+		t.Errorf("Exists(%q) = true after Delete", ns.Name)
+	}
+	if err := ns.Delete(); err != nil {
+		t.Errorf("second Delete must be a no-op, got %v", err)
+	}
+}
+
+func TestCreateInvalidName(t *testing.T) {
+	for _, name := range []string{"", "a/b", "a b"} {
+		if _, err := Create(name); err == nil {
+			t.Errorf("Create(%q) succeeded, want error", name)
+		}
+	}
+}
+
+func TestIPErrorCarriesOutput(t *testing.T) {
+	requireRoot(t)
+	ns := newNS(t, "topo-e")
+	err := ns.IP("link", "set", "dev", "nosuchdev0", "up")
+	if err == nil {
+		t.Fatal("ip on a missing device succeeded")
+	}
+	for _, want := range []string{"ip -n " + ns.Name, "nosuchdev0"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("error %q does not mention %q", err, want)
+		}
+	}
+}
+
+func TestVeth(t *testing.T) {
+	requireRoot(t)
+	tests := []struct {
+		name         string
+		aCIDR, bCIDR string
+		listen       string
+	}{
+		{"ipv4", "10.77.0.1/24", "10.77.0.2/24", "10.77.0.2:0"},
+		{"ipv6", "fd77::1/64", "fd77::2/64", "[fd77::2]:0"},
+	}
+	for _, tc := range tests {
+		t.Run(tc.name, func(t *testing.T) {
+			a := newNS(t, "topo-va")
+			b := newNS(t, "topo-vb")
+			aDev, bDev := "tva"+a.Name[len(a.Name)-6:], "tvb"+b.Name[len(b.Name)-6:]
+			if err := Veth(a, aDev, tc.aCIDR, b, bDev, tc.bCIDR); err != nil {
+				t.Fatalf("Veth: %v", err)
+			}
+			if root := linkNames(t); strings.Contains(root, aDev) || strings.Contains(root, bDev) {
+				t.Fatalf("veth ends leaked into the root namespace:\n%s", root)
+			}
+			if err := roundTrip(t, b, a, tc.listen); err != nil {
+				t.Fatalf("TCP over veth: %v", err)
+			}
+			// Deleting one side destroys the pair.
+			if err := a.Delete(); err != nil {
+				t.Fatalf("Delete: %v", err)
+			}
+			// The kernel tears a namespace down asynchronously, so poll.
+			deadline := time.Now().Add(5 * time.Second)
+			for {
+				links := linkNames(t, "-n", b.Name)
+				if !strings.Contains(links, bDev) {
+					break
+				}
+				if time.Now().After(deadline) {
+					t.Fatalf("peer %s survived deletion of %s for 5s:\n%s", bDev, a.Name, links)
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+		})
+	}
+}
+
+func TestVethBadCIDR(t *testing.T) {
+	requireRoot(t)
+	a := newNS(t, "topo-ba")
+	b := newNS(t, "topo-bb")
+	if err := Veth(a, "tbad0", "not-a-cidr", b, "tbad1", ""); err == nil {
+		t.Fatal("Veth with a bad CIDR succeeded")
+	}
+}
+
+// TestRouting builds client <-> router <-> server and proves AddRoute and
+// EnableForwarding let the client reach the server's subnet.
+func TestRouting(t *testing.T) {
+	requireRoot(t)
+	cli := newNS(t, "topo-rc")
+	rtr := newNS(t, "topo-rr")
+	srv := newNS(t, "topo-rs")
+	sfx := cli.Name[len(cli.Name)-6:]
+	if err := Veth(cli, "rc"+sfx, "10.78.1.2/24", rtr, "rr1"+sfx, "10.78.1.1/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := Veth(srv, "rs"+sfx, "10.78.2.2/24", rtr, "rr2"+sfx, "10.78.2.1/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := cli.AddRoute("10.78.2.0/24", "10.78.1.1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.AddRoute("10.78.1.0/24", "10.78.2.1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := rtr.EnableForwarding(); err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(t, srv, cli, "10.78.2.2:0"); err != nil {
+		t.Fatalf("routed TCP: %v", err)
+	}
+	if err := cli.AddRoute("10.78.3.0/24", "10.99.99.99"); err == nil {
+		t.Error("AddRoute via an unreachable gateway succeeded")
+	}
+}

@@ -1,0 +1,156 @@
+package test
+
+import (
+	"context"
+	"errors"
+	"io"
+	"net"
+	"slices"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+)
+
+// twoHopProxies are the chain's hops: ebpfwd HTTP proxies with auth, each
+// listening and dialing in its own namespace.
+const twoHopProxies = `services:
+- name: proxy-0
+  addr: "10.0.10.1:8080"
+  handler:
+    type: http
+    auth: {username: user0, password: pass0}
+  listener: {type: tcp}
+  metadata:
+    netns: $H0
+    netns.out: $H0
+- name: proxy-1
+  addr: "10.0.11.1:8080"
+  handler:
+    type: http
+    auth: {username: user1, password: pass1}
+  listener: {type: tcp}
+  metadata:
+    netns: $H1
+    netns.out: $H1
+`
+
+// twoHopChains has one service per chain: chain-good with the right
+// credentials and chain-bad with a wrong password for hop-1. Hop 0 is
+// dialed from the client namespace; hop 1 is reached through hop 0.
+const twoHopChains = `services:
+- name: svc-good
+  addr: 127.0.0.1:8000
+  handler: {type: tcp, chain: chain-good}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "10.0.12.2:9000"}
+  metadata: {netns: $C}
+- name: svc-bad
+  addr: 127.0.0.1:8001
+  handler: {type: tcp, chain: chain-bad}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "10.0.12.2:9000"}
+  metadata: {netns: $C}
+chains:
+- name: chain-good
+  hops:
+  - name: good-hop-0
+    metadata: {netns: $C}
+    nodes:
+    - name: proxy-0
+      addr: 10.0.10.1:8080
+      connector: {type: http, auth: {username: user0, password: pass0}}
+      dialer: {type: tcp}
+  - name: good-hop-1
+    nodes:
+    - name: proxy-1
+      addr: 10.0.11.1:8080
+      connector: {type: http, auth: {username: user1, password: pass1}}
+      dialer: {type: tcp}
+- name: chain-bad
+  hops:
+  - name: hop-0
+    metadata: {netns: $C}
+    nodes:
+    - name: proxy-0
+      addr: 10.0.10.1:8080
+      connector: {type: http, auth: {username: user0, password: pass0}}
+      dialer: {type: tcp}
+  - name: hop-1
+    nodes:
+    - name: proxy-1
+      addr: 10.0.11.1:8080
+      connector: {type: http, auth: {username: user1, password: wrong}}
+      dialer: {type: tcp}
+`
+
+// expectClosedNoData sends a little data on a fresh connection to addr
+// and expects the far end to close it without sending a single byte.
+func expectClosedNoData(t *testing.T, ns *topo.NS, addr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := dialFrom(ctx, t, ns, "tcp", addr)
+	if err != nil {
+		// Refusing outright also gives the client no data.
+		t.Logf("dial %s: %v (refused, which also counts as closed)", addr, err)
+		return
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	// The write may fail if the daemon already closed; that is fine.
+	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+	got, err := io.ReadAll(c)
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		t.Fatalf("connection to %s neither answered nor closed within 5s (got %d bytes)", addr, len(got))
+	case len(got) > 0:
+		t.Fatalf("connection to %s returned %d bytes (%q), want none", addr, len(got), got)
+	}
+}
+
+// TestTwoHopChainWithAuth tunnels through two authenticating HTTP proxies
+// (the second reached via CONNECT through the first) to a target only the
+// second can reach; with a wrong password for hop-1 the client gets
+// nothing and the daemon says why, and it keeps serving other services.
+func TestTwoHopChainWithAuth(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	c := newNS(t, "e2e-chain-c")
+	h0 := newNS(t, "e2e-chain-h0")
+	h1 := newNS(t, "e2e-chain-h1")
+	tg := newNS(t, "e2e-chain-t")
+	veth(t, c, "veth-c", "10.0.10.2/24", h0, "veth-h0c", "10.0.10.1/24")
+	veth(t, h0, "veth-h0n", "10.0.11.2/24", h1, "veth-h1p", "10.0.11.1/24")
+	veth(t, h1, "veth-h1n", "10.0.12.1/24", tg, "veth-t", "10.0.12.2/24")
+	target := echoIn(t, tg, "10.0.12.2:9000")
+
+	startDaemon(t, "proxies", config(twoHopProxies, map[string]string{"H0": h0.Name, "H1": h1.Name}), daemonOptions{})
+	d := startDaemon(t, "chains", config(twoHopChains, map[string]string{"C": c.Name}), daemonOptions{})
+
+	if err := exchange(t, c, "127.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
+		t.Fatalf("through chain-good: %v", err)
+	}
+	if got := target.sources(); !slices.Equal(got, []string{"10.0.12.1"}) {
+		t.Fatalf("target saw connections from %v, want only proxy-1's 10.0.12.1", got)
+	}
+
+	expectClosedNoData(t, c, "127.0.0.1:8001")
+	line := d.waitLog(t, 5*time.Second, "hop-1", "407")
+	if strings.Contains(line, "good-hop-1") {
+		t.Errorf("the 407 was logged for the good chain: %s", line)
+	}
+
+	if err := exchange(t, c, "127.0.0.1:8000", 256<<10, 30*time.Second); err != nil {
+		t.Fatalf("chain-good after chain-bad failed: %v", err)
+	}
+	if !d.running() {
+		t.Fatal("the daemon exited after a hop refused authentication")
+	}
+}

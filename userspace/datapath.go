@@ -1,0 +1,97 @@
+// Package userspace is the always-available datapath: accepted and dialed
+// sockets are joined by a splice(2) relay (see relay), and UDP services get
+// per-client sessions. It is the fallback when BPF is not available and the
+// datapath for services whose traffic goes through proxy hops.
+package userspace
+
+import (
+	"context"
+	"errors"
+	"log/slog"
+	"net"
+	"sync/atomic"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/userspace/relay"
+)
+
+// Datapath implements datapath.Datapath with the userspace relay.
+type Datapath struct {
+	Logger *slog.Logger
+}
+
+var _ datapath.Datapath = Datapath{}
+
+// Kind reports datapath.Userspace.
+func (Datapath) Kind() datapath.Kind { return datapath.Userspace }
+
+// Setup needs nothing from the kernel: it only prepares the counters.
+func (d Datapath) Setup(_ context.Context, svc datapath.Service) (datapath.Attachment, error) {
+	logger := d.Logger
+	if logger == nil {
+		logger = slog.Default()
+	}
+	return &attachment{svc: svc, logger: logger.With("service", svc.Name, "datapath", datapath.Userspace)}, nil
+}
+
+type attachment struct {
+	svc    datapath.Service
+	logger *slog.Logger
+	counts relay.Counts
+
+	opened, errors atomic.Uint64
+	active         atomic.Int64
+	udp            atomic.Pointer[relay.UDP]
+}
+
+var _ datapath.PacketForwarder = (*attachment)(nil)
+
+func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
+	a.opened.Add(1)
+	a.active.Add(1)
+	defer a.active.Add(-1)
+	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &a.counts)
+	if err != nil && !errors.Is(err, context.Canceled) {
+		a.errors.Add(1)
+	}
+	return err
+}
+
+func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial datapath.PacketDialer) error {
+	u := &relay.UDP{
+		Conn:   pc,
+		Dial:   dial,
+		TTL:    a.svc.PacketTTL,
+		Counts: &a.counts,
+		Logger: a.logger,
+		OnSession: func(opened bool) {
+			if opened {
+				a.opened.Add(1)
+				a.active.Add(1)
+			} else {
+				a.active.Add(-1)
+			}
+		},
+		OnError: func(error) { a.errors.Add(1) },
+	}
+	a.udp.Store(u)
+	return u.Serve(ctx)
+}
+
+func (a *attachment) Counters() datapath.Counters {
+	c := datapath.Counters{
+		Opened:    a.opened.Load(),
+		Active:    a.active.Load(),
+		BytesUp:   a.counts.Up.Load(),
+		BytesDown: a.counts.Down.Load(),
+		Errors:    a.errors.Load(),
+	}
+	if u := a.udp.Load(); u != nil {
+		c.Dropped = u.Dropped()
+	}
+	return c
+}
+
+// Close has nothing to detach: streams end when the daemon cancels their
+// context.
+func (a *attachment) Close() error { return nil }

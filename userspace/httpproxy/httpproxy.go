@@ -1,0 +1,484 @@
+// Package httpproxy is ebpfwd's built-in HTTP proxy service (GOST's
+// `handler: http`). It serves CONNECT tunnels and plain absolute-URI HTTP
+// requests, so a chain hop can be another ebpfwd instead of a GOST binary.
+//
+// The server only negotiates: dialing the upstream (netns.out, chains) and
+// moving the bytes (the datapath's splice) are injected by the daemon, so
+// tunnels run through the same datapath as every other service.
+package httpproxy
+
+import (
+	"bufio"
+	"context"
+	"crypto/subtle"
+	"encoding/base64"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"math"
+	"net"
+	"net/http"
+	"net/textproto"
+	"strings"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+)
+
+const (
+	// DefaultHandshakeTimeout bounds reading the client's request.
+	DefaultHandshakeTimeout = 10 * time.Second
+	// DefaultDialTimeout bounds dialing the upstream.
+	DefaultDialTimeout = 10 * time.Second
+	// maxRequestHeaderBytes bounds a request header; net/http uses 1 MiB for
+	// servers, a proxy handshake needs far less.
+	maxRequestHeaderBytes = 64 << 10
+	// readBufferSize is the bufio size for reading requests. Bytes a client
+	// pipelines after its CONNECT beyond this stay in the socket and reach
+	// the upstream through Relay.
+	readBufferSize = 4 << 10
+	// realm is announced in Proxy-Authenticate.
+	realm = "ebpfwd"
+)
+
+// Result describes how one client connection ended.
+type Result struct {
+	Method string        // request method; "" if no request was read
+	Target string        // host:port asked for
+	Status int           // status sent to the client; 0 if none was sent
+	Err    error         // nil when the exchange ended cleanly
+	Dial   time.Duration // time spent dialing the upstream
+}
+
+// Server is the HTTP proxy handler. The zero value serves without auth,
+// dials directly and relays with io.Copy; the daemon sets Dial and Relay.
+// A Server must not be modified while it serves.
+type Server struct {
+	// Auth, when set, is required from every client as Basic
+	// Proxy-Authorization.
+	Auth *httpconnect.Auth
+	// Dial opens the upstream connection to host:port (the daemon passes a
+	// dialer that honours netns.out and chains). Nil dials directly.
+	Dial func(ctx context.Context, network, addr string) (net.Conn, error)
+	// Relay moves bytes both ways between client and upstream until both
+	// are done, closing both (the daemon passes the datapath's splice).
+	// Nil uses io.Copy in both directions with half-close.
+	Relay func(ctx context.Context, client, upstream net.Conn) error
+	// Logger receives one line per failed connection. Nil uses slog.Default.
+	Logger *slog.Logger
+	// HandshakeTimeout bounds reading the request and writing the
+	// handshake reply. Zero means DefaultHandshakeTimeout.
+	HandshakeTimeout time.Duration
+	// DialTimeout bounds dialing the upstream. Zero means DefaultDialTimeout.
+	DialTimeout time.Duration
+	// OnResult, when set, is called once per connection with its outcome
+	// (for metrics). It must not block.
+	OnResult func(r Result)
+}
+
+// requestError is a client error answered with a status before closing.
+type requestError struct {
+	status int
+	msg    string
+}
+
+func (e *requestError) Error() string { return e.msg }
+
+// ServeConn handles one accepted client connection and closes it when done.
+func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
+	res := s.serve(ctx, conn)
+	if res.Err != nil {
+		s.logger().Warn("http proxy request failed",
+			"client", conn.RemoteAddr().String(),
+			"method", res.Method, "target", res.Target,
+			"status", res.Status, "error", res.Err)
+	} else {
+		s.logger().Debug("http proxy request done",
+			"client", conn.RemoteAddr().String(),
+			"method", res.Method, "target", res.Target,
+			"status", res.Status, "dial", res.Dial)
+	}
+	if s.OnResult != nil {
+		s.OnResult(res)
+	}
+}
+
+// serve runs one exchange. It owns conn: every path closes it, either
+// directly or by handing it to Relay.
+func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
+	handedOff := false
+	defer func() {
+		if !handedOff {
+			conn.Close()
+		}
+	}()
+
+	deadline := time.Now().Add(orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout))
+	if err := conn.SetDeadline(deadline); err != nil {
+		res.Err = fmt.Errorf("set handshake deadline: %w", err)
+		return res
+	}
+	// Shutdown must not wait for a slow client: pulling the deadline into
+	// the past unblocks the handshake's reads and writes.
+	stopCancel := context.AfterFunc(ctx, func() { _ = conn.SetDeadline(time.Unix(1, 0)) })
+	defer stopCancel()
+
+	// The limit keeps a client from streaming an endless header; it is
+	// lifted once the header is in so request bodies are not truncated.
+	limited := &io.LimitedReader{R: conn, N: maxRequestHeaderBytes}
+	br := bufio.NewReaderSize(limited, readBufferSize)
+	req, err := http.ReadRequest(br)
+	if err != nil {
+		if errors.Is(err, io.EOF) && limited.N == maxRequestHeaderBytes {
+			// Connected and left without a byte: a health check or port
+			// scan, not worth an error.
+			return res
+		}
+		res.Err = fmt.Errorf("read request: %w", err)
+		if isTimeout(err) || limited.N == maxRequestHeaderBytes {
+			return res // nothing useful to answer to
+		}
+		status := http.StatusBadRequest
+		if limited.N <= 0 {
+			status = http.StatusRequestHeaderFieldsTooLarge
+		}
+		res.Status = s.reply(conn, status, nil)
+		return res
+	}
+	limited.N = math.MaxInt64
+	res.Method = req.Method
+
+	if err := s.authorize(req); err != nil {
+		res.Target = requestTarget(req)
+		res.Err = err
+		res.Status = s.reply(conn, http.StatusProxyAuthRequired,
+			http.Header{"Proxy-Authenticate": {`Basic realm="` + realm + `"`}})
+		return res
+	}
+
+	var upstream net.Conn
+	if req.Method == http.MethodConnect {
+		upstream, err = s.connect(ctx, conn, br, req, &res)
+	} else {
+		upstream, err = s.forward(ctx, conn, req, &res)
+	}
+	if err != nil {
+		res.Err = err
+		var re *requestError
+		if errors.As(err, &re) && res.Status == 0 {
+			res.Status = s.reply(conn, re.status, nil)
+		}
+		return res
+	}
+
+	if !stopCancel() {
+		upstream.Close()
+		res.Err = fmt.Errorf("handshake: %w", ctx.Err())
+		return res
+	}
+	// The handshake deadline must not cut the tunnel.
+	_ = conn.SetDeadline(time.Time{})
+	handedOff = true
+	if err := s.relay()(ctx, conn, upstream); err != nil {
+		res.Err = fmt.Errorf("relay %s: %w", res.Target, err)
+	}
+	return res
+}
+
+// connect dials a CONNECT target and answers 200. Bytes the client
+// pipelined behind its request are written upstream before Relay starts, so
+// none are lost and conn itself (not the bufio.Reader) can go to splice.
+func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, req *http.Request, res *Result) (net.Conn, error) {
+	// For CONNECT, ReadRequest puts the authority-form target in URL.Host;
+	// an origin-form target ("CONNECT /path") leaves it empty.
+	target := req.URL.Host
+	res.Target = target
+	if host, port, err := net.SplitHostPort(target); err != nil || host == "" || port == "" {
+		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("CONNECT target %q is not host:port", req.RequestURI)}
+	}
+
+	upstream, err := s.dial(ctx, target, res)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := io.WriteString(conn, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+		upstream.Close()
+		return nil, fmt.Errorf("reply 200 to client: %w", err)
+	}
+	res.Status = http.StatusOK
+
+	if n := br.Buffered(); n > 0 {
+		early, _ := br.Peek(n) // cannot fail: n bytes are buffered
+		if err := writeWithin(upstream, early, orDefault(s.HandshakeTimeout, DefaultHandshakeTimeout)); err != nil {
+			upstream.Close()
+			return nil, fmt.Errorf("forward %d pipelined bytes to %s: %w", n, target, err)
+		}
+	}
+	return upstream, nil
+}
+
+// forward sends one plain absolute-URI request to its origin in origin-form
+// with `Connection: close`; Relay then copies the raw response back.
+func (s *Server) forward(ctx context.Context, conn net.Conn, req *http.Request, res *Result) (net.Conn, error) {
+	res.Target = requestTarget(req)
+	if !req.URL.IsAbs() {
+		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: a proxy request needs an absolute URI", req.Method, req.RequestURI)}
+	}
+	if req.URL.Scheme != "http" {
+		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: scheme %q is not proxied, use CONNECT", req.Method, req.RequestURI, req.URL.Scheme)}
+	}
+	if req.URL.Host == "" {
+		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: no host", req.Method, req.RequestURI)}
+	}
+	target := req.URL.Host
+	if req.URL.Port() == "" {
+		target = net.JoinHostPort(req.URL.Hostname(), "80")
+	}
+	res.Target = target
+
+	upgrade := isUpgrade(req.Header)
+	expectContinue := strings.EqualFold(req.Header.Get("Expect"), "100-continue")
+	removeHopByHop(req.Header)
+	if upgrade != "" {
+		// The relay is byte-transparent, so a protocol switch (WebSocket)
+		// just works once the upstream agrees.
+		req.Header.Set("Connection", "Upgrade")
+		req.Header.Set("Upgrade", upgrade)
+	} else {
+		// One request per client connection: the upstream closing after
+		// its response is what ends the relay.
+		req.Close = true
+	}
+
+	upstream, err := s.dial(ctx, target, res)
+	if err != nil {
+		return nil, err
+	}
+	if expectContinue && req.ContentLength != 0 {
+		// The client holds its body until it hears 100; req.Write sends
+		// the body without waiting, so answer here and drop Expect.
+		req.Header.Del("Expect")
+		if _, err := io.WriteString(conn, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+			upstream.Close()
+			return nil, fmt.Errorf("reply 100 to client: %w", err)
+		}
+	}
+	// The body streams from the client for as long as the upload takes,
+	// like any tunnel, so the handshake deadline stops here. Shutdown still
+	// interrupts: a cancellation hook that fires after the reset pulls the
+	// deadline back; one that fired before is seen by the ctx check.
+	_ = conn.SetDeadline(time.Time{})
+	if err := ctx.Err(); err != nil {
+		upstream.Close()
+		return nil, fmt.Errorf("handshake: %w", err)
+	}
+	stopUpstream := context.AfterFunc(ctx, func() { _ = upstream.SetDeadline(time.Unix(1, 0)) })
+	err = req.Write(upstream)
+	if !stopUpstream() && err == nil {
+		err = ctx.Err()
+	}
+	if err != nil {
+		upstream.Close()
+		return nil, &requestError{http.StatusBadGateway, fmt.Sprintf("send %s request to %s: %v", req.Method, target, err)}
+	}
+	// One request per connection: pipelined bytes that br already buffered
+	// are dropped; later ones reach the upstream through Relay, which
+	// ignores them after Connection: close.
+	return upstream, nil
+}
+
+// dial opens the upstream and maps failures to 502/504.
+func (s *Server) dial(ctx context.Context, target string, res *Result) (net.Conn, error) {
+	dialCtx, cancel := context.WithTimeout(ctx, orDefault(s.DialTimeout, DefaultDialTimeout))
+	defer cancel()
+	dial := s.Dial
+	if dial == nil {
+		var d net.Dialer
+		dial = d.DialContext
+	}
+	start := time.Now()
+	upstream, err := dial(dialCtx, "tcp", target)
+	res.Dial = time.Since(start)
+	if err != nil {
+		status := http.StatusBadGateway
+		if isTimeout(err) {
+			status = http.StatusGatewayTimeout
+		}
+		return nil, &requestError{status, fmt.Sprintf("dial %s: %v", target, err)}
+	}
+	return upstream, nil
+}
+
+// authorize checks Basic Proxy-Authorization against s.Auth.
+func (s *Server) authorize(req *http.Request) error {
+	if s.Auth == nil {
+		return nil
+	}
+	value := req.Header.Get("Proxy-Authorization")
+	if value == "" {
+		return errors.New("proxy authorization missing")
+	}
+	user, pass, ok := parseBasic(value)
+	if !ok {
+		return errors.New("proxy authorization is not valid Basic credentials")
+	}
+	// Both comparisons always run so the timing does not reveal which
+	// part was wrong.
+	userOK := subtle.ConstantTimeCompare([]byte(user), []byte(s.Auth.Username))
+	passOK := subtle.ConstantTimeCompare([]byte(pass), []byte(s.Auth.Password))
+	if userOK&passOK != 1 {
+		return fmt.Errorf("proxy authorization rejected for user %q", user)
+	}
+	return nil
+}
+
+// parseBasic decodes a `Basic base64(user:pass)` credential (RFC 7617).
+func parseBasic(value string) (user, pass string, ok bool) {
+	const prefix = "basic "
+	if len(value) < len(prefix) || !strings.EqualFold(value[:len(prefix)], prefix) {
+		return "", "", false
+	}
+	decoded, err := base64.StdEncoding.DecodeString(strings.TrimSpace(value[len(prefix):]))
+	if err != nil {
+		return "", "", false
+	}
+	user, pass, ok = strings.Cut(string(decoded), ":")
+	if !ok {
+		return "", "", false
+	}
+	return user, pass, true
+}
+
+// hopByHop are the headers that describe one connection, not the message
+// (RFC 9110 7.6.1), plus the proxy credentials meant for this hop only.
+var hopByHop = []string{
+	"Connection", "Proxy-Connection", "Keep-Alive", "Proxy-Authorization",
+	"Proxy-Authenticate", "TE", "Trailer", "Transfer-Encoding", "Upgrade",
+}
+
+// removeHopByHop deletes hop-by-hop headers, including those the
+// Connection header names.
+func removeHopByHop(h http.Header) {
+	for _, value := range h.Values("Connection") {
+		for name := range strings.SplitSeq(value, ",") {
+			if name = textproto.TrimString(name); name != "" {
+				h.Del(name)
+			}
+		}
+	}
+	for _, name := range hopByHop {
+		h.Del(name)
+	}
+}
+
+// isUpgrade returns the Upgrade header when the client asks to switch
+// protocols, "" otherwise.
+func isUpgrade(h http.Header) string {
+	for _, value := range h.Values("Connection") {
+		for token := range strings.SplitSeq(value, ",") {
+			if strings.EqualFold(textproto.TrimString(token), "upgrade") {
+				return h.Get("Upgrade")
+			}
+		}
+	}
+	return ""
+}
+
+// reply writes a bodiless response and returns its status.
+func (s *Server) reply(conn net.Conn, status int, header http.Header) int {
+	var b strings.Builder
+	fmt.Fprintf(&b, "HTTP/1.1 %d %s\r\n", status, http.StatusText(status))
+	for name, values := range header {
+		for _, v := range values {
+			fmt.Fprintf(&b, "%s: %s\r\n", name, v)
+		}
+	}
+	b.WriteString("Content-Length: 0\r\nConnection: close\r\n\r\n")
+	// The handshake deadline still applies; a client that does not read
+	// its error costs at most that long. A failed write changes nothing:
+	// the connection is closed next either way.
+	_, _ = io.WriteString(conn, b.String())
+	return status
+}
+
+func (s *Server) relay() func(ctx context.Context, client, upstream net.Conn) error {
+	if s.Relay != nil {
+		return s.Relay
+	}
+	return CopyRelay
+}
+
+func (s *Server) logger() *slog.Logger {
+	if s.Logger != nil {
+		return s.Logger
+	}
+	return slog.Default()
+}
+
+// CopyRelay is the Relay used when none is set: io.Copy in both directions,
+// half-closing each write side when its source ends, closing both
+// connections when both directions are done or ctx ends.
+func CopyRelay(ctx context.Context, client, upstream net.Conn) error {
+	stop := context.AfterFunc(ctx, func() {
+		client.Close()
+		upstream.Close()
+	})
+	defer stop()
+	errc := make(chan error, 2)
+	pipe := func(dst, src net.Conn, dir string) {
+		_, err := io.Copy(dst, src)
+		if err != nil {
+			err = fmt.Errorf("%s: %w", dir, err)
+			// The other direction cannot finish meaningfully.
+			client.Close()
+			upstream.Close()
+		} else if cw, ok := dst.(interface{ CloseWrite() error }); ok {
+			_ = cw.CloseWrite()
+		} else {
+			// No half-close: closing is the only way to signal EOF.
+			dst.Close()
+		}
+		errc <- err
+	}
+	go pipe(upstream, client, "client to upstream")
+	go pipe(client, upstream, "upstream to client")
+	err := errors.Join(<-errc, <-errc)
+	client.Close()
+	upstream.Close()
+	if ctx.Err() != nil {
+		return ctx.Err()
+	}
+	return err
+}
+
+// requestTarget names what the client asked for, for logs.
+func requestTarget(req *http.Request) string {
+	if req.URL != nil && req.URL.Host != "" {
+		return req.URL.Host
+	}
+	return req.Host
+}
+
+func isTimeout(err error) bool {
+	if errors.Is(err, context.DeadlineExceeded) {
+		return true
+	}
+	var ne net.Error
+	return errors.As(err, &ne) && ne.Timeout()
+}
+
+func orDefault(d, def time.Duration) time.Duration {
+	if d > 0 {
+		return d
+	}
+	return def
+}
+
+// writeWithin writes b to conn with a write deadline, then clears it.
+func writeWithin(conn net.Conn, b []byte, timeout time.Duration) error {
+	_ = conn.SetWriteDeadline(time.Now().Add(timeout))
+	_, err := conn.Write(b)
+	_ = conn.SetWriteDeadline(time.Time{})
+	return err
+}

@@ -1,0 +1,210 @@
+package netns
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"io"
+	"io/fs"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"runtime"
+	"strconv"
+	"testing"
+	"time"
+
+	"golang.org/x/sys/unix"
+)
+
+// testTimeout bounds every wait in these tests.
+const testTimeout = 10 * time.Second
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces with `ip netns add`")
+	}
+}
+
+func testContext(t *testing.T) context.Context {
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	t.Cleanup(cancel)
+	return ctx
+}
+
+func randomSuffix(t *testing.T) string {
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return hex.EncodeToString(b)
+}
+
+func runCmd(t *testing.T, name string, args ...string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, name, args...).CombinedOutput(); err != nil {
+		t.Fatalf("%s %v: %v: %s", name, args, err, out)
+	}
+}
+
+// newTestNS creates a uniquely named namespace with lo up, and removes it
+// together with its /etc/netns directory when the test ends.
+func newTestNS(t *testing.T) NS {
+	t.Helper()
+	requireRoot(t)
+	name := "ebpfwd-t-" + randomSuffix(t)
+	runCmd(t, "ip", "netns", "add", name)
+	t.Cleanup(func() { deleteTestNS(t, name) })
+	runCmd(t, "ip", "-n", name, "link", "set", "lo", "up")
+	ns, err := Parse(name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ns
+}
+
+func deleteTestNS(t *testing.T, name string) {
+	if err := os.RemoveAll(filepath.Join(etcDir, name)); err != nil {
+		t.Errorf("remove %s: %v", filepath.Join(etcDir, name), err)
+	}
+	if _, err := os.Stat(filepath.Join(runDir, name)); errors.Is(err, fs.ErrNotExist) {
+		return // the test deleted it already
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
+	defer cancel()
+	if out, err := exec.CommandContext(ctx, "ip", "netns", "del", name).CombinedOutput(); err != nil {
+		t.Errorf("ip netns del %s: %v: %s", name, err, out)
+	}
+}
+
+// writeNSEtc writes /etc/netns/NAME/file; newTestNS removes the directory.
+func writeNSEtc(t *testing.T, ns NS, file, content string) {
+	t.Helper()
+	dir := filepath.Join(etcDir, ns.name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, file), []byte(content), 0o644); err != nil {
+		t.Fatal(err)
+	}
+}
+
+// echoListener listens on 127.0.0.1:0 in ns and echoes every connection
+// until the test ends. It returns the port.
+func echoListener(t *testing.T, ns NS) (net.Listener, string) {
+	t.Helper()
+	ln, err := ns.Listen(testContext(t), "tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatalf("listen in %s: %v", ns, err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	go func() {
+		for {
+			c, err := ln.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer c.Close()
+				c.SetDeadline(time.Now().Add(testTimeout))
+				io.Copy(c, c)
+			}()
+		}
+	}()
+	_, port, err := net.SplitHostPort(ln.Addr().String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ln, port
+}
+
+// assertEcho checks that conn reaches an echoListener.
+func assertEcho(t *testing.T, conn net.Conn) {
+	t.Helper()
+	defer conn.Close()
+	conn.SetDeadline(time.Now().Add(testTimeout))
+	msg := []byte("ebpfwd")
+	if _, err := conn.Write(msg); err != nil {
+		t.Fatalf("write: %v", err)
+	}
+	got := make([]byte, len(msg))
+	if _, err := io.ReadFull(conn, got); err != nil {
+		t.Fatalf("read echo: %v", err)
+	}
+	if string(got) != string(msg) {
+		t.Fatalf("echo = %q, want %q", got, msg)
+	}
+}
+
+// nsInode identifies the network namespace a /proc ns file points at.
+func nsInode(path string) (uint64, error) {
+	var st unix.Stat_t
+	if err := unix.Stat(path, &st); err != nil {
+		return 0, err
+	}
+	return st.Ino, nil
+}
+
+func originalInode(t *testing.T) uint64 {
+	t.Helper()
+	var st unix.Stat_t
+	if err := unix.Fstat(original.fd, &st); err != nil {
+		t.Fatalf("fstat original namespace: %v", err)
+	}
+	return st.Ino
+}
+
+// assertThreadsInOriginal checks every thread of the process, and a batch of
+// freshly locked goroutines, against the original namespace.
+func assertThreadsInOriginal(t *testing.T) {
+	t.Helper()
+	want := originalInode(t)
+	tasks, err := os.ReadDir("/proc/self/task")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, task := range tasks {
+		ino, err := nsInode(filepath.Join("/proc/self/task", task.Name(), "ns/net"))
+		if errors.Is(err, unix.ENOENT) {
+			continue // the thread exited meanwhile
+		}
+		if err != nil {
+			t.Fatal(err)
+		}
+		if ino != want {
+			t.Errorf("thread %s is in network namespace %d, want the original %d", task.Name(), ino, want)
+		}
+	}
+	const probes = 64
+	errs := make(chan error, probes)
+	for range probes {
+		go func() {
+			runtime.LockOSThread()
+			defer runtime.UnlockOSThread()
+			ino, err := nsInode("/proc/thread-self/ns/net")
+			if err == nil && ino != want {
+				err = errors.New("locked goroutine's thread " + strconv.Itoa(unix.Gettid()) + " is in network namespace " + strconv.FormatUint(ino, 10))
+			}
+			errs <- err
+		}()
+	}
+	for range probes {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Fatal(err)
+	}
+	return len(entries)
+}

@@ -1,0 +1,275 @@
+// Package relay moves bytes between an accepted client connection and the
+// upstream connection dialed for it: the userspace datapath of ebpfwd.
+//
+// TCP streams are copied with splice(2) whenever both ends are kernel
+// sockets, in bounded chunks so byte counters stay live and idle deadlines can
+// be re-armed. UDP is relayed per client session over the service's single
+// listening socket.
+package relay
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"math"
+	"net"
+	"os"
+	"sync"
+	"sync/atomic"
+	"time"
+)
+
+// Counts are live byte counters a relay adds to as bytes move. The daemon
+// shares one per service across all of its relays.
+type Counts struct {
+	Up   atomic.Uint64 // client -> upstream
+	Down atomic.Uint64 // upstream -> client
+}
+
+// ErrIdleTimeout is returned (wrapped) by TCP when neither direction moved a
+// byte for the idle duration.
+var ErrIdleTimeout = errors.New("idle timeout")
+
+// chunkSize bounds one copy call. Small enough that counters and deadlines
+// are refreshed often during bulk transfers, large enough that splice(2)
+// amortises its syscalls.
+const chunkSize = 1 << 20
+
+// bufferSize is the userspace buffer used when a direction cannot splice.
+const bufferSize = 32 << 10
+
+// Tunnel is implemented by a proxy connection that read bytes past its
+// handshake: Pending holds them, NetConn is the raw connection underneath.
+// TCP forwards Pending first and then relays from NetConn so splice(2) still
+// applies after a proxy handshake.
+type Tunnel interface {
+	Pending() []byte
+	NetConn() net.Conn
+}
+
+// TCP moves bytes both ways between client and upstream until both
+// directions finish, then closes both connections. It takes ownership of
+// both.
+//
+// When one direction reaches EOF the write side of its destination is shut
+// down (half-close) and the other direction keeps running. An error in either
+// direction aborts the relay: both connections are reset so neither peer
+// mistakes a truncated stream for a complete one, and the error is returned.
+// A clean end returns nil.
+//
+// A destination without CloseWrite cannot be half-closed; the other
+// direction then runs until its own end, an error, the idle timeout or ctx.
+//
+// With idle > 0 the relay ends with ErrIdleTimeout once neither direction has
+// moved a byte for idle; it fires between idle and 1.5×idle after the last
+// byte. A one-way transfer keeps the quiet direction alive.
+//
+// Cancelling ctx aborts the relay and returns an error wrapping ctx's cause.
+// c may be nil.
+func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *Counts) error {
+	if c == nil {
+		c = new(Counts)
+	}
+	r := &tcpRelay{
+		conns: [...]net.Conn{client, upstream},
+		idle:  idle,
+		start: time.Now(),
+		done:  make(chan error, 2),
+	}
+	clientRaw, clientPending := unwrap(client)
+	upstreamRaw, upstreamPending := unwrap(upstream)
+	r.raw = [...]net.Conn{clientRaw, upstreamRaw}
+	r.dirs = [...]*direction{
+		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, &c.Up),
+		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, &c.Down),
+	}
+	if idle > 0 {
+		r.window = max(idle/4, time.Millisecond)
+	}
+
+	stop := context.AfterFunc(ctx, func() {
+		r.abort(fmt.Errorf("relay aborted: %w", context.Cause(ctx)), true)
+	})
+	defer stop()
+
+	for _, d := range r.dirs {
+		go func() { r.done <- r.run(d) }()
+	}
+	for range r.dirs {
+		if err := <-r.done; err != nil {
+			reset := !errors.Is(err, ErrIdleTimeout)
+			r.abort(err, reset)
+		}
+	}
+	r.abort(nil, false) // both directions finished: plain close
+	return r.reason
+}
+
+// tcpRelay is the state shared by the two directions of one TCP relay.
+type tcpRelay struct {
+	conns [2]net.Conn // as handed to TCP (closed too, in case a tunnel owns more than its NetConn)
+	raw   [2]net.Conn // what bytes are actually read from and written to
+	dirs  [2]*direction
+	done  chan error
+
+	idle   time.Duration
+	window time.Duration // read deadline granularity while idle > 0
+	start  time.Time     // origin of the monotonic nanosecond clock below
+	// lastActive is when a byte last moved in either direction, in
+	// nanoseconds since start.
+	lastActive atomic.Int64
+
+	closeOnce sync.Once
+	reason    error // first reason the relay ended; set once in abort
+}
+
+// direction is one way of a relay.
+type direction struct {
+	name     string
+	src, dst net.Conn
+	pending  []byte
+	counter  *atomic.Uint64
+	limited  io.LimitedReader
+	buf      []byte // nil when dst splices from src in the kernel
+	// quietUntil is the latest time (ns since start) up to which this
+	// direction is known to have moved nothing since its last activity: set
+	// whenever a read window expires empty, and to MaxInt64 once the
+	// direction has finished.
+	quietUntil atomic.Int64
+}
+
+func newDirection(name string, src, dst net.Conn, pending []byte, counter *atomic.Uint64) *direction {
+	d := &direction{name: name, src: src, dst: dst, pending: pending, counter: counter}
+	d.limited.R = src
+	// *net.TCPConn.ReadFrom splices from a TCP or Unix stream socket; any
+	// other pair gets one reusable buffer instead of io.Copy's per-call
+	// allocation.
+	if !splices(src, dst) {
+		d.buf = make([]byte, bufferSize)
+	}
+	return d
+}
+
+// splices reports whether dst.ReadFrom(src) moves bytes with splice(2).
+func splices(src, dst net.Conn) bool {
+	if _, ok := dst.(*net.TCPConn); !ok {
+		return false
+	}
+	switch src.(type) {
+	case *net.TCPConn, *net.UnixConn:
+		return true
+	default:
+		return false
+	}
+}
+
+func unwrap(c net.Conn) (net.Conn, []byte) {
+	if t, ok := c.(Tunnel); ok {
+		if raw := t.NetConn(); raw != nil {
+			return raw, t.Pending()
+		}
+	}
+	return c, nil
+}
+
+// now is a monotonic clock in nanoseconds since the relay started.
+func (r *tcpRelay) now() int64 { return int64(time.Since(r.start)) }
+
+// abort closes both connections once, recording why. reset discards unsent
+// data and makes the peers see a reset instead of an orderly end.
+func (r *tcpRelay) abort(reason error, reset bool) {
+	r.closeOnce.Do(func() {
+		r.reason = reason
+		for i := range r.raw {
+			if reset {
+				if tc, ok := r.raw[i].(interface{ SetLinger(int) error }); ok {
+					_ = tc.SetLinger(0) // best effort: Close below still ends the stream
+				}
+			}
+			_ = r.raw[i].Close()
+			if r.conns[i] != r.raw[i] {
+				_ = r.conns[i].Close()
+			}
+		}
+	})
+}
+
+// run copies one direction until EOF, error or idle timeout.
+func (r *tcpRelay) run(d *direction) error {
+	defer d.quietUntil.Store(math.MaxInt64)
+
+	if len(d.pending) > 0 {
+		n, err := d.dst.Write(d.pending)
+		d.counter.Add(uint64(n))
+		r.lastActive.Store(r.now())
+		if err != nil {
+			return fmt.Errorf("relay %s: write pending bytes: %w", d.name, err)
+		}
+	}
+	for {
+		if r.idle > 0 {
+			if err := d.src.SetReadDeadline(time.Now().Add(r.window)); err != nil {
+				return fmt.Errorf("relay %s: arm idle deadline: %w", d.name, err)
+			}
+		}
+		n, err := d.copyChunk()
+		if n > 0 {
+			d.counter.Add(uint64(n))
+			r.lastActive.Store(r.now())
+		}
+		switch {
+		case err == nil && n == chunkSize:
+			continue
+		case err == nil: // short chunk without error: src reached EOF
+			if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
+				if err := cw.CloseWrite(); err != nil {
+					return fmt.Errorf("relay %s: propagate half-close: %w", d.name, err)
+				}
+			}
+			return nil
+		case r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded):
+			if n == 0 {
+				d.quietUntil.Store(r.now())
+			}
+			if r.idleExpired() {
+				return fmt.Errorf("relay: no bytes moved for %s: %w", r.idle, ErrIdleTimeout)
+			}
+		default:
+			return fmt.Errorf("relay %s: %w", d.name, err)
+		}
+	}
+}
+
+// idleExpired reports whether both directions are known to have moved
+// nothing for idle since the last activity. A direction mid-way through a
+// read window may have moved bytes it has not reported yet, so its own word
+// (quietUntil) is required rather than the shared timestamp alone: that is
+// what keeps a slow one-way trickle from timing out the other direction.
+func (r *tcpRelay) idleExpired() bool {
+	deadline := r.lastActive.Load() + int64(r.idle)
+	if r.now() >= deadline {
+		return true
+	}
+	for _, d := range r.dirs {
+		if d.quietUntil.Load() < deadline {
+			return false
+		}
+	}
+	return true
+}
+
+// copyChunk moves up to chunkSize bytes. It returns a nil error with fewer
+// than chunkSize bytes only at EOF, like io.CopyN without the io.EOF.
+func (d *direction) copyChunk() (int64, error) {
+	d.limited.N = chunkSize
+	if d.buf == nil {
+		// *net.TCPConn.ReadFrom accepts *io.LimitedReader and splices.
+		return d.dst.(io.ReaderFrom).ReadFrom(&d.limited)
+	}
+	return io.CopyBuffer(writerOnly{d.dst}, &d.limited, d.buf)
+}
+
+// writerOnly hides a destination's ReadFrom so io.CopyBuffer uses the
+// direction's buffer.
+type writerOnly struct{ io.Writer }
