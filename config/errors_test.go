@@ -383,8 +383,8 @@ func TestParseErrors(t *testing.T) {
 			errs: []want{{10, 16, "services[0].metadata.netns.out", `name ".." is not valid`}},
 		},
 		{
-			name: "netns set twice with different values",
-			yaml: base + "  netns: ns1\n  metadata:\n    netns: ns2\n",
+			name:  "netns set twice with different values",
+			yaml:  base + "  netns: ns1\n  metadata:\n    netns: ns2\n",
 			errs:  []want{{11, 12, "services[0].metadata.netns", `conflicts with the service-level netns "ns1" at line 9`}},
 			warns: []want{{9, 3, "services[0].netns", "deprecated"}},
 		},
@@ -394,10 +394,29 @@ func TestParseErrors(t *testing.T) {
 			errs: []want{{10, 18, "services[0].metadata.idleTimeout", "must not be negative"}},
 		},
 		{
-			name: "metadata value undecodable",
-			yaml: base + "  metadata:\n    x: !!int nope\n",
+			name:  "metadata value undecodable",
+			yaml:  base + "  metadata:\n    x: !!int nope\n",
 			errs:  []want{{10, 8, "services[0].metadata.x", "cannot decode value"}},
 			warns: []want{},
+		},
+
+		{
+			name:  "metadata value contains itself",
+			yaml:  base + "  metadata:\n    x: &m {y: *m}\n",
+			errs:  []want{{10, 8, "services[0].metadata.x.y", "contains itself"}},
+			warns: []want{},
+		},
+		{
+			name:  "metadata list contains itself",
+			yaml:  base + "  metadata:\n    x: &m [*m]\n",
+			errs:  []want{{10, 8, "services[0].metadata.x[0]", "contains itself"}},
+			warns: []want{},
+		},
+		{
+			name:  "metadata merge contains itself",
+			yaml:  base + "  metadata:\n    x: &m {<<: *m}\n",
+			errs:  []want{{10, 15, "services[0].metadata.x", "refers to a mapping that contains it"}},
+			warns: []want{{10, 5, "services[0].metadata.x", "unknown metadata key"}},
 		},
 
 		// Chains and hops.
@@ -437,8 +456,8 @@ func TestParseErrors(t *testing.T) {
 			errs: []want{{12, 5, "chains[0].hops[0].nodes", "a hop needs nodes, or the name of a top-level hop"}},
 		},
 		{
-			name: "hop reference with its own settings",
-			yaml: base + "hops:\n- name: edge\n  nodes: [{addr: \":1\"}]\nchains:\n- name: c\n  hops:\n  - name: edge\n    selector: {strategy: fifo}\n",
+			name:  "hop reference with its own settings",
+			yaml:  base + "hops:\n- name: edge\n  nodes: [{addr: \":1\"}]\nchains:\n- name: c\n  hops:\n  - name: edge\n    selector: {strategy: fifo}\n",
 			warns: []want{{16, 5, "chains[0].hops[0].selector", `this hop refers to top-level hop "edge"`}},
 		},
 		{
@@ -537,28 +556,28 @@ func TestParseErrors(t *testing.T) {
 			},
 		},
 		{
-			name: "auth on tcp handler warns",
-			yaml: strings.Replace(base, "    type: tcp\n", "    type: tcp\n    auth: {username: u}\n", 1),
+			name:  "auth on tcp handler warns",
+			yaml:  strings.Replace(base, "    type: tcp\n", "    type: tcp\n    auth: {username: u}\n", 1),
 			warns: []want{{6, 5, "services[0].handler.auth", `auth only applies to the http handler`}},
 		},
 		{
-			name: "forwarder on http handler warns",
-			yaml: strings.Replace(base, "type: tcp", "type: http", 1),
+			name:  "forwarder on http handler warns",
+			yaml:  strings.Replace(base, "type: tcp", "type: http", 1),
 			warns: []want{{6, 3, "services[0].forwarder", "forwarder is ignored"}},
 		},
 		{
-			name: "ttl on tcp listener warns",
-			yaml: base + "  listener:\n    metadata:\n      ttl: 10s\n",
+			name:  "ttl on tcp listener warns",
+			yaml:  base + "  listener:\n    metadata:\n      ttl: 10s\n",
 			warns: []want{{11, 7, "services[0].listener.metadata.ttl", "ttl applies only to udp listeners"}},
 		},
 		{
-			name: "deprecated forwarder name warns",
-			yaml: strings.Replace(base, "    nodes:\n", "    name: fw\n    nodes:\n", 1),
+			name:  "deprecated forwarder name warns",
+			yaml:  strings.Replace(base, "    nodes:\n", "    name: fw\n    nodes:\n", 1),
 			warns: []want{{7, 5, "services[0].forwarder.name", "deprecated"}},
 		},
 		{
-			name: "chain metadata warns",
-			yaml: base + "chains:\n- name: c\n  metadata: {foo: 1}\n  hops: [{nodes: [{addr: \":1\"}]}]\n",
+			name:  "chain metadata warns",
+			yaml:  base + "chains:\n- name: c\n  metadata: {foo: 1}\n  hops: [{nodes: [{addr: \":1\"}]}]\n",
 			warns: []want{{11, 14, "chains[0].metadata.foo", "unknown metadata key"}},
 		},
 	}

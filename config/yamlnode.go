@@ -107,8 +107,11 @@ func (d *decoder) mergedPairs(n *yaml.Node, path string, active map[*yaml.Node]b
 	if !d.count(len(n.Content)/2, n) {
 		return nil
 	}
-	active[n] = true
-	defer delete(active, n)
+	// active may already hold n when plainValue is converting it.
+	if !active[n] {
+		active[n] = true
+		defer delete(active, n)
+	}
 
 	var out []pair
 	var merges []*yaml.Node
@@ -137,6 +140,9 @@ func (d *decoder) mergedPairs(n *yaml.Node, path string, active map[*yaml.Node]b
 		sources := []*yaml.Node{m}
 		if resolved := resolve(m); resolved.Kind == yaml.SequenceNode {
 			sources = resolved.Content
+		}
+		if !d.count(len(sources), m) {
+			return out
 		}
 		for _, written := range sources {
 			src := resolve(written)
@@ -261,9 +267,8 @@ func (d *decoder) metadata(f field, known []string) (map[string]any, fields) {
 		if canonical != "" {
 			path = join(f.path, canonical)
 		}
-		var v any
-		if err := p.value.Decode(&v); err != nil {
-			d.errorf(p.value, path, "cannot decode value: %s", strings.TrimPrefix(err.Error(), "yaml: "))
+		v, ok := d.plainValue(p.value, path, map[*yaml.Node]bool{}, 0)
+		if !ok {
 			continue
 		}
 		md[strings.ToLower(name)] = v
@@ -279,4 +284,58 @@ func (d *decoder) metadata(f field, known []string) (map[string]any, fields) {
 		}
 	}
 	return md, found
+}
+
+// maxValueDepth bounds the nesting of metadata values.
+const maxValueDepth = 64
+
+// plainValue converts a metadata value into plain Go values as yaml.v3
+// would (string, int, float64, bool, nil, []any, map[string]any), charging
+// every entry against the expansion budget. yaml.v3's own Decode would
+// expand aliases millions of times before giving up. active holds the
+// collections being converted, to catch values that contain themselves.
+func (d *decoder) plainValue(n *yaml.Node, path string, active map[*yaml.Node]bool, depth int) (any, bool) {
+	n = resolve(n)
+	if active[n] || depth >= maxValueDepth {
+		d.errorf(n, path, "the value contains itself or is nested too deeply")
+		return nil, false
+	}
+	switch n.Kind {
+	case yaml.SequenceNode:
+		if !d.count(len(n.Content), n) {
+			return nil, false
+		}
+		active[n] = true
+		defer delete(active, n)
+		list := make([]any, 0, len(n.Content))
+		for i, item := range n.Content {
+			v, ok := d.plainValue(item, path+"["+strconv.Itoa(i)+"]", active, depth+1)
+			if !ok {
+				return nil, false
+			}
+			list = append(list, v)
+		}
+		return list, true
+	case yaml.MappingNode:
+		active[n] = true
+		defer delete(active, n)
+		m := map[string]any{}
+		for _, p := range d.mergedPairs(n, path, active) {
+			v, ok := d.plainValue(p.value, join(path, p.key.Value), active, depth+1)
+			if !ok {
+				return nil, false
+			}
+			m[p.key.Value] = v
+		}
+		return m, true
+	case yaml.ScalarNode:
+		var v any
+		if err := n.Decode(&v); err != nil {
+			d.errorf(n, path, "cannot decode value: %s", strings.TrimPrefix(err.Error(), "yaml: "))
+			return nil, false
+		}
+		return v, true
+	}
+	d.errorf(n, path, "cannot decode value: unexpected YAML node")
+	return nil, false
 }

@@ -124,7 +124,8 @@ type daemonOptions struct {
 
 // startDaemon writes yaml to a temp file, runs `ebpfwd run --ready-file`
 // on it and waits until the daemon is ready. The daemon is stopped with
-// SIGTERM in t.Cleanup; its output is logged if the test failed.
+// SIGTERM in t.Cleanup; its output is logged if the test failed, or always
+// when EBPFWD_E2E_DAEMON_LOGS is set.
 func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 	t.Helper()
 	dir := t.TempDir()
@@ -156,7 +157,7 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 		} else if code != 0 && code != -1 {
 			t.Logf("daemon %s exited with status %d", name, code)
 		}
-		if t.Failed() {
+		if t.Failed() || os.Getenv("EBPFWD_E2E_DAEMON_LOGS") != "" {
 			t.Logf("daemon %s (%s) output:\n%s", name, strings.Join(cmd.Args, " "), d.output)
 		}
 	})
@@ -251,12 +252,55 @@ func containsAll(s string, parts ...string) bool {
 	return true
 }
 
-// openFDs counts the daemon's open file descriptors.
-func (d *daemon) openFDs(t *testing.T) int {
+// openFDs lists the targets of the daemon's open file descriptors
+// ("socket:[123]", "pipe:[456]", "anon_inode:[eventpoll]", ...).
+func (d *daemon) openFDs(t *testing.T) []string {
 	t.Helper()
-	entries, err := os.ReadDir("/proc/" + strconv.Itoa(d.pid()) + "/fd")
+	dir := "/proc/" + strconv.Itoa(d.pid()) + "/fd"
+	entries, err := os.ReadDir(dir)
 	if err != nil {
 		t.Fatalf("list fds of daemon %s: %v", d.name, err)
 	}
-	return len(entries)
+	var targets []string
+	for _, e := range entries {
+		// An fd closed between ReadDir and Readlink is simply gone.
+		if target, err := os.Readlink(filepath.Join(dir, e.Name())); err == nil {
+			targets = append(targets, target)
+		}
+	}
+	return targets
+}
+
+// settledFDs waits until the daemon's fd count stops changing (connections
+// that just ended are closed asynchronously) and returns the fds.
+func (d *daemon) settledFDs(t *testing.T) []string {
+	t.Helper()
+	const (
+		interval = 50 * time.Millisecond
+		stableN  = 4 // equal counts in a row
+		timeout  = 5 * time.Second
+	)
+	deadline := time.Now().Add(timeout)
+	last, same := d.openFDs(t), 1
+	for same < stableN && time.Now().Before(deadline) {
+		time.Sleep(interval)
+		cur := d.openFDs(t)
+		if len(cur) == len(last) {
+			same++
+		} else {
+			same = 1
+		}
+		last = cur
+	}
+	return last
+}
+
+// fdKinds summarises fd targets by kind, for failure messages.
+func fdKinds(fds []string) map[string]int {
+	kinds := map[string]int{}
+	for _, f := range fds {
+		kind, _, _ := strings.Cut(f, "[")
+		kinds[kind]++
+	}
+	return kinds
 }

@@ -118,6 +118,20 @@ func TestCheckBadConfig(t *testing.T) {
 			},
 		},
 		{
+			name: "missing namespace only",
+			yaml: `services:
+- name: missing-ns
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "127.0.0.1:9000"}
+  metadata: {netns: ` + missing + `}
+`,
+			want: []*regexp.Regexp{regexp.MustCompile(`(?m)^.*` + regexp.QuoteMeta(missing) + `.*$`)},
+		},
+		{
 			name: "valid",
 			yaml: `services:
 - name: ok

@@ -172,7 +172,16 @@ func Exchange(ctx context.Context, c net.Conn, n int) error {
 	}()
 
 	rr := receiveStream(c, seed, n)
-	sr := <-sent
+	var sr sendResult
+	select {
+	case sr = <-sent:
+	default:
+		// The echo ended before the sender finished, which a correct peer
+		// never does (it sends its trailer only after our EOF). A sender
+		// blocked on a peer that stopped reading must not hang Exchange.
+		_ = c.SetDeadline(time.Now())
+		sr = <-sent
+	}
 	if err := contextDone(ctx); err != nil && (sr.err != nil || rr.err != nil) {
 		return fmt.Errorf("exchange of %d bytes with %s: %w (sent: %v, received %d bytes: %v)",
 			n, c.RemoteAddr(), err, sr.err, rr.total, rr.err)

@@ -129,8 +129,8 @@ func TestChainDial(t *testing.T) {
 			chain: buildChain([]nodeSpec{{proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
 		},
 		{
-			name:  "first node of hop 0 is down: next node",
-			chain: buildChain([]nodeSpec{{deadAddr(t), authA}, {proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
+			name:      "first node of hop 0 is down: next node",
+			chain:     buildChain([]nodeSpec{{deadAddr(t), authA}, {proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
 			unhealthy: [2]int{0, 0}, checkDeath: true,
 		},
 		{

@@ -17,6 +17,7 @@ import (
 	"os"
 	"sync"
 	"sync/atomic"
+	"syscall"
 	"time"
 )
 
@@ -63,7 +64,8 @@ type Tunnel interface {
 //
 // With idle > 0 the relay ends with ErrIdleTimeout once neither direction has
 // moved a byte for idle; it fires between idle and 1.5×idle after the last
-// byte. A one-way transfer keeps the quiet direction alive.
+// byte. A one-way transfer keeps the quiet direction alive, and so does a
+// direction blocked delivering bytes to a peer that is slow to read.
 //
 // Cancelling ctx aborts the relay and returns an error wrapping ctx's cause.
 // c may be nil.
@@ -223,7 +225,10 @@ func (r *tcpRelay) run(d *direction) error {
 			continue
 		case err == nil: // short chunk without error: src reached EOF
 			if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
-				if err := cw.CloseWrite(); err != nil {
+				// ENOTCONN: the destination's peer already closed the whole
+				// connection, so there is no one left to tell; the other
+				// direction sees that end for itself.
+				if err := cw.CloseWrite(); err != nil && !errors.Is(err, syscall.ENOTCONN) {
 					return fmt.Errorf("relay %s: propagate half-close: %w", d.name, err)
 				}
 			}
@@ -248,9 +253,6 @@ func (r *tcpRelay) run(d *direction) error {
 // what keeps a slow one-way trickle from timing out the other direction.
 func (r *tcpRelay) idleExpired() bool {
 	deadline := r.lastActive.Load() + int64(r.idle)
-	if r.now() >= deadline {
-		return true
-	}
 	for _, d := range r.dirs {
 		if d.quietUntil.Load() < deadline {
 			return false

@@ -276,46 +276,55 @@ func TestTCPIdleTimeout(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			rig := startRelay(t, t.Context(), idle, nil)
-			start := time.Now()
-			writer, reader := rig.app, rig.server
-			if tt.fromServer {
-				writer, reader = rig.server, rig.app
-			}
-			go func() {
-				for _, at := range tt.writes {
-					time.Sleep(time.Until(start.Add(at)))
-					if _, err := writer.Write([]byte{'x'}); err != nil {
-						return
-					}
-				}
-			}()
-			if len(tt.writes) > 0 {
-				got := make([]byte, len(tt.writes))
-				if _, err := io.ReadFull(reader, got); err != nil {
-					t.Fatalf("writes stopped arriving after %v: %v", time.Since(start), err)
-				}
-				// Half the idle time after the last byte the relay must
-				// still be up.
-				last := start.Add(tt.writes[len(tt.writes)-1])
-				time.Sleep(time.Until(last.Add(idle / 2)))
-				select {
-				case err := <-rig.done:
-					t.Fatalf("relay ended %v after the last byte, before idle %v: %v", time.Since(last), idle, err)
-				default:
-				}
-				start = last
-			}
-			// Then the connection goes idle for real.
-			err := rig.wait(t)
-			if !errors.Is(err, ErrIdleTimeout) {
-				t.Fatalf("relay returned %v, want ErrIdleTimeout", err)
-			}
-			if elapsed := time.Since(start); elapsed < idle || elapsed > 4*idle {
-				t.Fatalf("idle timeout fired %v after the last activity, want about %v", elapsed, idle)
-			}
+			retryIfStalled(t, idle/4, func(t *testing.T) error {
+				return idleAttempt(t, idle, tt.writes, tt.fromServer)
+			})
 		})
 	}
+}
+
+// idleAttempt runs one relay with the given idle timeout while one side
+// writes a byte at each offset in writes, and checks that the relay stays up
+// until idle after the last byte and then ends with ErrIdleTimeout.
+func idleAttempt(t *testing.T, idle time.Duration, writes []time.Duration, fromServer bool) error {
+	rig := startRelay(t, t.Context(), idle, nil)
+	start := time.Now()
+	writer, reader := rig.app, rig.server
+	if fromServer {
+		writer, reader = rig.server, rig.app
+	}
+	go func() {
+		for _, at := range writes {
+			time.Sleep(time.Until(start.Add(at)))
+			if _, err := writer.Write([]byte{'x'}); err != nil {
+				return
+			}
+		}
+	}()
+	if len(writes) > 0 {
+		got := make([]byte, len(writes))
+		if _, err := io.ReadFull(reader, got); err != nil {
+			return fmt.Errorf("writes stopped arriving after %v: %w", time.Since(start), err)
+		}
+		// Half the idle time after the last byte the relay must still be up.
+		last := start.Add(writes[len(writes)-1])
+		time.Sleep(time.Until(last.Add(idle / 2)))
+		select {
+		case err := <-rig.done:
+			return fmt.Errorf("relay ended %v after the last byte, before idle %v: %w", time.Since(last), idle, err)
+		default:
+		}
+		start = last
+	}
+	// Then the connection goes idle for real.
+	err := rig.wait(t)
+	if !errors.Is(err, ErrIdleTimeout) {
+		return fmt.Errorf("relay returned %v, want ErrIdleTimeout", err)
+	}
+	if elapsed := time.Since(start); elapsed < idle || elapsed > 4*idle {
+		return fmt.Errorf("idle timeout fired %v after the last activity, want about %v", elapsed, idle)
+	}
+	return nil
 }
 
 func TestTCPContextCancelClosesBoth(t *testing.T) {

@@ -150,6 +150,7 @@ type udpSession struct {
 	up      net.Conn   // nil while the upstream socket is being opened
 	backlog [][]byte   // datagrams received while up is nil
 	closed  bool       // no more datagrams are accepted
+	failed  bool       // closed because the upstream could not be opened
 }
 
 func (t *udpTable) now() int64 { return int64(time.Since(t.start)) }
@@ -242,6 +243,12 @@ func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 func (s *udpSession) send(t *udpTable, p []byte) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
+	if s.failed {
+		// Dropped rather than retried: a datagram must not trigger a
+		// second dial right after one failed for it.
+		t.u.dropped.Add(1)
+		return true
+	}
 	if s.closed {
 		return false
 	}
@@ -268,6 +275,9 @@ func (t *udpTable) writeUp(s *udpSession, p []byte) {
 	t.counts.Up.Add(uint64(n))
 }
 
+// report passes a per-session failure to OnError. It logs only at debug
+// level: these failures can come once per datagram, so rate-limited logging
+// and metrics belong to the OnError owner.
 func (t *udpTable) report(err error) {
 	t.log.Debug("udp relay", "err", err)
 	if t.u.OnError != nil {
@@ -292,12 +302,12 @@ func (t *udpTable) run(s *udpSession) {
 	s.mu.Lock()
 	if err != nil || s.closed {
 		s.closed = true
+		s.failed = err != nil
 		t.remove(s)
 		t.u.dropped.Add(uint64(len(s.backlog)))
 		s.backlog = nil
 		s.mu.Unlock()
 		if err != nil {
-			t.log.Warn("udp relay: open upstream", "client", s.key, "err", err)
 			t.report(fmt.Errorf("udp relay: client %s: open upstream: %w", s.key, err))
 		} else {
 			_ = up.Close() // Serve shut down while dialing

@@ -1,0 +1,377 @@
+package relay
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"runtime"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+)
+
+// udpEcho is an upstream UDP server that echoes every datagram.
+func udpEcho(t *testing.T) *net.UDPAddr {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatalf("listen echo: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, maxDatagram)
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			if _, err := c.WriteToUDPAddrPort(buf[:n], from); err != nil {
+				return
+			}
+		}
+	}()
+	t.Cleanup(func() {
+		c.Close()
+		<-done
+	})
+	return c.LocalAddr().(*net.UDPAddr)
+}
+
+// udpRig runs UDP.Serve on a loopback listener in front of an echo server
+// and tracks the sessions and upstream sockets it opens.
+type udpRig struct {
+	relay    *UDP
+	addr     *net.UDPAddr
+	active   atomic.Int64 // sessions open per OnSession
+	dials    atomic.Int64
+	closed   atomic.Int64 // upstream sockets closed
+	errs     atomic.Int64
+	cancel   context.CancelFunc
+	served   chan error
+	listener *net.UDPConn
+}
+
+// trackedConn counts Close calls on upstream sockets.
+type trackedConn struct {
+	*net.UDPConn
+	once   sync.Once
+	closed *atomic.Int64
+}
+
+func (c *trackedConn) Close() error {
+	c.once.Do(func() { c.closed.Add(1) })
+	return c.UDPConn.Close()
+}
+
+func startUDP(t *testing.T, ttl time.Duration, maxSessions int, dial func(context.Context, net.Addr) (net.Conn, error)) *udpRig {
+	t.Helper()
+	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatalf("listen: %v", err)
+	}
+	t.Cleanup(func() { ln.Close() })
+	r := &udpRig{addr: ln.LocalAddr().(*net.UDPAddr), served: make(chan error, 1), listener: ln}
+	if dial == nil {
+		echo := udpEcho(t)
+		dial = func(ctx context.Context, _ net.Addr) (net.Conn, error) {
+			var d net.Dialer
+			c, err := d.DialContext(ctx, "udp", echo.String())
+			if err != nil {
+				return nil, err
+			}
+			return &trackedConn{UDPConn: c.(*net.UDPConn), closed: &r.closed}, nil
+		}
+	}
+	r.relay = &UDP{
+		Conn: ln,
+		Dial: func(ctx context.Context, client net.Addr) (net.Conn, error) {
+			r.dials.Add(1)
+			return dial(ctx, client)
+		},
+		TTL:         ttl,
+		Counts:      new(Counts),
+		MaxSessions: maxSessions,
+		OnSession: func(opened bool) {
+			if opened {
+				r.active.Add(1)
+			} else {
+				r.active.Add(-1)
+			}
+		},
+		OnError: func(error) { r.errs.Add(1) },
+		Logger:  slog.New(slog.DiscardHandler),
+	}
+	ctx, cancel := context.WithCancel(t.Context())
+	r.cancel = cancel
+	go func() { r.served <- r.relay.Serve(ctx) }()
+	t.Cleanup(func() {
+		cancel()
+		select {
+		case <-r.served:
+		case <-time.After(testDeadline):
+			t.Error("Serve did not return")
+		}
+	})
+	return r
+}
+
+func (r *udpRig) client(t *testing.T) *net.UDPConn {
+	t.Helper()
+	c, err := net.DialUDP("udp", nil, r.addr)
+	if err != nil {
+		t.Fatalf("dial relay: %v", err)
+	}
+	t.Cleanup(func() { c.Close() })
+	if err := c.SetDeadline(time.Now().Add(testDeadline)); err != nil {
+		t.Fatal(err)
+	}
+	return c
+}
+
+// roundTrip sends p through the relay and expects it echoed back intact.
+func roundTrip(c *net.UDPConn, p []byte) error {
+	// A datagram can legitimately be lost (a session expiring under a
+	// stalled scheduler), so a missing echo fails after seconds, not the
+	// whole test deadline.
+	if err := c.SetReadDeadline(time.Now().Add(5 * time.Second)); err != nil {
+		return err
+	}
+	if _, err := c.Write(p); err != nil {
+		return fmt.Errorf("send %d bytes: %w", len(p), err)
+	}
+	buf := make([]byte, maxDatagram)
+	n, err := c.Read(buf)
+	if err != nil {
+		return fmt.Errorf("receive echo of %d bytes: %w", len(p), err)
+	}
+	if !bytes.Equal(buf[:n], p) {
+		return fmt.Errorf("echo of %d bytes came back as %d different bytes", len(p), n)
+	}
+	return nil
+}
+
+// waitFor polls cond until it holds or the deadline passes.
+func waitFor(t *testing.T, what string, within time.Duration, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(within)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %v waiting for %s", within, what)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+}
+
+func TestUDPSessionsEchoAndExpire(t *testing.T) {
+	const (
+		clients   = 3
+		datagrams = 100
+		// Long enough that no client pauses this long between datagrams
+		// even on a loaded machine; expiry is timed precisely elsewhere.
+		ttl = time.Second
+	)
+	r := startUDP(t, ttl, 0, nil)
+	var (
+		wg   sync.WaitGroup
+		sent atomic.Uint64
+	)
+	errs := make(chan error, clients)
+	for ci := range clients {
+		c := r.client(t)
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range datagrams {
+				// Distinct sizes per client and datagram, up to ~59 KB, and
+				// content tagged with the client so a reply from another
+				// client's session cannot pass.
+				p := bytes.Repeat([]byte{byte('a' + ci), byte(i)}, (1+i*599+ci)/2+1)
+				if err := roundTrip(c, p); err != nil {
+					errs <- fmt.Errorf("client %d datagram %d: %w", ci, i, err)
+					return
+				}
+				sent.Add(uint64(len(p)))
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Fatal(err)
+	}
+	if got := r.active.Load(); got != clients {
+		t.Fatalf("%d sessions open, want %d (one per client)", got, clients)
+	}
+	if got := r.dials.Load(); got != clients {
+		t.Fatalf("%d upstream dials, want %d", got, clients)
+	}
+	if up, down := r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load(); up != sent.Load() || down != sent.Load() {
+		t.Fatalf("counted up %d down %d, want %d each", up, down, sent.Load())
+	}
+
+	waitFor(t, "sessions to expire", 10*ttl, func() bool { return r.active.Load() == 0 })
+	if got := r.closed.Load(); got != clients {
+		t.Fatalf("%d upstream sockets closed after expiry, want %d", got, clients)
+	}
+
+	// A client coming back after expiry gets a fresh session.
+	if err := roundTrip(r.client(t), []byte("again")); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.dials.Load(); got != clients+1 {
+		t.Fatalf("%d upstream dials, want %d", got, clients+1)
+	}
+}
+
+func TestUDPSessionKeptAliveByTraffic(t *testing.T) {
+	const ttl = 300 * time.Millisecond
+	retryIfStalled(t, ttl/3, func(t *testing.T) error {
+		r := startUDP(t, ttl, 0, nil)
+		c := r.client(t)
+		for i := range 10 { // 10 × ttl/3 spans several TTLs
+			if err := roundTrip(c, []byte{byte(i)}); err != nil {
+				return err
+			}
+			time.Sleep(ttl / 3)
+		}
+		if got := r.dials.Load(); got != 1 {
+			return fmt.Errorf("%d upstream dials, want 1: the session expired despite traffic", got)
+		}
+		// Silent for longer than TTL, the session expires on time.
+		start := time.Now()
+		waitFor(t, "the session to expire", testDeadline, func() bool { return r.active.Load() == 0 })
+		if elapsed := time.Since(start); elapsed > 3*ttl {
+			return fmt.Errorf("session expired %v after the last datagram, want about %v", elapsed, ttl)
+		}
+		return nil
+	})
+}
+
+func TestUDPMaxSessionsDrops(t *testing.T) {
+	r := startUDP(t, time.Minute, 1, nil)
+	first, second := r.client(t), r.client(t)
+	if err := roundTrip(first, []byte("first")); err != nil {
+		t.Fatal(err)
+	}
+	const extra = 5
+	for range extra {
+		if _, err := second.Write([]byte("second")); err != nil {
+			t.Fatal(err)
+		}
+	}
+	waitFor(t, "datagrams beyond MaxSessions to be dropped", testDeadline, func() bool { return r.relay.Dropped() == extra })
+	if err := second.SetReadDeadline(time.Now().Add(100 * time.Millisecond)); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := second.Read(make([]byte, 64)); !errors.Is(err, os.ErrDeadlineExceeded) {
+		t.Fatalf("client beyond MaxSessions got %d bytes, err %v; want no reply", n, err)
+	}
+	if err := roundTrip(first, []byte("still served")); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.active.Load(); got != 1 {
+		t.Fatalf("%d sessions open, want 1", got)
+	}
+}
+
+func TestUDPDialFailure(t *testing.T) {
+	r := startUDP(t, time.Minute, 0, func(context.Context, net.Addr) (net.Conn, error) {
+		return nil, errors.New("no route to node")
+	})
+	c := r.client(t)
+	if _, err := c.Write([]byte("lost")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the failed dial to be reported", testDeadline, func() bool {
+		return r.errs.Load() == 1 && r.active.Load() == 0 && r.relay.Dropped() == 1
+	})
+	// The next datagram tries again with a fresh session.
+	if _, err := c.Write([]byte("lost again")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the second dial to fail", testDeadline, func() bool {
+		return r.errs.Load() == 2 && r.active.Load() == 0 && r.relay.Dropped() == 2
+	})
+	if got := r.dials.Load(); got != 2 {
+		t.Fatalf("%d dials for 2 datagrams, want 2", got)
+	}
+}
+
+// openFDs counts this process's open file descriptors.
+func openFDs(t *testing.T) int {
+	t.Helper()
+	entries, err := os.ReadDir("/proc/self/fd")
+	if err != nil {
+		t.Skipf("cannot count fds: %v", err)
+	}
+	return len(entries)
+}
+
+func TestUDPServeStopsWithoutLeaks(t *testing.T) {
+	tests := []struct {
+		name string
+		stop func(r *udpRig)
+	}{
+		{"ctx cancelled", func(r *udpRig) { r.cancel() }},
+		{"listener closed", func(r *udpRig) { r.listener.Close() }},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			echo := udpEcho(t)
+			goroutinesBefore, fdsBefore := runtime.NumGoroutine(), openFDs(t)
+
+			// Everything below is created and torn down inside this
+			// function so the counts can be compared afterwards.
+			func() {
+				r := startUDP(t, time.Minute, 0, func(ctx context.Context, _ net.Addr) (net.Conn, error) {
+					var d net.Dialer
+					return d.DialContext(ctx, "udp", echo.String())
+				})
+				clients := make([]*net.UDPConn, 4)
+				for i := range clients {
+					clients[i] = r.client(t)
+					if err := roundTrip(clients[i], []byte{byte(i)}); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if got := r.active.Load(); got != int64(len(clients)) {
+					t.Fatalf("%d sessions open, want %d", got, len(clients))
+				}
+				tt.stop(r)
+				select {
+				case err := <-r.served:
+					if err != nil {
+						t.Fatalf("Serve returned %v, want nil", err)
+					}
+				case <-time.After(testDeadline):
+					t.Fatal("Serve did not return")
+				}
+				r.served <- nil // for the rig's cleanup
+				if got := r.active.Load(); got != 0 {
+					t.Fatalf("%d sessions still open after Serve returned", got)
+				}
+				r.listener.Close()
+				for _, c := range clients {
+					c.Close()
+				}
+			}()
+
+			waitFor(t, "goroutines to exit", testDeadline, func() bool { return runtime.NumGoroutine() <= goroutinesBefore })
+			if fds := openFDs(t); fds > fdsBefore {
+				t.Fatalf("%d fds open after Serve returned, %d before", fds, fdsBefore)
+			}
+		})
+	}
+}
+
+func TestUDPRequiresConnAndDial(t *testing.T) {
+	if err := (&UDP{}).Serve(t.Context()); err == nil {
+		t.Fatal("Serve without Conn and Dial succeeded")
+	}
+}
