@@ -22,11 +22,11 @@ func (d *decoder) topHops(f field) ([]*Hop, map[string]*Hop) {
 		if !ok {
 			continue
 		}
-		name := ""
+		name, nameOK := "", true
 		if nf, ok := fs["name"]; ok {
-			name, _ = d.str(nf)
+			name, nameOK = d.str(nf)
 		}
-		if name == "" {
+		if name == "" && nameOK {
 			d.errorf(item.value, join(item.path, "name"), "is required: chains refer to top-level hops by name")
 		}
 		h := d.hopBody(item, fs, name)
@@ -53,11 +53,14 @@ func (d *decoder) chains(f field, topHops map[string]*Hop) ([]*Chain, map[string
 			continue
 		}
 		c := &Chain{Pos: posOf(item.value)}
+		nameOK := true
 		if nf, ok := fs["name"]; ok {
-			c.Name, _ = d.str(nf)
+			c.Name, nameOK = d.str(nf)
 		}
 		if c.Name == "" {
-			d.errorf(item.value, join(item.path, "name"), "is required: handlers refer to chains by name")
+			if nameOK {
+				d.errorf(item.value, join(item.path, "name"), "is required: handlers refer to chains by name")
+			}
 		} else if first, dup := byName[c.Name]; dup {
 			d.errorf(fs["name"].pos(), join(item.path, "name"), "duplicate chain name %q (first at line %d)", c.Name, first.Pos.Line)
 		} else {

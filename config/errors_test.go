@@ -415,7 +415,7 @@ func TestParseErrors(t *testing.T) {
 		{
 			name:  "metadata merge contains itself",
 			yaml:  base + "  metadata:\n    x: &m {<<: *m}\n",
-			errs:  []want{{10, 15, "services[0].metadata.x", "refers to a mapping that contains it"}},
+			errs:  []want{{10, 16, "services[0].metadata.x", "refers to a mapping that contains it"}},
 			warns: []want{{10, 5, "services[0].metadata.x", "unknown metadata key"}},
 		},
 

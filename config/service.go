@@ -65,10 +65,10 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 		d.errorf(f.pos(), join(f.path, "handler"), "is required (handler.type: %s)", joinList(handlerTypes))
 	}
 
-	lf, hasListener := fs["listener"]
 	var lfs fields
-	if hasListener {
-		svc.Listener, lfs = d.listener(lf)
+	var ttl *field
+	if lf, ok := fs["listener"]; ok {
+		svc.Listener, lfs, ttl = d.listener(lf)
 	}
 
 	ff, hasForwarder := fs["forwarder"]
@@ -84,7 +84,7 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 	}
 
 	d.checkServiceCombination(f, svc, serviceParts{
-		handler: hfs, listener: lfs, forwarder: ffs,
+		handler: hfs, listener: lfs, forwarder: ffs, ttl: ttl,
 		forwarderField: ff, hasForwarder: hasForwarder && !isNull(ff.value),
 	}, chains)
 	return svc
@@ -121,6 +121,7 @@ func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, ha
 // cross-section checks can point at the exact key at fault.
 type serviceParts struct {
 	handler, listener, forwarder fields
+	ttl                          *field // listener metadata ttl, when given
 	forwarderField               field
 	hasForwarder                 bool
 }
@@ -146,7 +147,7 @@ func (d *decoder) checkServiceCombination(f field, svc *Service, parts servicePa
 	if svc.Listener.Type == "udp" && svc.Listener.TTL == 0 {
 		svc.Listener.TTL = defaultUDPTTL
 	}
-	if ttl, ok := parts.listener["metadata.ttl"]; ok && svc.Listener.Type == "tcp" {
+	if ttl := parts.ttl; ttl != nil && svc.Listener.Type == "tcp" {
 		d.warnf(ttl.key, ttl.path, "ttl applies only to udp listeners; ignored")
 		svc.Listener.TTL = 0
 	}
@@ -218,12 +219,12 @@ func (d *decoder) handler(f field) (Handler, fields) {
 
 // listener decodes a service's listener section. An empty type is filled
 // in from the handler later, as GOST does when the listener is omitted.
-// The returned fields include "metadata.ttl" when ttl was given.
-func (d *decoder) listener(f field) (Listener, fields) {
-	var l Listener
+// ttl is the metadata ttl field when given, for checks that need the final
+// listener type.
+func (d *decoder) listener(f field) (l Listener, fs fields, ttl *field) {
 	fs, ok := d.fieldMapping(f, &listenerSection)
 	if !ok {
-		return l, nil
+		return l, nil, nil
 	}
 	if tf, ok := fs["type"]; ok {
 		if t, ok := d.str(tf); ok && t != "" {
@@ -237,12 +238,12 @@ func (d *decoder) listener(f field) (Listener, fields) {
 	if mf, ok := fs["metadata"]; ok {
 		md, known := d.metadata(mf, listenerMetadataKeys)
 		l.Metadata = md
-		if ttl, ok := known["ttl"]; ok {
-			fs["metadata.ttl"] = ttl
-			l.TTL, _ = d.duration(ttl)
+		if tf, ok := known["ttl"]; ok {
+			ttl = &tf
+			l.TTL, _ = d.duration(tf)
 		}
 	}
-	return l, fs
+	return l, fs, ttl
 }
 
 // forwarder decodes a service's forwarder section.

@@ -135,26 +135,48 @@ func buildChain(cfg *config.Config, cc *config.Chain) (*chain.Chain, error) {
 
 // Check opens every namespace the configuration names, so a missing one is
 // reported before anything listens. It returns every problem found.
-func (d *Daemon) Check() error {
+func (d *Daemon) Check() error { return CheckNamespaces(d.cfg) }
+
+// CheckNamespaces opens every namespace cfg names and returns every problem
+// found, each located in the config. It reads only namespace fields, so it
+// also works on the partial configuration config returns alongside its
+// errors: `ebpfwd check` reports a missing namespace next to a bad address.
+func CheckNamespaces(cfg *config.Config) error {
 	var errs []error
-	check := func(ns netns.NS, pos config.Pos, field string) {
-		if err := ns.Check(); err != nil {
-			errs = append(errs, located(d.cfg, pos, field, err))
+	check := func(spec string, pos config.Pos, field string) {
+		if spec == "" {
+			return
+		}
+		ns, err := netns.Parse(spec)
+		if err == nil {
+			err = ns.Check()
+		}
+		if err != nil {
+			errs = append(errs, located(cfg, pos, field, err))
 		}
 	}
-	for _, s := range d.services {
-		field := fmt.Sprintf("services[%d].metadata", s.index)
-		check(s.listenNS, s.cfg.Pos, field+".netns")
-		check(s.outNS, s.cfg.Pos, field+".netns.out")
+	for i, s := range cfg.Services {
+		if s == nil {
+			continue
+		}
+		field := fmt.Sprintf("services[%d].metadata", i)
+		check(s.NetNS, s.Pos, field+".netns")
+		check(s.NetNSOut, s.Pos, field+".netns.out")
 	}
-	for _, cc := range d.cfg.Chains {
+	for _, cc := range cfg.Chains {
+		if cc == nil {
+			continue
+		}
 		for hi, hc := range cc.Hops {
+			if hc == nil {
+				continue
+			}
 			field := fmt.Sprintf("chains[%s].hops[%d]", cc.Name, hi)
-			ns, _ := netns.Parse(hc.NetNS)
-			check(ns, hc.Pos, field+".metadata.netns")
+			check(hc.NetNS, hc.Pos, field+".metadata.netns")
 			for ni, nc := range hc.Nodes {
-				ns, _ := netns.Parse(nc.NetNS)
-				check(ns, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni))
+				if nc != nil {
+					check(nc.NetNS, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni))
+				}
 			}
 		}
 	}

@@ -106,21 +106,34 @@ func cmdCheck(e env, args []string) int {
 	if !ok {
 		return 2
 	}
-	cfg, ok := loadConfig(e, path)
-	if !ok {
+	// Every problem at once: configuration errors, then the namespaces even
+	// of a configuration that is otherwise invalid.
+	cfg, warnings, cfgErr := config.Inspect(path)
+	for _, w := range warnings {
+		fmt.Fprintf(e.stderr, "warning: %s\n", w)
+	}
+	if cfg == nil {
+		fmt.Fprintln(e.stderr, cfgErr)
 		return 1
 	}
-	d, err := daemon.New(cfg, daemon.Options{}, discardLogger())
-	if err != nil {
-		fmt.Fprintln(e.stderr, err)
-		return 1
+	failed := false
+	report := func(err error) {
+		if err != nil {
+			fmt.Fprintln(e.stderr, err)
+			failed = true
+		}
+	}
+	report(cfgErr)
+	if cfgErr == nil {
+		_, err := daemon.New(cfg, daemon.Options{}, discardLogger())
+		report(err)
 	}
 	if err := missingPrivileges(cfg); err != nil {
-		fmt.Fprintf(e.stderr, "ebpfwd check: %v\n", err)
-		return 1
+		report(fmt.Errorf("ebpfwd check: %w", err))
+	} else {
+		report(daemon.CheckNamespaces(cfg))
 	}
-	if err := d.Check(); err != nil {
-		fmt.Fprintln(e.stderr, err)
+	if failed {
 		return 1
 	}
 	fmt.Fprintf(e.stdout, "%s: ok (%d services, %d chains)\n", path, len(cfg.Services), len(cfg.Chains))

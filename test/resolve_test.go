@@ -1,0 +1,44 @@
+package test
+
+import (
+	"os"
+	"path/filepath"
+	"testing"
+	"time"
+)
+
+// TestHostnameResolvedInDialingNamespace: a node given by name is resolved
+// inside netns.out as `ip netns exec` would resolve it there, through
+// /etc/netns/NAME/hosts, which the daemon's own namespace knows nothing of.
+func TestHostnameResolvedInDialingNamespace(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	c := newNS(t, "e2e-res-c")
+	out := newNS(t, "e2e-res-o")
+	echoIn(t, out, "127.0.0.7:9000")
+
+	dir := filepath.Join("/etc/netns", out.Name)
+	if err := os.MkdirAll(dir, 0o755); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(dir) })
+	hosts := "# written by TestHostnameResolvedInDialingNamespace\n127.0.0.7 target.ebpfwd.test target\n"
+	if err := os.WriteFile(filepath.Join(dir, "hosts"), []byte(hosts), 0o644); err != nil {
+		t.Fatal(err)
+	}
+
+	yaml := config(`services:
+- name: svc
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "target.ebpfwd.test:9000"}
+  metadata: {netns: $C, netns.out: $OUT}
+`, map[string]string{"C": c.Name, "OUT": out.Name})
+	startDaemon(t, "resolve", yaml, daemonOptions{})
+	if err := exchange(t, c, "127.0.0.1:8000", 256<<10, 10*time.Second); err != nil {
+		t.Fatalf("through a node named in /etc/netns/%s/hosts: %v", out.Name, err)
+	}
+}
