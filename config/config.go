@@ -186,14 +186,24 @@ func Load(path string) (*Config, []Diagnostic, error) {
 // returned in every case. When the configuration is invalid, the config is
 // nil and the error is an *Errors listing every problem found.
 func Parse(path string, data []byte) (*Config, []Diagnostic, error) {
+	cfg, warns, err := parse(path, data)
+	if err != nil {
+		return nil, warns, err
+	}
+	return cfg, warns, nil
+}
+
+// parse decodes and validates data. When the configuration is invalid it
+// returns what could be decoded along with the *Errors (see Inspect).
+func parse(path string, data []byte) (*Config, []Diagnostic, error) {
 	d := &decoder{file: path}
 	cfg := d.config(d.document(data))
+	cfg.Path = path
 	sortDiagnostics(d.warns)
 	if len(d.errs) > 0 {
 		sortDiagnostics(d.errs)
-		return nil, d.warns, &Errors{List: d.errs}
+		return cfg, d.warns, &Errors{List: d.errs}
 	}
-	cfg.Path = path
 	return cfg, d.warns, nil
 }
 

@@ -15,13 +15,5 @@ func Inspect(path string) (*Config, []Diagnostic, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("read config %s: %w", path, err)
 	}
-	d := &decoder{file: path}
-	cfg := d.config(d.document(data))
-	cfg.Path = path
-	sortDiagnostics(d.warns)
-	if len(d.errs) > 0 {
-		sortDiagnostics(d.errs)
-		return cfg, d.warns, &Errors{List: d.errs}
-	}
-	return cfg, d.warns, nil
+	return parse(path, data)
 }
