@@ -194,10 +194,10 @@ func (s *service) forward(ctx context.Context, client net.Conn) {
 		s.log.Warn("connection dropped: no node reachable", "client", peer, "err", err)
 		return
 	}
+	// The datapath logs how the stream ended; the daemon counts why.
 	err = s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node})
 	if err != nil && !errors.Is(err, context.Canceled) {
 		s.errs.Add(reasonOf(err))
-		s.log.Info("connection ended with error", "client", peer, "node", node, "err", err)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"log/slog"
 	"net"
 	"sync/atomic"
+	"time"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/userspace/relay"
@@ -46,13 +47,25 @@ type attachment struct {
 
 var _ datapath.PacketForwarder = (*attachment)(nil)
 
+// Splice relays one stream and logs its own byte counts when it ends: at
+// debug level for a clean end, at info level with the error otherwise.
 func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
 	a.opened.Add(1)
 	a.active.Add(1)
 	defer a.active.Add(-1)
-	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &a.counts)
-	if err != nil && !errors.Is(err, context.Canceled) {
+	start := time.Now()
+	conn := relay.Counts{Total: &a.counts}
+	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &conn)
+	attrs := []any{"client", s.Peer, "node", s.Node, "up_bytes", conn.Up.Load(), "down_bytes", conn.Down.Load(),
+		"duration", time.Since(start).Round(time.Millisecond)}
+	switch {
+	case err == nil:
+		a.logger.Debug("connection closed", attrs...)
+	case errors.Is(err, context.Canceled):
+		a.logger.Info("connection closed at shutdown", attrs...)
+	default:
 		a.errors.Add(1)
+		a.logger.Info("connection ended with error", append(attrs, "err", err)...)
 	}
 	return err
 }

@@ -21,11 +21,38 @@ import (
 	"time"
 )
 
-// Counts are live byte counters a relay adds to as bytes move. The daemon
-// shares one per service across all of its relays.
+// Counts are live byte counters a relay adds to as bytes move. A
+// connection's own Counts may credit a shared Total too (the service's), so
+// one relay keeps both per-connection and per-service figures live.
 type Counts struct {
 	Up   atomic.Uint64 // client -> upstream
 	Down atomic.Uint64 // upstream -> client
+	// Total, when set, is credited with every byte counted here.
+	Total *Counts
+}
+
+// counter adds to one direction of a Counts and its Total.
+type counter struct{ own, total *atomic.Uint64 }
+
+func (c counter) Add(n uint64) {
+	c.own.Add(n)
+	if c.total != nil {
+		c.total.Add(n)
+	}
+}
+
+func (c *Counts) up() counter {
+	if c.Total == nil {
+		return counter{own: &c.Up}
+	}
+	return counter{own: &c.Up, total: &c.Total.Up}
+}
+
+func (c *Counts) down() counter {
+	if c.Total == nil {
+		return counter{own: &c.Down}
+	}
+	return counter{own: &c.Down, total: &c.Total.Down}
 }
 
 // ErrIdleTimeout is returned (wrapped) by TCP when neither direction moved a
@@ -83,8 +110,8 @@ func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *
 	upstreamRaw, upstreamPending := unwrap(upstream)
 	r.raw = [...]net.Conn{clientRaw, upstreamRaw}
 	r.dirs = [...]*direction{
-		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, &c.Up),
-		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, &c.Down),
+		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, c.up()),
+		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, c.down()),
 	}
 	if idle > 0 {
 		r.window = max(idle/4, time.Millisecond)
@@ -131,7 +158,7 @@ type direction struct {
 	name     string
 	src, dst net.Conn
 	pending  []byte
-	counter  *atomic.Uint64
+	counter  counter
 	limited  io.LimitedReader
 	buf      []byte // nil when dst splices from src in the kernel
 	// quietUntil is the latest time (ns since start) up to which this
@@ -141,7 +168,7 @@ type direction struct {
 	quietUntil atomic.Int64
 }
 
-func newDirection(name string, src, dst net.Conn, pending []byte, counter *atomic.Uint64) *direction {
+func newDirection(name string, src, dst net.Conn, pending []byte, counter counter) *direction {
 	d := &direction{name: name, src: src, dst: dst, pending: pending, counter: counter}
 	d.limited.R = src
 	// *net.TCPConn.ReadFrom splices from a TCP or Unix stream socket; any

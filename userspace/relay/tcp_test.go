@@ -68,7 +68,15 @@ type relayRig struct {
 
 func startRelay(t testing.TB, ctx context.Context, idle time.Duration, wrap func(client, upstream net.Conn) (net.Conn, net.Conn)) *relayRig {
 	t.Helper()
+	return startRelayCrediting(t, ctx, idle, wrap, nil)
+}
+
+// startRelayCrediting is startRelay with the connection's counts also
+// credited to total.
+func startRelayCrediting(t testing.TB, ctx context.Context, idle time.Duration, wrap func(client, upstream net.Conn) (net.Conn, net.Conn), total *Counts) *relayRig {
+	t.Helper()
 	r := &relayRig{done: make(chan error, 1)}
+	r.counts.Total = total
 	r.app, r.relayClient = tcpPair(t)
 	r.relayUpstream, r.server = tcpPair(t)
 	var client, upstream net.Conn = r.relayClient, r.relayUpstream
@@ -130,7 +138,7 @@ func TestTCPConcurrentBulk(t *testing.T) {
 	var wg sync.WaitGroup
 	errs := make(chan error, conns)
 	for i := range conns {
-		rig := startRelay(t, t.Context(), 0, nil)
+		rig := startRelayCrediting(t, t.Context(), 0, nil, &counts)
 		up, down := randomBytes(t, size), randomBytes(t, size)
 		wg.Add(1)
 		go func() {
@@ -158,8 +166,6 @@ func TestTCPConcurrentBulk(t *testing.T) {
 			case rig.counts.Up.Load() != size || rig.counts.Down.Load() != size:
 				errs <- fmt.Errorf("conn %d: counted up %d down %d, want %d each", i, rig.counts.Up.Load(), rig.counts.Down.Load(), size)
 			}
-			counts.Up.Add(rig.counts.Up.Load())
-			counts.Down.Add(rig.counts.Down.Load())
 		}()
 	}
 	wg.Wait()
@@ -167,6 +173,7 @@ func TestTCPConcurrentBulk(t *testing.T) {
 	for err := range errs {
 		t.Error(err)
 	}
+	// Every connection credited the shared total as well as its own counts.
 	if counts.Up.Load() != conns*size || counts.Down.Load() != conns*size {
 		t.Errorf("total counted up %d down %d, want %d each", counts.Up.Load(), counts.Down.Load(), conns*size)
 	}
