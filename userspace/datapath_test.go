@@ -77,7 +77,9 @@ func TestSpliceCountsPerConnectionAndService(t *testing.T) {
 			t.Fatal(err)
 		}
 		done := make(chan error, 1)
-		go func() { done <- att.Splice(t.Context(), datapath.Stream{Client: client, Upstream: upstream, Node: "n"}) }()
+		go func() {
+			done <- att.Splice(t.Context(), datapath.Stream{Client: client, Upstream: upstream, Node: "n"})
+		}()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		if err := peer.Exchange(ctx, app, size); err != nil {
 			t.Fatal(err)
