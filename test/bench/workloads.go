@@ -1,0 +1,349 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"log/slog"
+	"net"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+)
+
+// metricKey names one figure of the table.
+type metricKey string
+
+const (
+	tputUp     metricKey = "tput_up"
+	tputDown   metricKey = "tput_down"
+	tputP8     metricKey = "tput_p8"
+	connRateK  metricKey = "conn_rate"
+	latP50     metricKey = "lat_p50"
+	latP99     metricKey = "lat_p99"
+	cpuMachine metricKey = "cpu_machine"
+	cpuDaemon  metricKey = "cpu_daemon"
+	rssPerConn metricKey = "rss_per_conn"
+)
+
+// sample is what one run of one contender measured. A metric that does not
+// apply to the contender (daemon CPU on a kernel path) is absent.
+type sample struct {
+	values   map[metricKey]float64
+	capacity string
+}
+
+// settings are the knobs that differ between full and quick mode.
+type settings struct {
+	runs        int
+	tputSeconds int           // per iperf3 run; iperf3 takes whole seconds
+	shortRun    time.Duration // connection rate and latency runs
+	idleConns   int
+	connWorkers int
+}
+
+// runEnv is what a contender run needs: the fresh topology, the binaries
+// and a directory for configs.
+type runEnv struct {
+	topo   *topology
+	self   string // this driver, re-executed for the load programs
+	ebpfwd string
+	dir    string
+	set    settings
+}
+
+// measure runs every workload against a started path.
+func measure(ctx context.Context, e *runEnv, p *path) (sample, error) {
+	s := sample{values: map[metricKey]float64{}}
+	if err := measureThroughput(ctx, e, p, s.values); err != nil {
+		return s, err
+	}
+	if err := measureConnRate(ctx, e, p, s.values); err != nil {
+		return s, err
+	}
+	if err := measureLatency(ctx, e, p, s.values); err != nil {
+		return s, err
+	}
+	if len(p.daemons) > 0 {
+		if err := measureIdleRSS(ctx, e, p, s.values); err != nil {
+			return s, err
+		}
+	}
+	s.capacity = p.capacity(ctx)
+	return s, nil
+}
+
+// cpuMeter takes CPU readings of the machine and the daemons around the
+// throughput runs.
+type cpuMeter struct {
+	machine, daemon float64
+}
+
+func readCPU(daemons []*process) (cpuMeter, error) {
+	m, err := machineBusySeconds()
+	if err != nil {
+		return cpuMeter{}, err
+	}
+	c := cpuMeter{machine: m}
+	for _, d := range daemons {
+		v, err := processCPUSeconds(d.pid())
+		if err != nil {
+			return cpuMeter{}, err
+		}
+		c.daemon += v
+	}
+	return c, nil
+}
+
+// measureThroughput runs iperf3 one stream up, one stream down and eight
+// streams up, and charges the CPU used during all three to the bytes they
+// moved.
+func measureThroughput(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+	runs := []struct {
+		key     metricKey
+		reverse bool
+		streams int
+	}{{tputUp, false, 1}, {tputDown, true, 1}, {tputP8, false, 8}}
+	var cpuMachineSec, cpuDaemonSec, bytes float64
+	for _, r := range runs {
+		before, err := readCPU(p.daemons)
+		if err != nil {
+			return err
+		}
+		moved, bps, err := iperf(ctx, e, p.front, r.reverse, r.streams)
+		if err != nil {
+			return err
+		}
+		after, err := readCPU(p.daemons)
+		if err != nil {
+			return err
+		}
+		out[r.key] = bps / 1e9
+		bytes += moved
+		cpuMachineSec += after.machine - before.machine
+		cpuDaemonSec += after.daemon - before.daemon
+	}
+	gb := bytes / 1e9
+	out[cpuMachine] = cpuMachineSec / gb
+	if len(p.daemons) > 0 {
+		out[cpuDaemon] = cpuDaemonSec / gb
+	}
+	return nil
+}
+
+// iperfReport is the part of iperf3's JSON report the benchmark reads.
+type iperfReport struct {
+	Error string `json:"error"`
+	End   struct {
+		SumReceived struct {
+			Bytes         float64 `json:"bytes"`
+			BitsPerSecond float64 `json:"bits_per_second"`
+		} `json:"sum_received"`
+	} `json:"end"`
+}
+
+// iperf runs one iperf3 client in the client namespace and returns the
+// bytes the receiver got and its rate in bit/s.
+func iperf(ctx context.Context, e *runEnv, front string, reverse bool, streams int) (bytes, bps float64, err error) {
+	args := []string{"-c", front, "-p", strconv.Itoa(portIperf), "-t", strconv.Itoa(e.set.tputSeconds),
+		"-P", strconv.Itoa(streams), "-J", "--connect-timeout", "3000"}
+	if reverse {
+		args = append(args, "-R")
+	}
+	ctx, cancel := context.WithTimeout(ctx, time.Duration(e.set.tputSeconds)*time.Second+30*time.Second)
+	defer cancel()
+	raw, runErr := inNS(ctx, e.topo.client, "iperf3", args...).Output()
+	var rep iperfReport
+	if err := json.Unmarshal(raw, &rep); err != nil {
+		return 0, 0, fmt.Errorf("iperf3 %v to %s: %v; output not JSON: %w", args, front, runErr, err)
+	}
+	if rep.Error != "" || runErr != nil {
+		return 0, 0, fmt.Errorf("iperf3 %v to %s: %v: %s", args, front, runErr, rep.Error)
+	}
+	if rep.End.SumReceived.Bytes <= 0 {
+		return 0, 0, fmt.Errorf("iperf3 %v to %s: no bytes received", args, front)
+	}
+	return rep.End.SumReceived.Bytes, rep.End.SumReceived.BitsPerSecond, nil
+}
+
+// loadCmd runs a load program inside the client namespace and decodes its
+// JSON result into res.
+func loadCmd(ctx context.Context, e *runEnv, res any, args ...string) error {
+	ctx, cancel := context.WithTimeout(ctx, e.set.shortRun+60*time.Second)
+	defer cancel()
+	cmd := inNS(ctx, e.topo.client, e.self, append([]string{"load"}, args...)...)
+	stderr := &tailBuffer{max: logTail}
+	cmd.Stderr = stderr
+	raw, err := cmd.Output()
+	if err != nil {
+		return fmt.Errorf("load %v in namespace %s: %w: %s", args, e.topo.client.Name, err, stderr)
+	}
+	if err := json.Unmarshal(raw, res); err != nil {
+		return fmt.Errorf("load %v: decode result %q: %w", args, raw, err)
+	}
+	return nil
+}
+
+func measureConnRate(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+	var r connRateResult
+	if err := loadCmd(ctx, e, &r, "connrate", "-addr", hostPort(p.front, portRR),
+		"-duration", e.set.shortRun.String(), "-workers", strconv.Itoa(e.set.connWorkers)); err != nil {
+		return err
+	}
+	// A few failures under load are part of the path's behaviour and are
+	// left out of the rate; many mean the figure is not comparable.
+	if r.Errors > 0 {
+		slog.Warn("connection-rate run had failures", "front", p.front, "ok", r.Conns, "failed", r.Errors, "first", r.FirstError)
+	}
+	if r.Errors*100 > r.Conns {
+		return fmt.Errorf("connection rate through %s: %d of %d connections failed (first: %s)", p.front, r.Errors, r.Errors+r.Conns, r.FirstError)
+	}
+	out[connRateK] = float64(r.Conns) / r.Seconds
+	return nil
+}
+
+func measureLatency(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+	var r latencyResult
+	if err := loadCmd(ctx, e, &r, "pingpong", "-addr", hostPort(p.front, portEcho),
+		"-duration", e.set.shortRun.String()); err != nil {
+		return err
+	}
+	out[latP50], out[latP99] = r.P50us, r.P99us
+	return nil
+}
+
+// measureIdleRSS opens idleConns connections through the path and charges
+// the daemons' VmRSS growth to them. It waits until every daemon holds two
+// more file descriptors per connection (client side and upstream side), so
+// the figure is taken with every relay set up, not just every handshake
+// queued in the kernel.
+func measureIdleRSS(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+	n := e.set.idleConns
+	baseRSS, baseFDs, err := daemonMemory(p.daemons)
+	if err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
+	defer cancel()
+	cmd := inNS(ctx, e.topo.client, e.self, "load", "hold", "-addr", hostPort(p.front, portHold), "-n", strconv.Itoa(n))
+	stdin, err := cmd.StdinPipe()
+	if err != nil {
+		return fmt.Errorf("hold: stdin pipe: %w", err)
+	}
+	stdout, err := cmd.StdoutPipe()
+	if err != nil {
+		return fmt.Errorf("hold: stdout pipe: %w", err)
+	}
+	stderr := &tailBuffer{max: logTail}
+	cmd.Stderr = stderr
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start hold load: %w", err)
+	}
+	// Closing stdin releases the connections; Wait reaps the program.
+	defer func() { _ = cmd.Wait() }()
+	defer stdin.Close()
+
+	var r holdResult
+	if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&r); err != nil {
+		return fmt.Errorf("hold %d connections through %s: %w: %s", n, p.front, err, stderr)
+	}
+	if err := waitFDs(ctx, p.daemons, baseFDs, 2*n); err != nil {
+		return err
+	}
+	rss, _, err := daemonMemory(p.daemons)
+	if err != nil {
+		return err
+	}
+	out[rssPerConn] = float64(rss-baseRSS) / float64(n)
+	return nil
+}
+
+// daemonMemory sums VmRSS over the daemons and returns each one's open
+// file count.
+func daemonMemory(daemons []*process) (rss int64, fds []int, err error) {
+	for _, d := range daemons {
+		r, err := residentBytes(d.pid())
+		if err != nil {
+			return 0, nil, err
+		}
+		f, err := openFDs(d.pid())
+		if err != nil {
+			return 0, nil, err
+		}
+		rss += r
+		fds = append(fds, f)
+	}
+	return rss, fds, nil
+}
+
+// waitFDs waits until every daemon holds at least extra more descriptors
+// than base, bounded by a timeout.
+func waitFDs(ctx context.Context, daemons []*process, base []int, extra int) error {
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		ready := true
+		var have []int
+		for i, d := range daemons {
+			f, err := openFDs(d.pid())
+			if err != nil {
+				return err
+			}
+			have = append(have, f-base[i])
+			ready = ready && f-base[i] >= extra
+		}
+		if ready {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			return fmt.Errorf("daemons hold %v new descriptors after 30s, want %d each", have, extra)
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
+}
+
+// waitOutput waits until a process has printed want.
+func waitOutput(ctx context.Context, p *process, want string) error {
+	return p.waitReady(ctx, func() bool { return containsLine(p.out.String(), want) })
+}
+
+// containsLine reports whether some line of out starts with want.
+func containsLine(out, want string) bool {
+	for _, line := range strings.Split(out, "\n") {
+		if strings.HasPrefix(strings.TrimSpace(line), want) {
+			return true
+		}
+	}
+	return false
+}
+
+func hostPort(host string, port int) string { return net.JoinHostPort(host, strconv.Itoa(port)) }
+
+// startServers starts iperf3 and the load servers in the server namespace.
+func startServers(ctx context.Context, ns *topo.NS, self string) ([]*process, error) {
+	iperfSrv, err := startIn(ns, "iperf3 server", "iperf3", "-s", "-p", strconv.Itoa(portIperf), "--idle-timeout", "30")
+	if err != nil {
+		return nil, err
+	}
+	if err := waitOutput(ctx, iperfSrv, "Server listening"); err != nil {
+		_ = iperfSrv.stop()
+		return nil, err
+	}
+	loadSrv, err := startIn(ns, "load server", self, "load", "serve")
+	if err != nil {
+		_ = iperfSrv.stop()
+		return nil, err
+	}
+	if err := waitOutput(ctx, loadSrv, "ready"); err != nil {
+		_ = iperfSrv.stop()
+		_ = loadSrv.stop()
+		return nil, err
+	}
+	return []*process{iperfSrv, loadSrv}, nil
+}
