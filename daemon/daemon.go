@@ -17,6 +17,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/metrics"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace"
 	"github.com/ebpfwd/ebpfwd/userspace/chain"
@@ -35,6 +36,8 @@ type Options struct {
 	DrainTimeout time.Duration
 	// ReadyFile, when set, is written once every service is listening.
 	ReadyFile string
+	// Metrics records dial latencies; nil records nothing.
+	Metrics *metrics.Recorder
 }
 
 // Daemon runs the services of one configuration.
@@ -43,6 +46,7 @@ type Daemon struct {
 	opts      Options
 	log       *slog.Logger
 	services  []*service
+	chains    []*chain.Chain
 	datapaths map[datapath.Kind]datapath.Datapath
 }
 
@@ -67,6 +71,7 @@ func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
 			continue
 		}
 		chains[cc.Name] = c
+		d.chains = append(d.chains, c)
 	}
 	for i, sc := range cfg.Services {
 		s, err := newService(d, i, sc, chains)

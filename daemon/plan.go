@@ -12,6 +12,11 @@ type Plan struct {
 	Service  string
 	Datapath datapath.Kind
 	Reason   string
+	// From is the faster datapath this service would have had, when the
+	// plan is a fallback ("" otherwise), and FallbackReason a short code
+	// for why (a metric label).
+	From           datapath.Kind
+	FallbackReason string
 }
 
 // planDatapath chooses a service's datapath from its `datapath` metadata.
@@ -32,6 +37,7 @@ func planDatapath(sc *config.Service, chained bool) (Plan, error) {
 			p.Reason = "traffic goes through proxy hops"
 		default:
 			p.Reason = "no kernel datapath (tc, sockmap) is built into this version"
+			p.From, p.FallbackReason = datapath.TC, "not_built"
 		}
 	default:
 		return p, fmt.Errorf("datapath %q is not available in this version (available: userspace, auto)", kind)

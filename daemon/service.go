@@ -211,6 +211,7 @@ func (s *service) dialNode(ctx context.Context, key string) (net.Conn, string, e
 		}
 		start := time.Now()
 		conn, err := s.dial(ctx, "tcp", n.Value, key)
+		s.d.opts.Metrics.ObserveDial(s.cfg.Name, "node", n.Name, time.Since(start), err)
 		if err == nil {
 			s.nodes.MarkOK(n)
 			s.log.Debug("dialed node", "node", n.Name, "addr", n.Value, "took", time.Since(start))
@@ -238,7 +239,7 @@ func (s *service) dial(ctx context.Context, network, addr, key string) (net.Conn
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
 	if s.chain != nil {
-		return s.chain.Dial(ctx, chain.Request{Target: addr, Key: key, DefaultNS: s.outNS})
+		return s.chain.Dial(ctx, chain.Request{Target: addr, Key: key, DefaultNS: s.outNS, Observe: s.observeHop})
 	}
 	return s.outNS.Dial(ctx, network, addr)
 }
@@ -263,12 +264,20 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 	return nil, errors.Join(errs...)
 }
 
+func (s *service) observeHop(hop, node string, took time.Duration, err error) {
+	s.d.opts.Metrics.ObserveDial(s.cfg.Name, "hop", s.chain.Name+"/"+hop+"/"+node, took, err)
+}
+
 func (s *service) newProxy() *httpproxy.Server {
 	srv := &httpproxy.Server{
 		Logger: s.log,
 		Dial: func(ctx context.Context, network, addr string) (net.Conn, error) {
 			// GOST's hash strategy keys proxy traffic by destination.
-			return s.dial(ctx, network, addr, addr)
+			start := time.Now()
+			conn, err := s.dial(ctx, network, addr, addr)
+			// Proxy targets are whatever clients ask for: never a label.
+			s.d.opts.Metrics.ObserveDial(s.cfg.Name, "target", "*", time.Since(start), err)
+			return conn, err
 		},
 		Relay: func(ctx context.Context, client, upstream net.Conn) error {
 			return s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peerOf(client)})

@@ -8,6 +8,7 @@ import (
 	"flag"
 	"fmt"
 	"io"
+	"log/slog"
 	"os"
 	"os/signal"
 	"strings"
@@ -16,6 +17,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/daemon"
+	"github.com/ebpfwd/ebpfwd/metrics"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".
@@ -195,10 +197,19 @@ func cmdRun(e env, args []string) int {
 		fmt.Fprintf(e.stderr, "ebpfwd run: %v\n", err)
 		return 1
 	}
-	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain}, logger)
+	rec := metrics.NewRecorder()
+	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1
+	}
+	if cfg.Metrics.Addr != "" {
+		srv, err := serveMetrics(cfg, d, rec, logger)
+		if err != nil {
+			fmt.Fprintf(e.stderr, "%s: %v\n", path, err)
+			return 1
+		}
+		defer srv.Shutdown()
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
@@ -209,6 +220,22 @@ func cmdRun(e env, args []string) int {
 		return 1
 	}
 	return 0
+}
+
+// serveMetrics starts the Prometheus endpoint GOST's `metrics` section
+// describes, reading the daemon's figures at scrape time.
+func serveMetrics(cfg *config.Config, d *daemon.Daemon, rec *metrics.Recorder, logger *slog.Logger) (*metrics.Server, error) {
+	mc := metrics.ServerConfig{Addr: cfg.Metrics.Addr, Path: cfg.Metrics.Path}
+	if a := cfg.Metrics.Auth; a != nil {
+		mc.Username, mc.Password = a.Username, a.Password
+	}
+	srv, err := metrics.Listen(mc, metrics.Registry(d, rec, version, time.Now()), logger)
+	if err != nil {
+		return nil, err
+	}
+	go srv.Serve()
+	logger.Info("serving metrics", "addr", srv.Addr(), "path", mc.Path)
+	return srv, nil
 }
 
 func firstLine(err error) string {

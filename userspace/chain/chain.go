@@ -9,6 +9,7 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"time"
 
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
@@ -43,6 +44,10 @@ type Request struct {
 	Target    string   // host:port the last hop CONNECTs to
 	Key       string   // hash-strategy key (the client's IP)
 	DefaultNS netns.NS // namespace for hop 1 when neither hop nor node sets one
+	// Observe, when set, is told how long reaching each hop's node took:
+	// the TCP dial for hop 1, the CONNECT through the hop before for the
+	// rest.
+	Observe func(hop, node string, took time.Duration, err error)
 }
 
 // HopError is a failure attributed to one hop's node.
@@ -129,7 +134,9 @@ func (c *Chain) dialOnce(ctx context.Context, req Request) (net.Conn, error) {
 	if ns.IsOwn() {
 		ns = req.DefaultNS
 	}
+	start := time.Now()
 	conn, err := ns.Dial(ctx, "tcp", first.Value.Addr)
+	req.observe(hop.Name, first.Name, start, err)
 	if err != nil {
 		hop.Selector.MarkFailed(first)
 		return nil, &HopError{Chain: c.Name, Hop: hop.Name, Node: first.Name, Addr: first.Value.Addr, Err: err}
@@ -141,7 +148,11 @@ func (c *Chain) dialOnce(ctx context.Context, req Request) (net.Conn, error) {
 		if !final {
 			target = path[i+1].Value.Addr
 		}
+		start := time.Now()
 		tunnel, err := httpconnect.Handshake(ctx, conn, target, node.Value.Auth)
+		if !final {
+			req.observe(c.Hops[i+1].Name, path[i+1].Name, start, err)
+		}
 		if err != nil {
 			conn.Close()
 			he := &HopError{Chain: c.Name, Hop: h.Name, Node: node.Name, Addr: node.Value.Addr, Target: target, Final: final, Err: err}
@@ -152,6 +163,12 @@ func (c *Chain) dialOnce(ctx context.Context, req Request) (net.Conn, error) {
 		h.Selector.MarkOK(node)
 	}
 	return conn, nil
+}
+
+func (r *Request) observe(hop, node string, start time.Time, err error) {
+	if r.Observe != nil {
+		r.Observe(hop, node, time.Since(start), err)
+	}
 }
 
 // blame marks the node a failed handshake at hop i points to: a hop that

@@ -1,0 +1,68 @@
+package daemon
+
+import (
+	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/metrics"
+	"github.com/ebpfwd/ebpfwd/userspace/relay"
+)
+
+var _ metrics.Source = (*Daemon)(nil)
+
+// Snapshot reads every service's figures for a metrics scrape.
+func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
+	out := make([]metrics.ServiceSnapshot, 0, len(d.services))
+	for _, s := range d.services {
+		snap := metrics.ServiceSnapshot{
+			Service:  s.cfg.Name,
+			Handler:  s.cfg.Handler.Type,
+			Datapath: s.plan.Datapath,
+			Errors:   map[string]uint64{},
+		}
+		if s.att != nil {
+			snap.Counters = s.att.Counters()
+		}
+		for r, n := range s.errs.Snapshot() {
+			snap.Errors[string(r)] = n
+		}
+		if s.nodes != nil {
+			for _, n := range s.nodes.Nodes() {
+				snap.Nodes = append(snap.Nodes, metrics.NodeState{Node: n.Name, Up: s.nodes.Healthy(n)})
+			}
+		}
+		if s.cfg.Listener.Type == "udp" && s.plan.Datapath == datapath.Userspace {
+			snap.Flows = append(snap.Flows, metrics.FlowTable{
+				Table:    "udp_sessions",
+				Entries:  uint64(max(snap.Counters.Active, 0)),
+				Capacity: relay.DefaultMaxUDPSessions,
+			})
+		}
+		out = append(out, snap)
+	}
+	return out
+}
+
+// Fallbacks lists the services that run on a slower datapath than they
+// could.
+func (d *Daemon) Fallbacks() []metrics.Fallback {
+	var out []metrics.Fallback
+	for _, s := range d.services {
+		if s.plan.From != "" {
+			out = append(out, metrics.Fallback{Service: s.cfg.Name, From: string(s.plan.From),
+				To: string(s.plan.Datapath), Reason: s.plan.FallbackReason})
+		}
+	}
+	return out
+}
+
+// Hops reads the failure marking of every chain hop's nodes.
+func (d *Daemon) Hops() []metrics.HopNodeState {
+	var out []metrics.HopNodeState
+	for _, c := range d.chains {
+		for _, h := range c.Hops {
+			for _, n := range h.Selector.Nodes() {
+				out = append(out, metrics.HopNodeState{Chain: c.Name, Hop: h.Name, Node: n.Name, Up: h.Selector.Healthy(n)})
+			}
+		}
+	}
+	return out
+}

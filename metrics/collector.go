@@ -1,0 +1,87 @@
+package metrics
+
+import (
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+func desc(name, help string, labels ...string) *prometheus.Desc {
+	return prometheus.NewDesc(prometheus.BuildFQName(namespace, "", name), help, labels, nil)
+}
+
+var (
+	connectionsOpened = desc("connections_opened_total",
+		"Connections (TCP streams, UDP sessions, or kernel flows) opened.", "service", "datapath")
+	connectionsActive = desc("connections_active",
+		"Connections open now.", "service", "datapath")
+	bytesTotal = desc("bytes_total",
+		"Payload bytes moved; direction up is client to node, down is node to client.", "service", "datapath", "direction")
+	connErrors = desc("errors_total",
+		"Connections that failed, by reason.", "service", "reason")
+	droppedTotal = desc("dropped_datagrams_total",
+		"Datagrams dropped (session limit reached, upstream could not be opened).", "service", "datapath")
+	nodeUp = desc("node_up",
+		"Whether a forward node is selectable (1) or marked dead by maxFails/failTimeout (0).", "service", "node")
+	hopNodeUp = desc("hop_node_up",
+		"Whether a chain hop's node is selectable (1) or marked dead by maxFails/failTimeout (0).", "chain", "hop", "node")
+	flowEntries = desc("flow_table_entries",
+		"Entries in a datapath's flow table (userspace: UDP sessions; tc: conntrack).", "service", "datapath", "table")
+	flowCapacity = desc("flow_table_capacity",
+		"Capacity of a datapath's flow table.", "service", "datapath", "table")
+	fallbacks = desc("datapath_fallbacks_total",
+		"Services that run on a slower datapath than they could, by the datapath they fell back from and why.",
+		"service", "from", "to", "reason")
+)
+
+// collector turns a Source's snapshot into metrics at scrape time.
+type collector struct{ src Source }
+
+func newCollector(src Source) prometheus.Collector { return collector{src} }
+
+func (c collector) Describe(ch chan<- *prometheus.Desc) {
+	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, connErrors,
+		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks} {
+		ch <- d
+	}
+}
+
+func (c collector) Collect(ch chan<- prometheus.Metric) {
+	counter := func(d *prometheus.Desc, v uint64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.CounterValue, float64(v), labels...)
+	}
+	gauge := func(d *prometheus.Desc, v float64, labels ...string) {
+		ch <- prometheus.MustNewConstMetric(d, prometheus.GaugeValue, v, labels...)
+	}
+	for _, s := range c.src.Snapshot() {
+		dp := string(s.Datapath)
+		counter(connectionsOpened, s.Counters.Opened, s.Service, dp)
+		gauge(connectionsActive, float64(s.Counters.Active), s.Service, dp)
+		counter(bytesTotal, s.Counters.BytesUp, s.Service, dp, "up")
+		counter(bytesTotal, s.Counters.BytesDown, s.Service, dp, "down")
+		if s.Handler == "udp" {
+			counter(droppedTotal, s.Counters.Dropped, s.Service, dp)
+		}
+		for reason, n := range s.Errors {
+			counter(connErrors, n, s.Service, reason)
+		}
+		for _, n := range s.Nodes {
+			gauge(nodeUp, boolValue(n.Up), s.Service, n.Node)
+		}
+		for _, f := range s.Flows {
+			gauge(flowEntries, float64(f.Entries), s.Service, dp, f.Table)
+			gauge(flowCapacity, float64(f.Capacity), s.Service, dp, f.Table)
+		}
+	}
+	for _, h := range c.src.Hops() {
+		gauge(hopNodeUp, boolValue(h.Up), h.Chain, h.Hop, h.Node)
+	}
+	for _, f := range c.src.Fallbacks() {
+		counter(fallbacks, 1, f.Service, f.From, f.To, f.Reason)
+	}
+}
+
+func boolValue(b bool) float64 {
+	if b {
+		return 1
+	}
+	return 0
+}

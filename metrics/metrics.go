@@ -1,0 +1,128 @@
+// Package metrics exposes ebpfwd's figures to Prometheus.
+//
+// Counters that already live somewhere (a datapath's atomics, a BPF map) are
+// read at scrape time by a prometheus.Collector, never copied on the hot
+// path. Only what has no other home (dial latency histograms) is recorded
+// as it happens, through a Recorder.
+package metrics
+
+import (
+	"runtime"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
+)
+
+const namespace = "ebpfwd"
+
+// ServiceSnapshot is one service's state at scrape time.
+type ServiceSnapshot struct {
+	Service  string
+	Handler  string // tcp, udp, http
+	Datapath datapath.Kind
+	Counters datapath.Counters
+	// Errors counts failed connections by reason (a small fixed set).
+	Errors map[string]uint64
+	// Nodes are the service's forward nodes with their failure marking.
+	Nodes []NodeState
+	// Flows is the service's flow table, when its datapath keeps one.
+	Flows []FlowTable
+}
+
+// NodeState is one forward node's up/down state from failure marking.
+type NodeState struct {
+	Node string
+	Up   bool
+}
+
+// HopNodeState is one chain hop node's up/down state.
+type HopNodeState struct {
+	Chain, Hop, Node string
+	Up               bool
+}
+
+// FlowTable is a datapath's own state table: UDP sessions for userspace,
+// conntrack for tc.
+type FlowTable struct {
+	Table    string
+	Entries  uint64
+	Capacity uint64
+}
+
+// Fallback records that a service did not get the datapath it could have.
+type Fallback struct {
+	Service, From, To, Reason string
+}
+
+// Source is what the daemon exposes to the collector.
+type Source interface {
+	Snapshot() []ServiceSnapshot
+	Fallbacks() []Fallback
+	// Hops are the chains' hop nodes with their failure marking.
+	Hops() []HopNodeState
+}
+
+// Registry builds the registry ebpfwd serves: the Go and process
+// collectors, build info, config load state, and the daemon's collector.
+func Registry(src Source, rec *Recorder, version string, loadedAt time.Time) *prometheus.Registry {
+	reg := prometheus.NewRegistry()
+	reg.MustRegister(
+		collectors.NewGoCollector(),
+		collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}),
+		newCollector(src),
+		rec.dial,
+	)
+	buildInfo := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace:   namespace,
+		Name:        "build_info",
+		Help:        "ebpfwd's version and the Go version it was built with; always 1.",
+		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
+	})
+	buildInfo.Set(1)
+	// ebpfwd loads its configuration once at start; these follow the
+	// convention Prometheus itself uses, so a reload added later keeps them.
+	reloadOK := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "config_last_reload_successful",
+		Help: "Whether the last configuration load succeeded (1) or not (0).",
+	})
+	reloadOK.Set(1)
+	reloadTime := prometheus.NewGauge(prometheus.GaugeOpts{
+		Namespace: namespace, Name: "config_last_reload_success_timestamp_seconds",
+		Help: "When the configuration was last loaded successfully, in seconds since the epoch.",
+	})
+	reloadTime.Set(float64(loadedAt.UnixNano()) / 1e9)
+	reg.MustRegister(buildInfo, reloadOK, reloadTime)
+	return reg
+}
+
+// Recorder records what only exists as an event: how long dials take.
+// A nil *Recorder records nothing.
+type Recorder struct {
+	dial *prometheus.HistogramVec
+}
+
+// NewRecorder makes a Recorder; Registry registers it.
+func NewRecorder() *Recorder {
+	return &Recorder{dial: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+		Namespace: namespace,
+		Name:      "dial_duration_seconds",
+		Help:      "Time to reach a node (kind=node, including any chain) or a chain hop's node (kind=hop), by outcome.",
+		// 100µs (same host) to 10s (the dial timeout).
+		Buckets: prometheus.ExponentialBucketsRange(0.0001, 10, 16),
+	}, []string{"service", "kind", "name", "result"})}
+}
+
+// ObserveDial records one dial attempt.
+func (r *Recorder) ObserveDial(service, kind, name string, took time.Duration, err error) {
+	if r == nil {
+		return
+	}
+	result := "ok"
+	if err != nil {
+		result = "error"
+	}
+	r.dial.WithLabelValues(service, kind, name, result).Observe(took.Seconds())
+}

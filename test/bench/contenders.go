@@ -1,0 +1,238 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strconv"
+	"strings"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
+)
+
+// contender is one way of getting the client's traffic to the server.
+type contender struct {
+	name string
+	// datapath is the ebpfwd datapath under test; "" for the kernel's own
+	// paths. Targets are matched against it.
+	datapath datapath.Kind
+	// start readies the path on a fresh topology.
+	start func(ctx context.Context, e *runEnv) (*path, error)
+}
+
+// path is a started contender.
+type path struct {
+	front    string     // address the client dials; the ports are the server's
+	daemons  []*process // ebpfwd processes whose CPU and memory are charged to the path
+	capacity func(ctx context.Context) string
+}
+
+// stop stops the daemons; the topology's teardown removes the rest.
+func (p *path) stop() error {
+	var errs []error
+	for i := len(p.daemons) - 1; i >= 0; i-- {
+		errs = append(errs, p.daemons[i].stop())
+	}
+	return errors.Join(errs...)
+}
+
+// ebpfwdDatapath is a datapath ebpfwd has, with what it supports.
+type ebpfwdDatapath struct {
+	kind datapath.Kind
+	// chains: the datapath can carry a service that dials through an HTTP
+	// CONNECT hop.
+	chains bool
+}
+
+// ebpfwdDatapaths are the datapaths benchmarked. Adding one (tc, sockmap)
+// is one line here: it then gets the gateway, cross-namespace and (if it
+// chains) hop contenders and is checked against its targets.
+var ebpfwdDatapaths = []ebpfwdDatapath{
+	{kind: datapath.Userspace, chains: true},
+}
+
+// contenders lists every contender in the order of the table's columns;
+// the direct path comes first because every ratio is taken against it.
+func contenders() []contender {
+	cs := []contender{
+		{name: "direct (kernel routing)", start: startDirect},
+		{name: "iptables DNAT+SNAT", start: startIptables},
+	}
+	for _, dp := range ebpfwdDatapaths {
+		kind := dp.kind
+		cs = append(cs,
+			contender{name: "ebpfwd " + string(kind), datapath: kind,
+				start: func(ctx context.Context, e *runEnv) (*path, error) { return startGatewayDaemon(ctx, e, kind) }},
+			contender{name: "ebpfwd " + string(kind) + " cross-ns", datapath: kind,
+				start: func(ctx context.Context, e *runEnv) (*path, error) { return startCrossNSDaemon(ctx, e, kind) }},
+		)
+		if dp.chains {
+			cs = append(cs, contender{name: "ebpfwd " + string(kind) + " + HTTP hop", datapath: kind,
+				start: func(ctx context.Context, e *runEnv) (*path, error) { return startChainedDaemon(ctx, e, kind) }})
+		}
+	}
+	return cs
+}
+
+// directName is the column every ratio is taken against.
+const directName = "direct (kernel routing)"
+
+// iptablesName is the baseline of tc's connection-rate target.
+const iptablesName = "iptables DNAT+SNAT"
+
+// startDirect: the client talks to the server's own address and the
+// gateway routes. The ceiling: nothing but forwarding in between.
+func startDirect(context.Context, *runEnv) (*path, error) {
+	return &path{front: serverIP, capacity: func(context.Context) string {
+		return "no per-flow state (plain routing)"
+	}}, nil
+}
+
+// startIptables: DNAT the gateway's address to the server and SNAT to the
+// gateway's server-side address, as a port forward on a router is set up.
+func startIptables(ctx context.Context, e *runEnv) (*path, error) {
+	gw := e.topo.gateway
+	ports := make([]string, len(allPorts))
+	for i, p := range allPorts {
+		ports[i] = strconv.Itoa(p)
+	}
+	rules := [][]string{
+		{"-t", "nat", "-A", "PREROUTING", "-d", gatewayIP, "-p", "tcp", "-m", "multiport",
+			"--dports", strings.Join(ports, ","), "-j", "DNAT", "--to-destination", serverIP},
+		{"-t", "nat", "-A", "POSTROUTING", "-o", "g1", "-d", serverIP, "-p", "tcp", "-j", "SNAT", "--to-source", gatewaySide},
+	}
+	for _, r := range rules {
+		if err := runIn(ctx, gw, "iptables", r...); err != nil {
+			return nil, fmt.Errorf("iptables rule: %w", err)
+		}
+	}
+	return &path{front: gatewayIP, capacity: func(ctx context.Context) string {
+		maxEntries, err := readIn(ctx, gw, "cat", "/proc/sys/net/netfilter/nf_conntrack_max")
+		if err != nil {
+			return "nf_conntrack_max unreadable: " + err.Error()
+		}
+		count, err := readIn(ctx, gw, "cat", "/proc/sys/net/netfilter/nf_conntrack_count")
+		if err != nil {
+			count = "?"
+		}
+		return fmt.Sprintf("nf_conntrack_max %s (gateway ns; %s entries in use at the end)", maxEntries, count)
+	}}, nil
+}
+
+// serviceSpec is one forwarding service of a generated ebpfwd config.
+type serviceSpec struct {
+	listenNS, outNS string // "" = the daemon's own namespace
+	target          string // host the server is reached at
+	chain           string // "" = dial directly
+}
+
+// forwardConfig writes one tcp service per benchmark port. The daemon
+// gets no log section: the benchmark measures the defaults.
+func forwardConfig(kind datapath.Kind, s serviceSpec) string {
+	var b strings.Builder
+	b.WriteString("services:\n")
+	for _, port := range allPorts {
+		fmt.Fprintf(&b, "- name: bench-%d\n  addr: %q\n", port, hostPort(gatewayIP, port))
+		if s.chain != "" {
+			fmt.Fprintf(&b, "  handler: {type: tcp, chain: %s}\n", s.chain)
+		} else {
+			b.WriteString("  handler: {type: tcp}\n")
+		}
+		b.WriteString("  listener: {type: tcp}\n")
+		fmt.Fprintf(&b, "  forwarder:\n    nodes:\n    - {name: server, addr: %q}\n", hostPort(s.target, port))
+		fmt.Fprintf(&b, "  metadata:\n    datapath: %s\n", kind)
+		if s.listenNS != "" {
+			fmt.Fprintf(&b, "    netns: %s\n", s.listenNS)
+		}
+		if s.outNS != "" {
+			fmt.Fprintf(&b, "    netns.out: %s\n", s.outNS)
+		}
+	}
+	return b.String()
+}
+
+// hopAddr is where the chain's hop proxy listens: the gateway's
+// server-facing side, so the client cannot reach it directly.
+var hopAddr = hostPort(gatewaySide, 8080)
+
+const hopProxyConfig = `services:
+- name: hop-proxy
+  addr: "%s"
+  handler: {type: http}
+  listener: {type: tcp}
+`
+
+const chainConfig = `chains:
+- name: bench-chain
+  hops:
+  - name: hop-0
+    nodes:
+    - name: hop-proxy
+      addr: "%s"
+      connector: {type: http}
+      dialer: {type: tcp}
+`
+
+// startGatewayDaemon: ebpfwd lives in the gateway namespace, like a
+// port-forwarding router would run it.
+func startGatewayDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
+	cfg := forwardConfig(kind, serviceSpec{target: serverIP})
+	d, err := startDaemon(ctx, e.topo.gateway, e.dir, "gateway", e.ebpfwd, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return daemonPath(d), nil
+}
+
+// startCrossNSDaemon: ebpfwd lives in a control namespace of its own,
+// listens in the gateway namespace and dials the server from "out", a
+// namespace the gateway has no route through. Both of its sockets of every
+// stream are made in namespaces it does not run in.
+func startCrossNSDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
+	cfg := forwardConfig(kind, serviceSpec{listenNS: e.topo.gateway.Name, outNS: e.topo.out.Name, target: serverOutIP})
+	d, err := startDaemon(ctx, e.topo.control, e.dir, "cross-ns", e.ebpfwd, cfg)
+	if err != nil {
+		return nil, err
+	}
+	return daemonPath(d), nil
+}
+
+// startChainedDaemon: the gateway's ebpfwd reaches the server through a
+// one-hop chain whose hop is a second ebpfwd running the `http` proxy
+// handler. Both daemons are charged to the path.
+func startChainedDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
+	hop, err := startDaemon(ctx, e.topo.gateway, e.dir, "hop-proxy", e.ebpfwd, fmt.Sprintf(hopProxyConfig, hopAddr))
+	if err != nil {
+		return nil, err
+	}
+	cfg := forwardConfig(kind, serviceSpec{target: serverIP, chain: "bench-chain"}) + fmt.Sprintf(chainConfig, hopAddr)
+	d, err := startDaemon(ctx, e.topo.gateway, e.dir, "chained", e.ebpfwd, cfg)
+	if err != nil {
+		_ = hop.stop()
+		return nil, err
+	}
+	p := daemonPath(hop, d)
+	return p, nil
+}
+
+// daemonPath describes a path made of ebpfwd daemons. ebpfwd has no
+// connection limit of its own: each relayed stream costs two descriptors,
+// so the daemon's RLIMIT_NOFILE is what bounds the flows it can hold.
+func daemonPath(daemons ...*process) *path {
+	return &path{front: gatewayIP, daemons: daemons, capacity: func(context.Context) string {
+		limit := int64(-1)
+		for _, d := range daemons {
+			l, err := openFileLimit(d.pid())
+			if err != nil {
+				return err.Error()
+			}
+			if l >= 0 && (limit < 0 || l < limit) {
+				limit = l
+			}
+		}
+		if limit < 0 {
+			return "no limit configured; RLIMIT_NOFILE unlimited"
+		}
+		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d / 2 fds per flow = %d", limit, limit/2)
+	}}
+}

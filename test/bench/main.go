@@ -1,0 +1,277 @@
+// Command bench is `make bench`: a side-by-side benchmark of every ebpfwd
+// datapath against the kernel's own paths (plain routing and iptables
+// DNAT+SNAT) over throwaway network namespaces. It prints a Markdown table
+// of medians with every figure's ratio to the direct path, and with -write
+// puts the same report into docs/BENCHMARKS.md. It never asserts timings.
+//
+// It needs root, iperf3, iptables, nsenter and ip. The same binary also
+// holds the small load programs (`bench load MODE`), which the driver runs
+// inside the client and server namespaces.
+package main
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"flag"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/exec"
+	"os/signal"
+	"path/filepath"
+	"runtime"
+	"strings"
+	"syscall"
+	"time"
+)
+
+// openFiles is the RLIMIT_NOFILE the benchmark gives itself and, through
+// inheritance, every daemon and load program: 10k idle connections through
+// a chain cost the hop 20k descriptors.
+const openFiles = 1 << 18
+
+func main() {
+	if len(os.Args) > 1 && os.Args[1] == "load" {
+		if err := runLoad(os.Args[2:]); err != nil {
+			fmt.Fprintf(os.Stderr, "%v\n", err)
+			os.Exit(1)
+		}
+		return
+	}
+	slog.SetDefault(slog.New(slog.NewTextHandler(os.Stderr, nil)))
+	os.Exit(runDriver())
+}
+
+func runDriver() int {
+	ebpfwdBin := flag.String("ebpfwd", "bin/ebpfwd", "the ebpfwd binary to benchmark")
+	quick := flag.Bool("quick", os.Getenv("BENCH_QUICK") == "1", "one short run per contender (default from BENCH_QUICK=1)")
+	runs := flag.Int("runs", 0, "runs per contender; the table shows medians (default 3, quick 1)")
+	write := flag.String("write", "", "also write the report to this file (e.g. docs/BENCHMARKS.md); full mode only")
+	only := flag.String("only", "", "run only contenders whose name contains this (the direct path always runs)")
+	flag.Parse()
+
+	set := settings{runs: 3, tputSeconds: 4, shortRun: 3 * time.Second, idleConns: 10000, connWorkers: 16}
+	if *quick {
+		set = settings{runs: 1, tputSeconds: 2, shortRun: 2 * time.Second, idleConns: 10000, connWorkers: 16}
+	}
+	if *runs > 0 {
+		set.runs = *runs
+	}
+	if *write != "" && *quick {
+		slog.Error("-write needs a full run: the documented table must be medians of several runs")
+		return 2
+	}
+	if err := preflight(); err != nil {
+		slog.Error("cannot benchmark", "err", err)
+		return 2
+	}
+	limit, err := raiseOpenFiles()
+	if err != nil {
+		slog.Error("cannot benchmark", "err", err)
+		return 2
+	}
+	set.idleConns = idleConnections(limit)
+	bin, err := filepath.Abs(*ebpfwdBin)
+	if err != nil {
+		slog.Error("ebpfwd binary path", "err", err)
+		return 2
+	}
+	self, err := os.Executable()
+	if err != nil {
+		slog.Error("cannot find my own binary for the load programs", "err", err)
+		return 2
+	}
+
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	sweepStale()
+
+	dir, err := os.MkdirTemp("", "ebpfwd-bench-")
+	if err != nil {
+		slog.Error("temp dir", "err", err)
+		return 2
+	}
+	defer os.RemoveAll(dir)
+
+	res := &results{
+		contenders: selectContenders(*only),
+		samples:    map[string][]sample{},
+		set:        set,
+		quick:      *quick,
+		machine:    machineInfo(bin),
+		command:    "go run ./test/bench " + strings.Join(os.Args[1:], " "),
+	}
+	start := time.Now()
+	for run := 1; run <= set.runs && ctx.Err() == nil; run++ {
+		for _, c := range res.contenders {
+			if ctx.Err() != nil {
+				break
+			}
+			slog.Info("benchmarking", "run", fmt.Sprintf("%d/%d", run, set.runs), "contender", c.name,
+				"elapsed", time.Since(start).Round(time.Second))
+			s, err := runContender(ctx, c, &runEnv{self: self, ebpfwd: bin, dir: dir, set: set})
+			if err != nil {
+				if ctx.Err() != nil {
+					break
+				}
+				slog.Error("contender run failed", "contender", c.name, "run", run, "err", err)
+				res.failures = append(res.failures, fmt.Sprintf("run %d, %s: %v", run, c.name, err))
+				continue
+			}
+			res.samples[c.name] = append(res.samples[c.name], s)
+		}
+	}
+	res.took = time.Since(start)
+	if ctx.Err() != nil {
+		slog.Warn("interrupted: everything the benchmark created has been removed")
+		return 130
+	}
+
+	var out bytes.Buffer
+	res.writeReport(&out)
+	os.Stdout.Write(out.Bytes())
+	if *write != "" {
+		if err := os.WriteFile(*write, out.Bytes(), 0o644); err != nil {
+			slog.Error("write report", "file", *write, "err", err)
+			return 1
+		}
+		slog.Info("report written", "file", *write)
+	}
+	fmt.Fprintf(os.Stderr, "bench: total time %v (%s mode)\n", res.took.Round(time.Second), map[bool]string{true: "quick", false: "full"}[*quick])
+	if len(res.failures) > 0 {
+		return 1
+	}
+	return 0
+}
+
+// selectContenders applies -only; the direct path stays because every
+// ratio is taken against it.
+func selectContenders(only string) []contender {
+	var out []contender
+	for _, c := range contenders() {
+		if only == "" || c.name == directName || strings.Contains(c.name, only) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// runContender runs all workloads against one contender on a fresh
+// topology and removes everything before it returns.
+func runContender(ctx context.Context, c contender, e *runEnv) (s sample, err error) {
+	t, err := buildTopology()
+	if err != nil {
+		return s, err
+	}
+	defer t.teardown()
+	e.topo = t
+	servers, err := startServers(ctx, t.server, e.self)
+	if err != nil {
+		return s, err
+	}
+	defer func() {
+		for _, p := range servers {
+			if stopErr := p.stop(); stopErr != nil {
+				slog.Warn("stop server", "err", stopErr)
+			}
+		}
+	}()
+	p, err := c.start(ctx, e)
+	if err != nil {
+		return s, fmt.Errorf("start %s: %w", c.name, err)
+	}
+	defer func() {
+		if stopErr := p.stop(); stopErr != nil && err == nil {
+			err = fmt.Errorf("stop %s: %w", c.name, stopErr)
+		}
+	}()
+	return measure(ctx, e, p)
+}
+
+// preflight checks that the benchmark can run: root and the tools.
+func preflight() error {
+	if os.Geteuid() != 0 {
+		return errors.New("the benchmark creates network namespaces: run it as root")
+	}
+	for _, tool := range []string{"ip", "nsenter", "sysctl", "iperf3", "iptables"} {
+		if _, err := exec.LookPath(tool); err != nil {
+			return fmt.Errorf("%s not found (Debian: apt-get install -y iperf3 iptables iproute2 util-linux procps): %w", tool, err)
+		}
+	}
+	return nil
+}
+
+// raiseOpenFiles sets RLIMIT_NOFILE as high as the benchmark is allowed
+// and returns the limit in force. Setting it explicitly (rather than
+// relying on Go raising the soft limit at start-up) is what makes children
+// inherit it: Go restores the original soft limit in children unless the
+// program set its own. Raising the hard limit needs CAP_SYS_RESOURCE,
+// which containers often drop; then the soft limit goes up to the hard one.
+func raiseOpenFiles() (uint64, error) {
+	var cur syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &cur); err != nil {
+		return 0, fmt.Errorf("read RLIMIT_NOFILE: %w", err)
+	}
+	want := syscall.Rlimit{Cur: max(openFiles, cur.Max), Max: max(openFiles, cur.Max)}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err == nil {
+		return want.Cur, nil
+	}
+	slog.Warn("cannot raise the hard open-file limit (no CAP_SYS_RESOURCE); using it as it is", "hard", cur.Max)
+	want = syscall.Rlimit{Cur: cur.Max, Max: cur.Max}
+	if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &want); err != nil {
+		return 0, fmt.Errorf("raise RLIMIT_NOFILE to %d: %w", cur.Max, err)
+	}
+	return cur.Max, nil
+}
+
+// idleConnections is how many idle connections the memory workload opens:
+// 10,000, unless the open-file limit cannot give each daemon two
+// descriptors per connection plus headroom for its listeners and logs.
+func idleConnections(limit uint64) int {
+	const want, headroom = 10000, 256
+	if limit < 2*want+headroom {
+		return int((limit - min(limit, headroom)) / 2)
+	}
+	return want
+}
+
+// machineInfo describes what the figures were measured on.
+func machineInfo(bin string) []string {
+	read := func(path string) string {
+		b, err := os.ReadFile(path)
+		if err != nil {
+			return "unknown"
+		}
+		return strings.TrimSpace(string(b))
+	}
+	firstLine := func(name string, args ...string) string {
+		out, err := exec.Command(name, args...).CombinedOutput()
+		if err != nil {
+			return "unknown"
+		}
+		line, _, _ := strings.Cut(strings.TrimSpace(string(out)), "\n")
+		return line
+	}
+	field := func(text, key string) string {
+		for _, line := range strings.Split(text, "\n") {
+			if k, v, ok := strings.Cut(line, ":"); ok && strings.TrimSpace(k) == key {
+				return strings.TrimSpace(v)
+			}
+		}
+		return "unknown"
+	}
+	osName := "unknown"
+	for _, line := range strings.Split(read("/etc/os-release"), "\n") {
+		if v, ok := strings.CutPrefix(line, "PRETTY_NAME="); ok {
+			osName = strings.Trim(v, `"`)
+		}
+	}
+	return []string{
+		fmt.Sprintf("Machine: %s, %d CPUs, %s RAM", field(read("/proc/cpuinfo"), "model name"), runtime.NumCPU(), field(read("/proc/meminfo"), "MemTotal")),
+		fmt.Sprintf("Kernel: Linux %s (%s)", read("/proc/sys/kernel/osrelease"), osName),
+		fmt.Sprintf("Tools: %s; %s; %s", firstLine("iperf3", "--version"), firstLine("iptables", "--version"), runtime.Version()),
+		fmt.Sprintf("ebpfwd: %s", firstLine(bin, "version")),
+		fmt.Sprintf("Date: %s", time.Now().UTC().Format("2006-01-02 15:04 MST")),
+	}
+}

@@ -1,0 +1,287 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
+)
+
+// row is one line of the results table.
+type row struct {
+	key    metricKey
+	title  string
+	unit   string
+	format string
+	// ratio: print the figure's ratio to the direct path. Off for figures
+	// the direct path does not have (daemon CPU and memory).
+	ratio bool
+}
+
+var rows = []row{
+	{tputUp, "Throughput, 1 stream, client → server", "Gbit/s", "%.2f", true},
+	{tputDown, "Throughput, 1 stream, server → client", "Gbit/s", "%.2f", true},
+	{tputP8, "Throughput, 8 streams, client → server", "Gbit/s", "%.2f", true},
+	{connRateK, "New connections per second (64 B request + response, close)", "conn/s", "%.0f", true},
+	{latP50, "Request/response latency p50 (64 B, one connection)", "µs", "%.1f", true},
+	{latP99, "Request/response latency p99 (64 B, one connection)", "µs", "%.1f", true},
+	{cpuMachine, "Machine CPU per GB moved (all CPUs, /proc/stat)", "CPU s/GB", "%.2f", true},
+	{cpuDaemon, "ebpfwd's own CPU per GB moved (utime+stime)", "CPU s/GB", "%.2f", false},
+	{rssPerConn, "ebpfwd RSS per idle connection (VmRSS delta / open connections)", "bytes", "%.0f", false},
+}
+
+// target is one of the issue's goals, read against the table.
+type target struct {
+	datapath datapath.Kind
+	text     string
+	metrics  []metricKey
+	baseline string // contender name the ratio is taken against
+	atLeast  bool   // ratio must be ≥ factor; else ≤ factor
+	factor   float64
+}
+
+var targets = []target{
+	{datapath.TC, "tc throughput ≥ 0.95× direct", []metricKey{tputUp, tputDown, tputP8}, directName, true, 0.95},
+	{datapath.TC, "tc connection rate ≥ 1.5× iptables DNAT", []metricKey{connRateK}, iptablesName, true, 1.5},
+	{datapath.TC, "tc p99 latency ≤ 1.1× direct", []metricKey{latP99}, directName, false, 1.1},
+	{datapath.Userspace, "userspace throughput ≥ 0.75× direct", []metricKey{tputUp, tputDown, tputP8}, directName, true, 0.75},
+	{datapath.Userspace, "userspace connection rate ≥ 0.6× direct", []metricKey{connRateK}, directName, true, 0.6},
+}
+
+// results is everything a benchmark run collected.
+type results struct {
+	contenders []contender
+	samples    map[string][]sample // by contender name
+	failures   []string
+	set        settings
+	quick      bool
+	machine    []string // "key: value" lines
+	command    string
+	took       time.Duration
+}
+
+// median of the figures the runs have for key; ok is false when no run has
+// one.
+func (r *results) median(name string, key metricKey) (float64, bool) {
+	var vs []float64
+	for _, s := range r.samples[name] {
+		if v, ok := s.values[key]; ok {
+			vs = append(vs, v)
+		}
+	}
+	if len(vs) == 0 {
+		return 0, false
+	}
+	return median(vs), true
+}
+
+func median(vs []float64) float64 {
+	s := slices.Clone(vs)
+	slices.Sort(s)
+	n := len(s)
+	if n%2 == 1 {
+		return s[n/2]
+	}
+	return (s[n/2-1] + s[n/2]) / 2
+}
+
+// capacity returns the flow-capacity text of the contender's last run.
+func (r *results) capacity(name string) string {
+	ss := r.samples[name]
+	for i := len(ss) - 1; i >= 0; i-- {
+		if ss[i].capacity != "" {
+			return ss[i].capacity
+		}
+	}
+	return "—"
+}
+
+// cell formats one figure with its ratio to the direct path.
+func (r *results) cell(c contender, rw row) string {
+	v, ok := r.median(c.name, rw.key)
+	if !ok {
+		return "—"
+	}
+	s := fmt.Sprintf(rw.format, v)
+	if !rw.ratio || c.name == directName {
+		return s
+	}
+	if d, ok := r.median(directName, rw.key); ok && d != 0 {
+		s += fmt.Sprintf(" (%.2f×)", v/d)
+	}
+	return s
+}
+
+// writeTable writes the results table: one column per contender.
+func (r *results) writeTable(w io.Writer) {
+	header := []string{"Figure", "Unit"}
+	for _, c := range r.contenders {
+		header = append(header, c.name)
+	}
+	writeRow(w, header)
+	writeRow(w, slices.Repeat([]string{"---"}, len(header)))
+	for _, rw := range rows {
+		cells := []string{rw.title, rw.unit}
+		for _, c := range r.contenders {
+			cells = append(cells, r.cell(c, rw))
+		}
+		writeRow(w, cells)
+	}
+	cells := []string{"Flow capacity (what bounds concurrent flows)", "flows"}
+	for _, c := range r.contenders {
+		cells = append(cells, r.capacity(c.name))
+	}
+	writeRow(w, cells)
+}
+
+func writeRow(w io.Writer, cells []string) {
+	fmt.Fprintf(w, "| %s |\n", strings.Join(cells, " | "))
+}
+
+// verdict is one target checked against one figure of one contender.
+type verdict struct {
+	target, contender, figure, measured, result string
+}
+
+// verdicts checks every target against every contender of its datapath.
+// A target whose datapath has no contender yet gets one "not measured" line.
+func (r *results) verdicts() []verdict {
+	var out []verdict
+	for _, t := range targets {
+		found := false
+		for _, c := range r.contenders {
+			if c.datapath != t.datapath {
+				continue
+			}
+			found = true
+			for _, key := range t.metrics {
+				out = append(out, r.check(t, c, key))
+			}
+		}
+		if !found {
+			out = append(out, verdict{t.text, "—", "—", "—", fmt.Sprintf("not measured: no %s contender in this build", t.datapath)})
+		}
+	}
+	return out
+}
+
+func (r *results) check(t target, c contender, key metricKey) verdict {
+	v := verdict{target: t.text, contender: c.name, figure: rowTitle(key)}
+	got, ok1 := r.median(c.name, key)
+	base, ok2 := r.median(t.baseline, key)
+	if !ok1 || !ok2 || base == 0 {
+		v.measured, v.result = "—", "no data"
+		return v
+	}
+	ratio := got / base
+	v.measured = fmt.Sprintf("%.2f× %s", ratio, t.baseline)
+	met := ratio >= t.factor
+	if !t.atLeast {
+		met = ratio <= t.factor
+	}
+	v.result = "not met"
+	if met {
+		v.result = "met"
+	}
+	return v
+}
+
+func rowTitle(key metricKey) string {
+	for _, rw := range rows {
+		if rw.key == key {
+			return rw.title
+		}
+	}
+	return string(key)
+}
+
+func (r *results) writeTargets(w io.Writer) {
+	writeRow(w, []string{"Target", "Contender", "Figure", "Measured", "Verdict"})
+	writeRow(w, []string{"---", "---", "---", "---", "---"})
+	for _, v := range r.verdicts() {
+		writeRow(w, []string{v.target, v.contender, v.figure, v.measured, v.result})
+	}
+}
+
+// writeReport writes the whole Markdown document: the same text goes to
+// stdout and, with -write, to docs/BENCHMARKS.md, so the doc never says
+// more than a run printed.
+func (r *results) writeReport(w io.Writer) {
+	mode := "full"
+	if r.quick {
+		mode = "quick (BENCH_QUICK=1)"
+	}
+	fmt.Fprint(w, docIntro)
+	fmt.Fprintf(w, "## Latest results\n\n")
+	fmt.Fprintf(w, "Command: `%s` (`make bench BENCH_WRITE=1`), mode %s: medians of %d run(s) per contender; "+
+		"iperf3 %d s per throughput run, %v per connection-rate and latency run, %d idle connections; "+
+		"the whole benchmark took %v.\n\n",
+		r.command, mode, r.set.runs, r.set.tputSeconds, r.set.shortRun, r.set.idleConns, r.took.Round(time.Second))
+	for _, m := range r.machine {
+		fmt.Fprintf(w, "- %s\n", m)
+	}
+	fmt.Fprintln(w)
+	r.writeTable(w)
+	fmt.Fprintf(w, "\nRatios in parentheses are to the direct path of the same run set.\n")
+	if len(r.failures) > 0 {
+		fmt.Fprintf(w, "\nFailed runs (their figures are missing from the medians):\n\n")
+		for _, f := range r.failures {
+			fmt.Fprintf(w, "- %s\n", f)
+		}
+	}
+	fmt.Fprintf(w, "\n## Targets\n\n")
+	r.writeTargets(w)
+	fmt.Fprint(w, docMeasured)
+}
+
+const docIntro = `# Benchmarks
+
+Every performance figure about ebpfwd comes from this file, and this file comes from ` + "`make bench`" + `
+(` + "`test/bench/`" + `). Nothing here is asserted by a test: the benchmark measures and prints.
+
+` + "`make bench`" + ` builds a throwaway topology of network namespaces (client → gateway → server over veth,
+plus an "out" namespace with a second link to the server and a "control" namespace for the cross-namespace form),
+runs every contender in turn on the same workloads, and removes everything again, on Ctrl-C too. Each contender run
+gets a fresh topology, so no conntrack entry, TIME_WAIT socket or NAT table of one contender is seen by the next.
+` + "`BENCH_QUICK=1 make bench`" + ` is a one-run smoke version; ` + "`make bench BENCH_WRITE=1`" + ` (full mode only)
+rewrites this file.
+
+## How to read it
+
+- The machine is shared and noisy (other work runs on it), so absolute figures move from run to run. Only the
+  **ratios** within one run set mean something: every contender ran in the same minutes, interleaved run by run.
+- **direct** is the ceiling: the gateway namespace only routes. **iptables** is the kernel's own port forward (DNAT to
+  the server, SNAT to the gateway) with conntrack. The **ebpfwd** columns run the daemon in the gateway namespace
+  (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and
+  dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain whose hop is a second ebpfwd running
+  the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted).
+- Higher is better for throughput and connection rate; lower is better for latency, CPU and memory.
+- A new datapath (tc, sockmap) gets its columns by one line in ` + "`test/bench/contenders.go`" + `
+  (` + "`ebpfwdDatapaths`" + `); its targets below then stop saying "not measured".
+
+`
+
+const docMeasured = `
+## What each figure measures
+
+- **Throughput**: iperf3 in the client namespace against ` + "`iperf3 -s`" + ` in the server namespace, one TCP stream
+  each way and 8 parallel streams client → server; the receiver's rate.
+- **New connections per second**: 16 concurrent workers in the client namespace, each opening a connection, sending
+  64 bytes, reading the 64-byte answer and the server's close, then closing; completed exchanges per second. The
+  server closes first, so the client's port range is not the limit.
+- **Latency**: one connection, one 64-byte message at a time echoed by the server; p50 and p99 of the round trip.
+- **Machine CPU per GB**: busy time of all CPUs from ` + "`/proc/stat`" + ` (user, nice, system, irq, softirq, steal:
+  kworkers and softirq included) during the three throughput runs, divided by the GB (10⁹ bytes) they moved. It
+  includes iperf3 at both ends (the same for every contender) and whatever else the shared machine ran meanwhile.
+- **ebpfwd's own CPU per GB**: utime+stime of the daemon process(es) from ` + "`/proc/PID/stat`" + ` over the same runs.
+- **RSS per idle connection**: the client opens 10,000 connections and keeps them idle; once every daemon holds two
+  more descriptors per connection (every relay is set up), the growth of the daemons' VmRSS divided by the
+  connections. Kernel paths keep their per-flow state in kernel memory and are not measured here.
+- **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
+  read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is not a
+  configured limit (ebpfwd has none) but the daemon's open-file limit, two descriptors per flow; the benchmark
+  raises RLIMIT_NOFILE and the daemon inherits it. Direct routing keeps no per-flow state.
+`
