@@ -163,3 +163,47 @@ func parseOpenFileLimit(limits []byte) (int64, error) {
 	}
 	return 0, fmt.Errorf("no \"Max open files\" line in limits")
 }
+
+// listening reports whether every port has a TCP socket in LISTEN state in
+// the network namespace of pid. Servers announce readiness differently
+// (iperf3 only prints to a buffered pipe), but the kernel's socket table is
+// the same for all.
+func listening(pid int, ports []int) bool {
+	var table []byte
+	for _, f := range []string{"tcp", "tcp6"} {
+		b, err := os.ReadFile(fmt.Sprintf("/proc/%d/net/%s", pid, f))
+		if err == nil {
+			table = append(table, b...)
+		}
+	}
+	listen := listeningPorts(table)
+	for _, p := range ports {
+		if !listen[p] {
+			return false
+		}
+	}
+	return true
+}
+
+// listeningPorts parses /proc/net/tcp{,6} lines ("sl local_address
+// rem_address st ...", addresses as HEXIP:HEXPORT, state 0A = LISTEN).
+func listeningPorts(table []byte) map[int]bool {
+	const stateListen = "0A"
+	out := map[int]bool{}
+	for _, line := range strings.Split(string(table), "\n") {
+		f := strings.Fields(line)
+		if len(f) < 4 || f[3] != stateListen {
+			continue
+		}
+		_, hexPort, ok := strings.Cut(f[1], ":")
+		if !ok {
+			continue
+		}
+		port, err := strconv.ParseUint(hexPort, 16, 16)
+		if err != nil {
+			continue
+		}
+		out[int(port)] = true
+	}
+	return out
+}

@@ -8,7 +8,6 @@ import (
 	"log/slog"
 	"net"
 	"strconv"
-	"strings"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -308,42 +307,32 @@ func waitFDs(ctx context.Context, daemons []*process, base []int, extra int) err
 	}
 }
 
-// waitOutput waits until a process has printed want.
-func waitOutput(ctx context.Context, p *process, want string) error {
-	return p.waitReady(ctx, func() bool { return containsLine(p.out.String(), want) })
-}
-
-// containsLine reports whether some line of out starts with want.
-func containsLine(out, want string) bool {
-	for _, line := range strings.Split(out, "\n") {
-		if strings.HasPrefix(strings.TrimSpace(line), want) {
-			return true
-		}
-	}
-	return false
-}
-
 func hostPort(host string, port int) string { return net.JoinHostPort(host, strconv.Itoa(port)) }
 
-// startServers starts iperf3 and the load servers in the server namespace.
+// startServers starts iperf3 and the load servers in the server namespace
+// and waits until their ports listen.
 func startServers(ctx context.Context, ns *topo.NS, self string) ([]*process, error) {
-	iperfSrv, err := startIn(ns, "iperf3 server", "iperf3", "-s", "-p", strconv.Itoa(portIperf), "--idle-timeout", "30")
-	if err != nil {
-		return nil, err
+	specs := []struct {
+		label string
+		ports []int
+		argv  []string
+	}{
+		{"iperf3 server", []int{portIperf}, []string{"iperf3", "-s", "-p", strconv.Itoa(portIperf), "--idle-timeout", "30"}},
+		{"load server", []int{portRR, portEcho, portHold}, []string{self, "load", "serve"}},
 	}
-	if err := waitOutput(ctx, iperfSrv, "Server listening"); err != nil {
-		_ = iperfSrv.stop()
-		return nil, err
+	var started []*process
+	for _, sp := range specs {
+		p, err := startIn(ns, sp.label, sp.argv[0], sp.argv[1:]...)
+		if err == nil {
+			started = append(started, p)
+			err = p.waitReady(ctx, func() bool { return listening(p.pid(), sp.ports) })
+		}
+		if err != nil {
+			for _, q := range started {
+				_ = q.stop()
+			}
+			return nil, err
+		}
 	}
-	loadSrv, err := startIn(ns, "load server", self, "load", "serve")
-	if err != nil {
-		_ = iperfSrv.stop()
-		return nil, err
-	}
-	if err := waitOutput(ctx, loadSrv, "ready"); err != nil {
-		_ = iperfSrv.stop()
-		_ = loadSrv.stop()
-		return nil, err
-	}
-	return []*process{iperfSrv, loadSrv}, nil
+	return started, nil
 }
