@@ -1,0 +1,63 @@
+package test
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/peer"
+)
+
+// TestIPv6 forwards TCP and UDP between namespaces over IPv6 only: the
+// client reaches the service over one veth, the daemon dials the target
+// over another, and the target sees the gateway's IPv6 address.
+func TestIPv6(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	client := newNS(t, "e2e-v6-c")
+	gw := newNS(t, "e2e-v6-g")
+	server := newNS(t, "e2e-v6-s")
+	veth(t, client, "c0", "fd00:10::2/64", gw, "g0", "fd00:10::1/64")
+	veth(t, gw, "g1", "fd00:20::1/64", server, "s0", "fd00:20::2/64")
+	target := echoIn(t, server, "[fd00:20::2]:9000")
+	udpEchoIn(t, server, "[fd00:20::2]:9001")
+
+	yaml := config(`services:
+- name: v6-tcp
+  addr: "[fd00:10::1]:8000"
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "[fd00:20::2]:9000"}
+  metadata: {netns: $GW, netns.out: $GW}
+- name: v6-udp
+  addr: "[fd00:10::1]:8001"
+  handler: {type: udp}
+  listener: {type: udp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "[fd00:20::2]:9001"}
+  metadata: {netns: $GW, netns.out: $GW}
+`, map[string]string{"GW": gw.Name})
+	startDaemon(t, "v6", yaml, daemonOptions{})
+
+	if err := exchange(t, client, "[fd00:10::1]:8000", 1<<20, 15*time.Second); err != nil {
+		t.Fatalf("tcp over IPv6: %v", err)
+	}
+	for _, src := range target.sources() {
+		if src != "fd00:20::1" {
+			t.Fatalf("target saw a connection from %s, want the gateway's fd00:20::1", src)
+		}
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	c, err := dialFrom(ctx, t, client, "udp", "[fd00:10::1]:8001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer c.Close()
+	if err := peer.UDPExchange(ctx, c, 100, 1200); err != nil {
+		t.Fatalf("udp over IPv6: %v", err)
+	}
+}
