@@ -1,3 +1,5 @@
+//go:build ignore
+
 // SPDX-License-Identifier: GPL-2.0
 //
 // ebpfwd tc datapath: NAT at tcx ingress that moves the packets of a direct

@@ -38,6 +38,8 @@ type Options struct {
 	ReadyFile string
 	// Metrics records dial latencies; nil records nothing.
 	Metrics *metrics.Recorder
+	// Instance names this daemon's control socket; "" opens none.
+	Instance string
 }
 
 // Daemon runs the services of one configuration.
@@ -205,6 +207,17 @@ func (d *Daemon) Plans() []Plan {
 func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.Check(); err != nil {
 		return err
+	}
+	if d.opts.Instance != "" {
+		l, err := listenControl(d.opts.Instance)
+		if err != nil {
+			return err
+		}
+		path := l.Addr().String()
+		defer os.Remove(path)
+		controlCtx, stopControl := context.WithCancel(context.WithoutCancel(ctx))
+		defer stopControl()
+		go d.serveControl(controlCtx, l)
 	}
 	if err := d.start(ctx); err != nil {
 		d.closeAll()

@@ -103,3 +103,22 @@ type PacketForwarder interface {
 	// client address, until ctx is done or pc is closed.
 	ServePackets(ctx context.Context, pc net.PacketConn, dial PacketDialer) error
 }
+
+// Flow is one connection or flow as a datapath sees it, for listing.
+type Flow struct {
+	Service   string
+	Datapath  Kind
+	Network   string // "tcp" or "udp"
+	Client    string // client address:port
+	Node      string // node name ("" when unknown, e.g. proxy targets)
+	Upstream  string // address the datapath reaches the node at
+	State     string // e.g. "established"; datapath-specific
+	Started   time.Time
+	BytesUp   uint64
+	BytesDown uint64
+}
+
+// FlowLister is implemented by attachments that can list their flows.
+type FlowLister interface {
+	Flows() []Flow
+}

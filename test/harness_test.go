@@ -9,6 +9,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -104,10 +105,11 @@ func (b *syncBuffer) String() string {
 
 // daemon is one running ebpfwd process.
 type daemon struct {
-	name   string
-	cmd    *exec.Cmd
-	output *syncBuffer // stdout and stderr, interleaved
-	exited chan struct{}
+	name     string
+	instance string // for `ebpfwd conns --instance`
+	cmd      *exec.Cmd
+	output   *syncBuffer // stdout and stderr, interleaved
+	exited   chan struct{}
 	// waitErr is cmd.Wait's result, valid once exited is closed.
 	waitErr error
 }
@@ -134,14 +136,17 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 		t.Fatalf("write config of daemon %s: %v", name, err)
 	}
 	ready := filepath.Join(dir, name+".ready")
-	args := append([]string{"run", "--ready-file", ready}, opts.Args...)
+	// A unique instance keeps parallel tests (and other runs on the
+	// machine) from sharing a control socket.
+	instance := fmt.Sprintf("e2e-%s-%08x", name, rand.Uint32())
+	args := append([]string{"run", "--instance", instance, "--ready-file", ready}, opts.Args...)
 	args = append(args, cfg)
 	cmd := exec.Command(ebpfwdBin, args...)
 	if opts.In != nil {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.
 		cmd = exec.Command("nsenter", append([]string{"--net=" + opts.In.Path(), ebpfwdBin}, args...)...)
 	}
-	d := &daemon{name: name, cmd: cmd, output: &syncBuffer{}, exited: make(chan struct{})}
+	d := &daemon{name: name, instance: instance, cmd: cmd, output: &syncBuffer{}, exited: make(chan struct{})}
 	cmd.Stdout = d.output
 	cmd.Stderr = d.output
 	if err := cmd.Start(); err != nil {

@@ -9,6 +9,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"sync"
 	"sync/atomic"
 	"time"
 
@@ -43,9 +44,24 @@ type attachment struct {
 	opened, errors atomic.Uint64
 	active         atomic.Int64
 	udp            atomic.Pointer[relay.UDP]
+
+	// streams holds the live TCP streams for listing (ebpfwd conns): one
+	// map insert and delete per connection, nothing per byte.
+	streams  sync.Map // uint64 -> *stream
+	streamID atomic.Uint64
 }
 
-var _ datapath.PacketForwarder = (*attachment)(nil)
+// stream is one live TCP stream.
+type stream struct {
+	s       datapath.Stream
+	started time.Time
+	counts  relay.Counts
+}
+
+var (
+	_ datapath.PacketForwarder = (*attachment)(nil)
+	_ datapath.FlowLister      = (*attachment)(nil)
+)
 
 // Splice relays one stream and logs its own byte counts when it ends: at
 // debug level for a clean end, at info level with the error otherwise.
@@ -53,11 +69,14 @@ func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
 	a.opened.Add(1)
 	a.active.Add(1)
 	defer a.active.Add(-1)
-	start := time.Now()
-	conn := relay.Counts{Total: &a.counts}
-	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &conn)
-	attrs := []any{"client", s.Peer, "node", s.Node, "up_bytes", conn.Up.Load(), "down_bytes", conn.Down.Load(),
-		"duration", time.Since(start).Round(time.Millisecond)}
+	st := &stream{s: s, started: time.Now()}
+	st.counts.Total = &a.counts
+	id := a.streamID.Add(1)
+	a.streams.Store(id, st)
+	defer a.streams.Delete(id)
+	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &st.counts)
+	attrs := []any{"client", s.Peer, "node", s.Node, "up_bytes", st.counts.Up.Load(), "down_bytes", st.counts.Down.Load(),
+		"duration", time.Since(st.started).Round(time.Millisecond)}
 	switch {
 	case err == nil:
 		a.logger.Debug("connection closed", attrs...)
@@ -89,6 +108,31 @@ func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial d
 	}
 	a.udp.Store(u)
 	return u.Serve(ctx)
+}
+
+// Flows lists the live TCP streams and UDP sessions.
+func (a *attachment) Flows() []datapath.Flow {
+	var out []datapath.Flow
+	a.streams.Range(func(_, v any) bool {
+		st := v.(*stream)
+		out = append(out, datapath.Flow{
+			Service: a.svc.Name, Datapath: datapath.Userspace, Network: "tcp",
+			Client: st.s.Peer.String(), Node: st.s.Node, Upstream: st.s.Upstream.RemoteAddr().String(),
+			State: "established", Started: st.started,
+			BytesUp: st.counts.Up.Load(), BytesDown: st.counts.Down.Load(),
+		})
+		return true
+	})
+	if u := a.udp.Load(); u != nil {
+		for _, ss := range u.Sessions() {
+			out = append(out, datapath.Flow{
+				Service: a.svc.Name, Datapath: datapath.Userspace, Network: "udp",
+				Client: ss.Client.String(), Upstream: ss.Upstream,
+				State: "idle " + ss.Idle.Round(time.Millisecond).String(), Started: ss.Started,
+			})
+		}
+	}
+	return out
 }
 
 func (a *attachment) Counters() datapath.Counters {

@@ -36,7 +36,8 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"run", "run [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground", cmdRun},
+		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground", cmdRun},
+		{"conns", "conns [--instance NAME | CONFIG]", "list the live connections and flows of a running instance", cmdConns},
 		{"check", "check CONFIG", "validate CONFIG and open every namespace it names", cmdCheck},
 		{"plan", "plan CONFIG", "print the datapath chosen for each service, and why", cmdPlan},
 		{"version", "version", "print the version", cmdVersion},
@@ -170,6 +171,7 @@ func cmdPlan(e env, args []string) int {
 func cmdRun(e env, args []string) int {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
+	instance := fs.String("instance", "", "name of this daemon's control socket (default: the config file's name without extension)")
 	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
 	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM")
 	if fs.Parse(args) != nil {
@@ -181,6 +183,13 @@ func cmdRun(e env, args []string) int {
 	}
 	if *drain < 0 {
 		fmt.Fprintln(e.stderr, "ebpfwd run: --drain-timeout must not be negative")
+		return 2
+	}
+	if *instance == "" {
+		*instance = instanceOf(path)
+	}
+	if err := daemon.ValidateInstance(*instance); err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd run: --instance: %v\n", err)
 		return 2
 	}
 	cfg, ok := loadConfig(e, path)
@@ -198,7 +207,7 @@ func cmdRun(e env, args []string) int {
 		return 1
 	}
 	rec := metrics.NewRecorder()
-	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec}, logger)
+	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec, Instance: *instance}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1

@@ -24,7 +24,9 @@ type contender struct {
 type path struct {
 	front    string     // address the client dials; the ports are the server's
 	daemons  []*process // ebpfwd processes whose CPU and memory are charged to the path
-	capacity func(ctx context.Context) string
+	// capacity says what bounds the number of concurrent flows, given the
+	// descriptors per flow the idle-connection workload observed.
+	capacity func(ctx context.Context, fdsPerFlow float64) string
 }
 
 // stop stops the daemons; the topology's teardown removes the rest.
@@ -83,7 +85,7 @@ const iptablesName = "iptables DNAT+SNAT"
 // startDirect: the client talks to the server's own address and the
 // gateway routes. The ceiling: nothing but forwarding in between.
 func startDirect(context.Context, *runEnv) (*path, error) {
-	return &path{front: serverIP, capacity: func(context.Context) string {
+	return &path{front: serverIP, capacity: func(context.Context, float64) string {
 		return "no per-flow state (plain routing)"
 	}}, nil
 }
@@ -106,7 +108,7 @@ func startIptables(ctx context.Context, e *runEnv) (*path, error) {
 			return nil, fmt.Errorf("iptables rule: %w", err)
 		}
 	}
-	return &path{front: gatewayIP, capacity: func(ctx context.Context) string {
+	return &path{front: gatewayIP, capacity: func(ctx context.Context, _ float64) string {
 		maxEntries, err := readIn(ctx, gw, "cat", "/proc/sys/net/netfilter/nf_conntrack_max")
 		if err != nil {
 			return "nf_conntrack_max unreadable: " + err.Error()
@@ -216,10 +218,12 @@ func startChainedDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*pa
 }
 
 // daemonPath describes a path made of ebpfwd daemons. ebpfwd has no
-// connection limit of its own: each relayed stream costs two descriptors,
-// so the daemon's RLIMIT_NOFILE is what bounds the flows it can hold.
+// connection limit of its own: every relayed stream holds descriptors (two
+// sockets, plus whatever its relay keeps open), so the daemon's
+// RLIMIT_NOFILE divided by the descriptors per flow observed under the
+// idle-connection workload is what bounds the flows it can hold.
 func daemonPath(daemons ...*process) *path {
-	return &path{front: gatewayIP, daemons: daemons, capacity: func(context.Context) string {
+	return &path{front: gatewayIP, daemons: daemons, capacity: func(_ context.Context, fdsPerFlow float64) string {
 		limit := int64(-1)
 		for _, d := range daemons {
 			l, err := openFileLimit(d.pid())
@@ -230,9 +234,20 @@ func daemonPath(daemons ...*process) *path {
 				limit = l
 			}
 		}
-		if limit < 0 {
-			return "no limit configured; RLIMIT_NOFILE unlimited"
-		}
-		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d / 2 fds per flow = %d", limit, limit/2)
+		return daemonCapacity(limit, fdsPerFlow)
 	}}
+}
+
+// daemonCapacity words the flow bound of a daemon with the open-file limit
+// limit (-1: unlimited).
+func daemonCapacity(limit int64, fdsPerFlow float64) string {
+	switch {
+	case limit < 0:
+		return "no limit configured; RLIMIT_NOFILE unlimited"
+	case fdsPerFlow <= 0:
+		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d (descriptors per flow not measured)", limit)
+	default:
+		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d / %.1f fds per flow ≈ %d flows",
+			limit, fdsPerFlow, int64(float64(limit)/fdsPerFlow))
+	}
 }

@@ -48,6 +48,7 @@ func runDriver() int {
 	quick := flag.Bool("quick", os.Getenv("BENCH_QUICK") == "1", "one short run per contender (default from BENCH_QUICK=1)")
 	runs := flag.Int("runs", 0, "runs per contender; the table shows medians (default 3, quick 1)")
 	write := flag.String("write", "", "also write the report to this file (e.g. docs/BENCHMARKS.md); full mode only")
+	idle := flag.Int("idle-conns", 0, "idle connections for the memory figure (default 10000, fewer if the open-file limit is lower)")
 	only := flag.String("only", "", "run only contenders whose name contains this (the direct path always runs)")
 	flag.Parse()
 
@@ -72,6 +73,9 @@ func runDriver() int {
 		return 2
 	}
 	set.idleConns = idleConnections(limit)
+	if *idle > 0 {
+		set.idleConns = min(*idle, set.idleConns)
+	}
 	bin, err := filepath.Abs(*ebpfwdBin)
 	if err != nil {
 		slog.Error("ebpfwd binary path", "err", err)
@@ -101,6 +105,11 @@ func runDriver() int {
 		quick:      *quick,
 		machine:    machineInfo(bin),
 		command:    "go run ./test/bench " + strings.Join(os.Args[1:], " "),
+	}
+	if set.idleConns < 10000 {
+		res.notes = append(res.notes, fmt.Sprintf("%d idle connections instead of 10,000: the open-file limit here is %d and "+
+			"cannot be raised (no CAP_SYS_RESOURCE), and the userspace relay holds %d descriptors per idle connection.",
+			set.idleConns, limit, fdsPerIdleFlow))
 	}
 	start := time.Now()
 	for run := 1; run <= set.runs && ctx.Err() == nil; run++ {
@@ -225,13 +234,19 @@ func raiseOpenFiles() (uint64, error) {
 	return cur.Max, nil
 }
 
+// fdsPerIdleFlow is how many descriptors the userspace relay holds per
+// idle stream: the two sockets and two splice pipes (two descriptors each).
+// It sizes the idle-connection workload to what the open-file limit allows.
+const fdsPerIdleFlow = 6
+
 // idleConnections is how many idle connections the memory workload opens:
-// 10,000, unless the open-file limit cannot give each daemon two
-// descriptors per connection plus headroom for its listeners and logs.
+// 10,000, unless the open-file limit cannot give each daemon
+// fdsPerIdleFlow descriptors per connection plus headroom for its
+// listeners and logs.
 func idleConnections(limit uint64) int {
 	const want, headroom = 10000, 256
-	if limit < 2*want+headroom {
-		return int((limit - min(limit, headroom)) / 2)
+	if limit < fdsPerIdleFlow*want+headroom {
+		return int((limit - min(limit, headroom)) / fdsPerIdleFlow)
 	}
 	return want
 }

@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -29,6 +28,9 @@ type process struct {
 	out  *tailBuffer
 	done chan struct{}
 	err  error // valid after done is closed
+	// cleanExit: the program promises exit status 0 on SIGTERM (ebpfwd
+	// does); other servers may exit non-zero and that is not an error.
+	cleanExit bool
 }
 
 // startIn starts name args... inside ns. The child gets its own process
@@ -89,7 +91,7 @@ func (p *process) waitReady(ctx context.Context, check func() bool) error {
 
 // stop sends SIGTERM and waits for the exit, killing the process if it
 // does not go within stopTimeout. A non-zero exit after SIGTERM is
-// reported: ebpfwd promises exit 0 on SIGTERM.
+// reported for programs that promise exit 0 on SIGTERM.
 func (p *process) stop() error {
 	if done, err := p.exited(); done {
 		if err != nil {
@@ -100,13 +102,7 @@ func (p *process) stop() error {
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
-		var exitErr *exec.ExitError
-		if errors.As(p.err, &exitErr) && exitErr.Sys().(syscall.WaitStatus).Signaled() &&
-			exitErr.Sys().(syscall.WaitStatus).Signal() == syscall.SIGTERM {
-			// Servers and tools without a SIGTERM handler die of it: fine.
-			return nil
-		}
-		if p.err != nil {
+		if p.err != nil && p.cleanExit {
 			return fmt.Errorf("%s did not exit cleanly on SIGTERM: %w: %s", p.name, p.err, p.out)
 		}
 		return nil
@@ -130,6 +126,7 @@ func startDaemon(ctx context.Context, ns *topo.NS, dir, label, bin, config strin
 	if err != nil {
 		return nil, err
 	}
+	p.cleanExit = true
 	if err := p.waitReady(ctx, func() bool { _, err := os.Stat(ready); return err == nil }); err != nil {
 		_ = p.stop()
 		return nil, err

@@ -30,7 +30,7 @@ var rows = []row{
 	{latP99, "Request/response latency p99 (64 B, one connection)", "µs", "%.1f", true},
 	{cpuMachine, "Machine CPU per GB moved (all CPUs, /proc/stat)", "CPU s/GB", "%.2f", true},
 	{cpuDaemon, "ebpfwd's own CPU per GB moved (utime+stime)", "CPU s/GB", "%.2f", false},
-	{rssPerConn, "ebpfwd RSS per idle connection (VmRSS delta / open connections)", "bytes", "%.0f", false},
+	{rssPerConn, "ebpfwd RSS per idle connection (VmRSS delta / %d open)", "bytes", "%.0f", false},
 }
 
 // target is one of the goals, read against the table.
@@ -59,6 +59,7 @@ type results struct {
 	set        settings
 	quick      bool
 	machine    []string // "key: value" lines
+	notes      []string // conditions of this run a reader must know
 	command    string
 	took       time.Duration
 }
@@ -124,7 +125,11 @@ func (r *results) writeTable(w io.Writer) {
 	writeRow(w, header)
 	writeRow(w, slices.Repeat([]string{"---"}, len(header)))
 	for _, rw := range rows {
-		cells := []string{rw.title, rw.unit}
+		title := rw.title
+		if rw.key == rssPerConn {
+			title = fmt.Sprintf(title, r.set.idleConns)
+		}
+		cells := []string{title, rw.unit}
 		for _, c := range r.contenders {
 			cells = append(cells, r.cell(c, rw))
 		}
@@ -222,6 +227,9 @@ func (r *results) writeReport(w io.Writer) {
 		r.command, mode, r.set.runs, r.set.tputSeconds, r.set.shortRun, r.set.idleConns, r.took.Round(time.Second))
 	for _, m := range r.machine {
 		fmt.Fprintf(w, "- %s\n", m)
+	}
+	for _, n := range r.notes {
+		fmt.Fprintf(w, "- Note: %s\n", n)
 	}
 	fmt.Fprintln(w)
 	r.writeTable(w)

@@ -7,7 +7,9 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -33,6 +35,9 @@ const (
 type sample struct {
 	values   map[metricKey]float64
 	capacity string
+	// fdsPerFlow is the most descriptors any daemon held per idle
+	// connection (0 when not measured).
+	fdsPerFlow float64
 }
 
 // settings are the knobs that differ between full and quick mode.
@@ -67,11 +72,13 @@ func measure(ctx context.Context, e *runEnv, p *path) (sample, error) {
 		return s, err
 	}
 	if len(p.daemons) > 0 {
-		if err := measureIdleRSS(ctx, e, p, s.values); err != nil {
+		fds, err := measureIdleRSS(ctx, e, p, s.values)
+		if err != nil {
 			return s, err
 		}
+		s.fdsPerFlow = fds
 	}
-	s.capacity = p.capacity(ctx)
+	s.capacity = p.capacity(ctx, s.fdsPerFlow)
 	return s, nil
 }
 
@@ -219,45 +226,59 @@ func measureLatency(ctx context.Context, e *runEnv, p *path, out map[metricKey]f
 // more file descriptors per connection (client side and upstream side), so
 // the figure is taken with every relay set up, not just every handshake
 // queued in the kernel.
-func measureIdleRSS(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+func measureIdleRSS(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) (fdsPerFlow float64, err error) {
 	n := e.set.idleConns
 	baseRSS, baseFDs, err := daemonMemory(p.daemons)
 	if err != nil {
-		return err
+		return 0, err
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Minute)
 	defer cancel()
 	cmd := inNS(ctx, e.topo.client, e.self, "load", "hold", "-addr", hostPort(p.front, portHold), "-n", strconv.Itoa(n))
 	stdin, err := cmd.StdinPipe()
 	if err != nil {
-		return fmt.Errorf("hold: stdin pipe: %w", err)
+		return 0, fmt.Errorf("hold: stdin pipe: %w", err)
 	}
 	stdout, err := cmd.StdoutPipe()
 	if err != nil {
-		return fmt.Errorf("hold: stdout pipe: %w", err)
+		return 0, fmt.Errorf("hold: stdout pipe: %w", err)
 	}
 	stderr := &tailBuffer{max: logTail}
 	cmd.Stderr = stderr
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start hold load: %w", err)
+		return 0, fmt.Errorf("start hold load: %w", err)
 	}
 	// Closing stdin releases the connections; Wait reaps the program.
-	defer func() { _ = cmd.Wait() }()
-	defer stdin.Close()
+	waited := false
+	defer func() {
+		stdin.Close()
+		if !waited {
+			_ = cmd.Wait()
+		}
+	}()
 
 	var r holdResult
 	if err := json.NewDecoder(bufio.NewReader(stdout)).Decode(&r); err != nil {
-		return fmt.Errorf("hold %d connections through %s: %w: %s", n, p.front, err, stderr)
+		stdin.Close()
+		waited = true
+		waitErr := cmd.Wait()
+		return 0, fmt.Errorf("hold %d connections through %s: %w (load program: %v): %s%s", n, p.front, err, waitErr, stderr, daemonLogs(p.daemons))
 	}
 	if err := waitFDs(ctx, p.daemons, baseFDs, 2*n); err != nil {
-		return err
+		return 0, err
 	}
-	rss, _, err := daemonMemory(p.daemons)
+	rss, fds, err := daemonMemory(p.daemons)
 	if err != nil {
-		return err
+		return 0, err
+	}
+	for i, d := range p.daemons {
+		perFlow := float64(fds[i]-baseFDs[i]) / float64(n)
+		fdsPerFlow = max(fdsPerFlow, perFlow)
+		slog.Info("idle connections held", "daemon", d.name, "connections", n,
+			"fds_per_connection", perFlow, "rss_growth_bytes", rss-baseRSS)
 	}
 	out[rssPerConn] = float64(rss-baseRSS) / float64(n)
-	return nil
+	return fdsPerFlow, nil
 }
 
 // daemonMemory sums VmRSS over the daemons and returns each one's open
@@ -279,9 +300,13 @@ func daemonMemory(daemons []*process) (rss int64, fds []int, err error) {
 }
 
 // waitFDs waits until every daemon holds at least extra more descriptors
-// than base, bounded by a timeout.
+// than base and the counts have stopped changing (a relay may open more
+// than its two sockets), bounded by a timeout.
 func waitFDs(ctx context.Context, daemons []*process, base []int, extra int) error {
+	const settleTicks = 5
 	deadline := time.Now().Add(30 * time.Second)
+	var last []int
+	stable := 0
 	for {
 		ready := true
 		var have []int
@@ -293,16 +318,22 @@ func waitFDs(ctx context.Context, daemons []*process, base []int, extra int) err
 			have = append(have, f-base[i])
 			ready = ready && f-base[i] >= extra
 		}
-		if ready {
+		if ready && slices.Equal(have, last) {
+			stable++
+		} else {
+			stable = 0
+		}
+		if stable >= settleTicks {
 			return nil
 		}
+		last = have
 		if time.Now().After(deadline) {
-			return fmt.Errorf("daemons hold %v new descriptors after 30s, want %d each", have, extra)
+			return fmt.Errorf("daemons hold %v new descriptors after 30s, want at least %d each, settled", have, extra)
 		}
 		select {
 		case <-ctx.Done():
 			return ctx.Err()
-		case <-time.After(50 * time.Millisecond):
+		case <-time.After(100 * time.Millisecond):
 		}
 	}
 }
@@ -335,4 +366,13 @@ func startServers(ctx context.Context, ns *topo.NS, self string) ([]*process, er
 		}
 	}
 	return started, nil
+}
+
+// daemonLogs returns the daemons' recent output for an error message.
+func daemonLogs(daemons []*process) string {
+	var b strings.Builder
+	for _, d := range daemons {
+		fmt.Fprintf(&b, "\n[%s] %s", d.name, d.out)
+	}
+	return b.String()
 }

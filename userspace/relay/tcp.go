@@ -64,6 +64,10 @@ var ErrIdleTimeout = errors.New("idle timeout")
 // amortises its syscalls.
 const chunkSize = 1 << 20
 
+// liveCountWindow bounds how stale a long-lived connection's byte counts
+// (metrics, ebpfwd conns) may be.
+const liveCountWindow = time.Second
+
 // bufferSize is the userspace buffer used when a direction cannot splice.
 const bufferSize = 32 << 10
 
@@ -113,8 +117,12 @@ func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *
 		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, c.up()),
 		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, c.down()),
 	}
+	// Read deadlines interrupt a blocked copy every window so the bytes
+	// it moved so far are counted (splice(2) reports them only when the
+	// copy call returns) and, with an idle timeout, so quiet time is seen.
+	r.window = liveCountWindow
 	if idle > 0 {
-		r.window = max(idle/4, time.Millisecond)
+		r.window = min(max(idle/4, time.Millisecond), liveCountWindow)
 	}
 
 	stop := context.AfterFunc(ctx, func() {
@@ -143,7 +151,7 @@ type tcpRelay struct {
 	done  chan error
 
 	idle   time.Duration
-	window time.Duration // read deadline granularity while idle > 0
+	window time.Duration // read deadline granularity
 	start  time.Time     // origin of the monotonic nanosecond clock below
 	// lastActive is when a byte last moved in either direction, in
 	// nanoseconds since start.
@@ -237,10 +245,8 @@ func (r *tcpRelay) run(d *direction) error {
 		}
 	}
 	for {
-		if r.idle > 0 {
-			if err := d.src.SetReadDeadline(time.Now().Add(r.window)); err != nil {
-				return fmt.Errorf("relay %s: arm idle deadline: %w", d.name, err)
-			}
+		if err := d.src.SetReadDeadline(time.Now().Add(r.window)); err != nil {
+			return fmt.Errorf("relay %s: arm read deadline: %w", d.name, err)
 		}
 		n, err := d.copyChunk()
 		if n > 0 {
@@ -260,11 +266,11 @@ func (r *tcpRelay) run(d *direction) error {
 				}
 			}
 			return nil
-		case r.idle > 0 && errors.Is(err, os.ErrDeadlineExceeded):
+		case errors.Is(err, os.ErrDeadlineExceeded):
 			if n == 0 {
 				d.quietUntil.Store(r.now())
 			}
-			if r.idleExpired() {
+			if r.idle > 0 && r.idleExpired() {
 				return fmt.Errorf("relay: no bytes moved for %s: %w", r.idle, ErrIdleTimeout)
 			}
 		default:

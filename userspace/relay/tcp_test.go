@@ -463,3 +463,26 @@ func BenchmarkTCPRelay(b *testing.B) {
 		b.Fatalf("relay: %v", err)
 	}
 }
+
+// TestTCPCountsStayLive: bytes of a connection that moves less than a
+// chunk are counted within about liveCountWindow, not only at its end.
+func TestTCPCountsStayLive(t *testing.T) {
+	rig := startRelay(t, t.Context(), 0, nil)
+	if _, err := rig.app.Write([]byte("0123456789")); err != nil {
+		t.Fatal(err)
+	}
+	rig.server.SetReadDeadline(time.Now().Add(5 * time.Second))
+	if _, err := io.ReadFull(rig.server, make([]byte, 10)); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(3 * liveCountWindow)
+	for rig.counts.Up.Load() != 10 {
+		if time.Now().After(deadline) {
+			t.Fatalf("counted %d bytes up after %v, want 10 while the connection is open", rig.counts.Up.Load(), 3*liveCountWindow)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	rig.app.Close()
+	rig.server.Close()
+	rig.wait(t)
+}

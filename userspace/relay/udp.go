@@ -69,6 +69,46 @@ type UDP struct {
 	OnError func(err error)
 
 	dropped atomic.Uint64
+	table   atomic.Pointer[udpTable] // the running Serve's sessions, for Sessions
+}
+
+// Session describes one live UDP session.
+type Session struct {
+	Client   netip.AddrPort
+	Upstream string // the upstream socket's remote address; "" while it opens
+	Started  time.Time
+	Idle     time.Duration // since a datagram last moved either way
+}
+
+// Sessions lists the live sessions of the running Serve.
+func (u *UDP) Sessions() []Session {
+	t := u.table.Load()
+	if t == nil {
+		return nil
+	}
+	// Lock order is s.mu before t.mu: copy the table, then visit each
+	// session on its own.
+	t.mu.Lock()
+	open := make([]*udpSession, 0, len(t.sessions))
+	for _, s := range t.sessions {
+		open = append(open, s)
+	}
+	t.mu.Unlock()
+	now := t.now()
+	out := make([]Session, 0, len(open))
+	for _, s := range open {
+		info := Session{Client: s.key, Started: s.started, Idle: time.Duration(now - s.lastActive.Load())}
+		s.mu.Lock()
+		closed := s.closed
+		if s.up != nil {
+			info.Upstream = s.up.RemoteAddr().String()
+		}
+		s.mu.Unlock()
+		if !closed {
+			out = append(out, info)
+		}
+	}
+	return out
 }
 
 // Dropped returns how many client datagrams were discarded: beyond
@@ -109,6 +149,8 @@ func (u *UDP) Serve(ctx context.Context) error {
 		t.log = slog.Default()
 	}
 	t.udpConn, _ = u.Conn.(*net.UDPConn)
+	u.table.Store(t)
+	defer u.table.Store(nil)
 
 	stop := context.AfterFunc(ctx, func() {
 		// Unblocks ReadFrom; Serve does not own Conn, so it does not close it.
@@ -139,8 +181,9 @@ type udpTable struct {
 
 // udpSession is one client's flow.
 type udpSession struct {
-	key  netip.AddrPort
-	addr net.Addr // the client as Conn reported it
+	key     netip.AddrPort
+	addr    net.Addr // the client as Conn reported it
+	started time.Time
 
 	// lastActive is when a datagram last moved either way, in nanoseconds
 	// since the table started.
@@ -227,7 +270,7 @@ func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 	if len(t.sessions) >= t.maxSessions {
 		return nil
 	}
-	s := &udpSession{key: key, addr: addr}
+	s := &udpSession{key: key, addr: addr, started: time.Now()}
 	s.lastActive.Store(t.now())
 	t.sessions[key] = s
 	if t.u.OnSession != nil {

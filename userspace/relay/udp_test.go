@@ -214,8 +214,21 @@ func TestUDPSessionsEchoAndExpire(t *testing.T) {
 	if up, down := r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load(); up != sent.Load() || down != sent.Load() {
 		t.Fatalf("counted up %d down %d, want %d each", up, down, sent.Load())
 	}
+	// Sessions lists one live session per client, each with its upstream.
+	if got := r.relay.Sessions(); len(got) != clients {
+		t.Fatalf("Sessions() = %+v, want %d", got, clients)
+	} else {
+		for _, s := range got {
+			if !s.Client.IsValid() || s.Upstream == "" || s.Started.IsZero() || s.Idle < 0 || s.Idle > ttl {
+				t.Fatalf("bad session %+v", s)
+			}
+		}
+	}
 
 	waitFor(t, "sessions to expire", 10*ttl, func() bool { return r.active.Load() == 0 })
+	if got := r.relay.Sessions(); len(got) != 0 {
+		t.Fatalf("Sessions() after expiry = %+v", got)
+	}
 	if got := r.closed.Load(); got != clients {
 		t.Fatalf("%d upstream sockets closed after expiry, want %d", got, clients)
 	}

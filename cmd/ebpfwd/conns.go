@@ -1,0 +1,100 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"flag"
+	"fmt"
+	"net"
+	"net/http"
+	"path/filepath"
+	"sort"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/daemon"
+	"github.com/ebpfwd/ebpfwd/datapath"
+)
+
+// instanceOf is the default instance name for a config file: its base name
+// without extension.
+func instanceOf(configPath string) string {
+	base := filepath.Base(configPath)
+	return strings.TrimSuffix(base, filepath.Ext(base))
+}
+
+func cmdConns(e env, args []string) int {
+	fs := flag.NewFlagSet("conns", flag.ContinueOnError)
+	fs.SetOutput(e.stderr)
+	instance := fs.String("instance", "", "the instance to ask (default: the CONFIG file's name without extension)")
+	if fs.Parse(args) != nil {
+		return 2
+	}
+	switch {
+	case *instance == "" && fs.NArg() == 1:
+		*instance = instanceOf(fs.Arg(0))
+	case *instance == "" || fs.NArg() > 0:
+		fmt.Fprintln(e.stderr, "ebpfwd conns: give either --instance NAME or the CONFIG the instance runs")
+		return 2
+	}
+	if err := daemon.ValidateInstance(*instance); err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
+		return 2
+	}
+	flows, err := fetchFlows(*instance)
+	if err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
+		return 1
+	}
+	printFlows(e, flows, time.Now())
+	return 0
+}
+
+func fetchFlows(instance string) ([]datapath.Flow, error) {
+	sock := daemon.ControlSocket(instance)
+	client := &http.Client{
+		Timeout: 5 * time.Second,
+		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
+			var d net.Dialer
+			return d.DialContext(ctx, "unix", sock)
+		}},
+	}
+	resp, err := client.Get("http://ebpfwd" + daemon.FlowsPath)
+	if err != nil {
+		return nil, fmt.Errorf("instance %q (control socket %s): %w", instance, sock, err)
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("instance %q: %s", instance, resp.Status)
+	}
+	var flows []datapath.Flow
+	if err := json.NewDecoder(resp.Body).Decode(&flows); err != nil {
+		return nil, fmt.Errorf("instance %q: decode flows: %w", instance, err)
+	}
+	return flows, nil
+}
+
+func printFlows(e env, flows []datapath.Flow, now time.Time) {
+	sort.Slice(flows, func(i, j int) bool {
+		if flows[i].Service != flows[j].Service {
+			return flows[i].Service < flows[j].Service
+		}
+		return flows[i].Started.Before(flows[j].Started)
+	})
+	w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(w, "SERVICE\tDATAPATH\tPROTO\tCLIENT\tNODE\tUPSTREAM\tSTATE\tAGE\tUP\tDOWN")
+	for _, f := range flows {
+		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", f.Service, f.Datapath, f.Network, f.Client,
+			dash(f.Node), dash(f.Upstream), f.State, now.Sub(f.Started).Round(time.Second), f.BytesUp, f.BytesDown)
+	}
+	w.Flush()
+	fmt.Fprintf(e.stdout, "%d flows\n", len(flows))
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}

@@ -1,0 +1,274 @@
+// Package loader loads ebpfwd's tc NAT program (package bpf), attaches it to
+// interfaces inside a network namespace, pins it under
+// /sys/fs/bpf/ebpfwd/<instance>/, and gives typed access to its maps:
+// services and nodes in, counters and connections out.
+//
+// One Loader serves one network namespace (the one its services listen in):
+// interface indexes, which the maps and the program's route hints hold, only
+// mean something inside one namespace.
+//
+// The pin directory is locked with flock(2) for the life of the Loader, so
+// two processes never drive the same instance; a directory that is not
+// locked but not empty is what a crashed run left, and Load removes it
+// (which also detaches the links pinned there) before it starts over.
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"sync"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+
+	"github.com/ebpfwd/ebpfwd/bpf"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+// Defaults of Config.
+const (
+	DefaultBPFFS = "/sys/fs/bpf"
+	// The SNAT range starts above the kernel's default ip_local_port_range
+	// (32768-60999), so translated flows never take a port a socket of the
+	// gateway namespace could be bound to.
+	DefaultSNATPortMin       = 61000
+	DefaultSNATPortMax       = 65535
+	DefaultTCPSynTimeout     = 60 * time.Second
+	DefaultTCPClosingTimeout = 60 * time.Second
+	DefaultTCPResetTimeout   = 10 * time.Second
+	// DefaultTCPIdleTimeout applies to established TCP flows of a service
+	// without an idle timeout of its own (the BPF maps need a finite one).
+	DefaultTCPIdleTimeout = 2 * time.Hour
+	// DefaultUDPIdleTimeout applies to UDP flows of a service without one.
+	DefaultUDPIdleTimeout = 60 * time.Second
+)
+
+// AttachMode chooses how the program is attached to an interface.
+type AttachMode int
+
+const (
+	// AttachAuto uses tcx and falls back to clsact + cls_bpf where the
+	// kernel has no tcx (before 6.6).
+	AttachAuto AttachMode = iota
+	// AttachTCX requires tcx.
+	AttachTCX
+	// AttachLegacy always uses a clsact qdisc with a direct-action cls_bpf
+	// filter.
+	AttachLegacy
+)
+
+// Config says where an instance lives and how the program behaves.
+type Config struct {
+	// Instance names the pin directory /sys/fs/bpf/ebpfwd/<Instance>.
+	Instance string
+	// BPFFS is where bpffs is (or gets) mounted; "" means /sys/fs/bpf.
+	BPFFS string
+	// SNATPortMin and SNATPortMax bound the SNAT source ports (inclusive);
+	// both 0 means 61000-65535.
+	SNATPortMin, SNATPortMax uint16
+	// Timeouts of TCP flows that are opening, closing (FIN both ways) or
+	// reset; 0 means the default.
+	TCPSynTimeout, TCPClosingTimeout, TCPResetTimeout time.Duration
+	// Attach chooses tcx or the legacy tc attachment.
+	Attach AttachMode
+}
+
+func (c *Config) setDefaults() error {
+	if c.Instance == "" || c.Instance != filepath.Base(c.Instance) || c.Instance == "." || c.Instance == ".." {
+		return fmt.Errorf("instance name %q: must be a single path element", c.Instance)
+	}
+	if c.BPFFS == "" {
+		c.BPFFS = DefaultBPFFS
+	}
+	if c.SNATPortMin == 0 && c.SNATPortMax == 0 {
+		c.SNATPortMin, c.SNATPortMax = DefaultSNATPortMin, DefaultSNATPortMax
+	}
+	if c.SNATPortMin == 0 || c.SNATPortMin > c.SNATPortMax {
+		return fmt.Errorf("SNAT port range %d-%d: want 1 <= min <= max", c.SNATPortMin, c.SNATPortMax)
+	}
+	for _, d := range []struct {
+		v   *time.Duration
+		def time.Duration
+	}{{&c.TCPSynTimeout, DefaultTCPSynTimeout}, {&c.TCPClosingTimeout, DefaultTCPClosingTimeout}, {&c.TCPResetTimeout, DefaultTCPResetTimeout}} {
+		if *d.v == 0 {
+			*d.v = d.def
+		}
+		if *d.v < 0 {
+			return fmt.Errorf("negative timeout %v", *d.v)
+		}
+	}
+	return nil
+}
+
+// Loader owns one loaded instance of the NAT program: its maps, its
+// attachments and its pin directory.
+type Loader struct {
+	cfg    Config
+	pinDir string
+	lock   *os.File // the pin directory, flock'ed while the Loader lives
+	objs   bpf.NATObjects
+
+	mu       sync.Mutex
+	ns       *netns.NS // the namespace of the first attachment
+	attached map[string]*attachment
+	services map[ServiceID]*serviceState
+	closed   bool
+}
+
+// Load mounts bpffs if needed, claims the instance's pin directory
+// (cleaning what a crashed run left), and loads the program with cfg's
+// constants. The maps are pinned by name in the directory.
+func Load(cfg Config) (*Loader, error) {
+	if err := cfg.setDefaults(); err != nil {
+		return nil, fmt.Errorf("load tc datapath: %w", err)
+	}
+	if err := ensureBPFFS(cfg.BPFFS); err != nil {
+		return nil, err
+	}
+	pinDir := filepath.Join(cfg.BPFFS, "ebpfwd", cfg.Instance)
+	lock, err := claimPinDir(pinDir)
+	if err != nil {
+		return nil, err
+	}
+	l := &Loader{
+		cfg:      cfg,
+		pinDir:   pinDir,
+		lock:     lock,
+		attached: make(map[string]*attachment),
+		services: make(map[ServiceID]*serviceState),
+	}
+	if err := l.load(); err != nil {
+		_ = os.RemoveAll(pinDir)
+		lock.Close()
+		return nil, err
+	}
+	return l, nil
+}
+
+func (l *Loader) load() error {
+	spec, err := bpf.LoadNAT()
+	if err != nil {
+		return fmt.Errorf("read embedded NAT program: %w", err)
+	}
+	consts := map[string]any{
+		"snat_port_min":          l.cfg.SNATPortMin,
+		"snat_port_max":          l.cfg.SNATPortMax,
+		"tcp_syn_timeout_ns":     uint64(l.cfg.TCPSynTimeout),
+		"tcp_closing_timeout_ns": uint64(l.cfg.TCPClosingTimeout),
+		"tcp_reset_timeout_ns":   uint64(l.cfg.TCPResetTimeout),
+	}
+	for name, v := range consts {
+		vs, ok := spec.Variables[name]
+		if !ok {
+			return fmt.Errorf("NAT program has no constant %s", name)
+		}
+		if err := vs.Set(v); err != nil {
+			return fmt.Errorf("set constant %s = %v: %w", name, v, err)
+		}
+	}
+	opts := &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: l.pinDir}}
+	if err := spec.LoadAndAssign(&l.objs, opts); err != nil {
+		var verr *ebpf.VerifierError
+		if errors.As(err, &verr) {
+			return fmt.Errorf("load NAT program: %+v", verr)
+		}
+		return fmt.Errorf("load NAT program (maps pinned in %s): %w", l.pinDir, err)
+	}
+	return nil
+}
+
+// PinDir is the instance's directory in bpffs.
+func (l *Loader) PinDir() string { return l.pinDir }
+
+// Close detaches every attachment, removes the pins and the pin directory,
+// and releases the instance.
+func (l *Loader) Close() error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return nil
+	}
+	l.closed = true
+	var errs []error
+	for key, a := range l.attached {
+		if err := a.detach(); err != nil {
+			errs = append(errs, err)
+		}
+		delete(l.attached, key)
+	}
+	for _, m := range []*ebpf.Map{l.objs.EbpfwdServices, l.objs.EbpfwdNodes, l.objs.EbpfwdConntrack,
+		l.objs.EbpfwdReverse, l.objs.EbpfwdIfaces, l.objs.EbpfwdCounters} {
+		if err := m.Unpin(); err != nil {
+			errs = append(errs, fmt.Errorf("unpin map %s: %w", m, err))
+		}
+	}
+	if err := l.objs.Close(); err != nil {
+		errs = append(errs, fmt.Errorf("close NAT objects: %w", err))
+	}
+	if err := os.RemoveAll(l.pinDir); err != nil {
+		errs = append(errs, fmt.Errorf("remove pin directory: %w", err))
+	}
+	l.lock.Close() // releases the flock
+	return errors.Join(errs...)
+}
+
+// bpfFSMagic is BPF_FS_MAGIC from linux/magic.h.
+const bpfFSMagic = 0xcafe4a11
+
+// ensureBPFFS mounts bpffs at dir unless it already is one: pins need it,
+// and some machines boot without it.
+func ensureBPFFS(dir string) error {
+	var st unix.Statfs_t
+	if err := unix.Statfs(dir, &st); err == nil && st.Type == bpfFSMagic {
+		return nil
+	}
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return fmt.Errorf("create bpffs mount point %s: %w", dir, err)
+	}
+	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
+		return fmt.Errorf("mount bpffs at %s: %w", dir, err)
+	}
+	slog.Info("mounted bpffs", "dir", dir)
+	return nil
+}
+
+// claimPinDir creates and flocks the pin directory. A directory nobody holds
+// but that has entries is the leftover of a crashed run: its pinned links
+// still hold the program attached, so it is emptied first.
+func claimPinDir(dir string) (*os.File, error) {
+	if err := os.MkdirAll(dir, 0o700); err != nil {
+		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
+	}
+	f, err := os.Open(dir)
+	if err != nil {
+		return nil, fmt.Errorf("open pin directory %s: %w", dir, err)
+	}
+	if err := unix.Flock(int(f.Fd()), unix.LOCK_EX|unix.LOCK_NB); err != nil {
+		f.Close()
+		if errors.Is(err, unix.EWOULDBLOCK) {
+			return nil, fmt.Errorf("pin directory %s is in use by another ebpfwd process", dir)
+		}
+		return nil, fmt.Errorf("lock pin directory %s: %w", dir, err)
+	}
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		f.Close()
+		return nil, fmt.Errorf("read pin directory %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		// Removing a link's pin releases the link and with it the
+		// attachment; removing a map's pin frees the map.
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			f.Close()
+			return nil, fmt.Errorf("remove stale pin %s: %w", filepath.Join(dir, e.Name()), err)
+		}
+	}
+	if len(entries) > 0 {
+		slog.Warn("removed pins of a previous run that did not shut down", "dir", dir, "entries", len(entries))
+	}
+	return f, nil
+}

@@ -1,0 +1,247 @@
+package loader
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+
+	"github.com/ebpfwd/ebpfwd/bpf"
+)
+
+// maxServices and maxNodes mirror MAX_SERVICES and MAX_NODES in nat.c.
+const (
+	maxServices = 1024
+	maxNodes    = 64
+)
+
+// IP protocol numbers as the BPF structs hold them.
+const (
+	protoTCP = 6
+	protoUDP = 17
+)
+
+// ServiceID identifies a service in the maps; its counters are indexed by it.
+type ServiceID uint32
+
+// Strategy is how the program picks a node for a new flow.
+type Strategy uint32
+
+const (
+	RoundRobin = Strategy(bpf.NATStrategySTRATEGY_ROUND_ROBIN)
+	Random     = Strategy(bpf.NATStrategySTRATEGY_RANDOM)
+	// Hash picks by client address, so a client keeps its node.
+	Hash = Strategy(bpf.NATStrategySTRATEGY_HASH)
+)
+
+// Service is one service for the tc datapath.
+type Service struct {
+	Network  string         // "tcp" or "udp"
+	VIP      netip.AddrPort // the listen address clients connect to
+	Strategy Strategy
+	Nodes    []Node
+	// IdleTimeout expires an established TCP flow or a UDP flow without
+	// traffic; 0 means DefaultTCPIdleTimeout / DefaultUDPIdleTimeout.
+	IdleTimeout time.Duration
+}
+
+// Node is one forward target.
+type Node struct {
+	Addr netip.AddrPort
+	// SNAT is the source address translated flows get towards this node:
+	// the node's replies must come back to it. The zero Addr means the
+	// preferred source of the namespace's route to the node.
+	SNAT netip.Addr
+	// Unhealthy nodes get no new flows (marked by the selector's
+	// maxFails/failTimeout logic in userspace).
+	Unhealthy bool
+}
+
+type serviceState struct {
+	key   bpf.NATServiceKey
+	nodes int
+}
+
+// PutService adds a service, or replaces the one with the same VIP and
+// network, and returns its ID. Routes to the nodes are looked up in the
+// Loader's namespace (set by the first Attach); they give each node its
+// route hint and, where Node.SNAT is unset, its SNAT address.
+func (l *Loader) PutService(s Service) (ServiceID, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed {
+		return 0, errors.New("put service: loader is closed")
+	}
+	if l.ns == nil {
+		return 0, fmt.Errorf("put service %s/%s: attach to an interface first", s.Network, s.VIP)
+	}
+	key, svc, nodes, err := l.compileService(s)
+	if err != nil {
+		return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
+	}
+
+	// Reuse the ID of the service with this key, else take the lowest free.
+	var old bpf.NATService
+	if err := l.objs.EbpfwdServices.Lookup(key, &old); err == nil {
+		svc.Id = old.Id
+	} else {
+		for id := ServiceID(1); id < maxServices; id++ {
+			if _, used := l.services[id]; !used {
+				svc.Id = uint32(id)
+				break
+			}
+		}
+		if svc.Id == 0 {
+			return 0, fmt.Errorf("put service %s/%s: all %d service slots in use", s.Network, s.VIP, maxServices-1)
+		}
+	}
+	id := ServiceID(svc.Id)
+	// Nodes first: the program reads node_count from the service, so it
+	// must never see a count larger than the nodes present.
+	for i, n := range nodes {
+		if err := l.objs.EbpfwdNodes.Put(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)}, n); err != nil {
+			return 0, fmt.Errorf("put node %d of service %s/%s: %w", i, s.Network, s.VIP, err)
+		}
+	}
+	if err := l.objs.EbpfwdServices.Put(key, svc); err != nil {
+		return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
+	}
+	if prev, ok := l.services[id]; ok {
+		for i := len(nodes); i < prev.nodes; i++ {
+			_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)})
+		}
+	}
+	l.services[id] = &serviceState{key: key, nodes: len(nodes)}
+	return id, nil
+}
+
+func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, []bpf.NATNode, error) {
+	var proto uint8
+	idle := s.IdleTimeout
+	switch s.Network {
+	case "tcp":
+		proto = protoTCP
+		if idle == 0 {
+			idle = DefaultTCPIdleTimeout
+		}
+	case "udp":
+		proto = protoUDP
+		if idle == 0 {
+			idle = DefaultUDPIdleTimeout
+		}
+	default:
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("network %q: want tcp or udp", s.Network)
+	}
+	vip := s.VIP.Addr().Unmap()
+	if !vip.IsValid() || vip.IsUnspecified() || s.VIP.Port() == 0 {
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, errors.New("the tc datapath needs a concrete listen address and port")
+	}
+	if len(s.Nodes) == 0 || len(s.Nodes) > maxNodes {
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("%d nodes: want 1 to %d", len(s.Nodes), maxNodes)
+	}
+	if s.Strategy > Hash {
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("unknown strategy %d", s.Strategy)
+	}
+	nodes := make([]bpf.NATNode, len(s.Nodes))
+	for i, n := range s.Nodes {
+		addr := n.Addr.Addr().Unmap()
+		if addr.Is4() != vip.Is4() || n.Addr.Port() == 0 {
+			return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: want a port and the listen address's IP version", n.Addr)
+		}
+		ifindex, src, err := l.route(addr)
+		if err != nil {
+			return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: %w", n.Addr, err)
+		}
+		snat := n.SNAT.Unmap()
+		if !snat.IsValid() {
+			snat = src
+		}
+		if !snat.IsValid() || snat.Is4() != vip.Is4() {
+			return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: no SNAT address of its IP version", n.Addr)
+		}
+		nodes[i] = bpf.NATNode{
+			Addr:     bpf.Addr(addr),
+			SnatAddr: bpf.Addr(snat),
+			Port:     bpf.Port(n.Addr.Port()),
+			Ifindex:  uint32(ifindex),
+		}
+		if !n.Unhealthy {
+			nodes[i].Healthy = 1
+		}
+	}
+	key := bpf.NATServiceKey{Addr: bpf.Addr(vip), Port: bpf.Port(s.VIP.Port()), Proto: proto, Family: bpf.Family(vip)}
+	svc := bpf.NATService{NodeCount: uint32(len(nodes)), Strategy: uint32(s.Strategy), IdleTimeoutNs: uint64(idle)}
+	return key, svc, nodes, nil
+}
+
+// route looks up the namespace's route to dst: its egress interface and
+// preferred source address.
+func (l *Loader) route(dst netip.Addr) (int, netip.Addr, error) {
+	var ifindex int
+	var src netip.Addr
+	err := l.ns.Do(func() error {
+		routes, err := netlink.RouteGet(net.IP(dst.AsSlice()))
+		if err != nil {
+			return err
+		}
+		if len(routes) == 0 {
+			return errors.New("no route")
+		}
+		ifindex = routes[0].LinkIndex
+		if a, ok := netip.AddrFromSlice(routes[0].Src); ok {
+			src = a.Unmap()
+		}
+		return nil
+	})
+	if err != nil {
+		return 0, netip.Addr{}, fmt.Errorf("route lookup in netns %s: %w", l.ns, err)
+	}
+	return ifindex, src, nil
+}
+
+// DeleteService removes a service. Its flows in progress keep going until
+// they expire; new ones go to the stack.
+func (l *Loader) DeleteService(id ServiceID) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st, ok := l.services[id]
+	if !ok {
+		return fmt.Errorf("delete service %d: no such service", id)
+	}
+	if err := l.objs.EbpfwdServices.Delete(st.key); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete service %d: %w", id, err)
+	}
+	for i := range st.nodes {
+		_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: uint32(id), Index: uint32(i)})
+	}
+	delete(l.services, id)
+	return nil
+}
+
+// SetNodeHealthy marks node index of a service healthy or not; unhealthy
+// nodes get no new flows.
+func (l *Loader) SetNodeHealthy(id ServiceID, index int, healthy bool) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	st, ok := l.services[id]
+	if !ok || index < 0 || index >= st.nodes {
+		return fmt.Errorf("set health of node %d of service %d: no such node", index, id)
+	}
+	key := bpf.NATNodeKey{ServiceId: uint32(id), Index: uint32(index)}
+	var n bpf.NATNode
+	if err := l.objs.EbpfwdNodes.Lookup(key, &n); err != nil {
+		return fmt.Errorf("set health of node %d of service %d: %w", index, id, err)
+	}
+	n.Healthy = 0
+	if healthy {
+		n.Healthy = 1
+	}
+	if err := l.objs.EbpfwdNodes.Update(key, n, ebpf.UpdateExist); err != nil {
+		return fmt.Errorf("set health of node %d of service %d: %w", index, id, err)
+	}
+	return nil
+}

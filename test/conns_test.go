@@ -1,0 +1,112 @@
+package test
+
+import (
+	"bytes"
+	"context"
+	"io"
+	"os/exec"
+	"regexp"
+	"testing"
+	"time"
+)
+
+// TestConnsListsLiveFlows holds a TCP connection and a UDP session open
+// through a running daemon and asks `ebpfwd conns` for them.
+func TestConnsListsLiveFlows(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	c := newNS(t, "e2e-conns-c")
+	target := newNS(t, "e2e-conns-t")
+	echoIn(t, target, "127.0.0.1:9000")
+	udpEchoIn(t, target, "127.0.0.1:9001")
+	yaml := config(`services:
+- name: tcp-svc
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "127.0.0.1:9000"}
+  metadata: {netns: $C, netns.out: $T}
+- name: udp-svc
+  addr: 127.0.0.1:8001
+  handler: {type: udp}
+  listener: {type: udp, metadata: {ttl: 30s}}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "127.0.0.1:9001"}
+  metadata: {netns: $C, netns.out: $T}
+`, map[string]string{"C": c.Name, "T": target.Name})
+	d := startDaemon(t, "conns", yaml, daemonOptions{})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	tcp, err := dialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tcp.Close()
+	// Round trip 5 bytes so the stream is up and counted both ways.
+	tcp.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := tcp.Write([]byte("hello")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := io.ReadFull(tcp, make([]byte, 5)); err != nil {
+		t.Fatal(err)
+	}
+	udp, err := dialFrom(ctx, t, c, "udp", "127.0.0.1:8001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udp.Close()
+	udp.SetDeadline(time.Now().Add(5 * time.Second))
+	if _, err := udp.Write([]byte("ping")); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := udp.Read(make([]byte, 16)); err != nil {
+		t.Fatal(err)
+	}
+
+	wants := []*regexp.Regexp{
+		regexp.MustCompile(`(?m)^tcp-svc\s+userspace\s+tcp\s+` + regexp.QuoteMeta(tcp.LocalAddr().String()) + `\s+target-0\s+127\.0\.0\.1:9000\s+established\s+\S+\s+5\s+5$`),
+		regexp.MustCompile(`(?m)^udp-svc\s+userspace\s+udp\s+` + regexp.QuoteMeta(udp.LocalAddr().String()) + `\s+-\s+127\.0\.0\.1:9001\s+idle`),
+		regexp.MustCompile(`(?m)^2 flows$`),
+	}
+	// Byte counts of a connection that moves little are refreshed about
+	// once a second: ask until they show (bounded).
+	var out string
+	for deadline := time.Now().Add(5 * time.Second); ; {
+		var stdout, stderr bytes.Buffer
+		cmd := exec.CommandContext(ctx, ebpfwdBin, "conns", "--instance", d.instance)
+		cmd.Stdout, cmd.Stderr = &stdout, &stderr
+		if err := cmd.Run(); err != nil {
+			t.Fatalf("ebpfwd conns: %v\n%s", err, &stderr)
+		}
+		out = stdout.String()
+		if matchAll(out, wants) || time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+	for _, want := range wants {
+		if !want.MatchString(out) {
+			t.Errorf("conns output lacks %s:\n%s", want, out)
+		}
+	}
+
+	// An instance that is not running is a clear error.
+	var stderr bytes.Buffer
+	cmd := exec.CommandContext(ctx, ebpfwdBin, "conns", "--instance", "e2e-not-running")
+	cmd.Stderr = &stderr
+	if err := cmd.Run(); err == nil || !bytes.Contains(stderr.Bytes(), []byte(`instance "e2e-not-running"`)) {
+		t.Errorf("conns for a stopped instance: %v, stderr %q", err, &stderr)
+	}
+}
+
+func matchAll(s string, res []*regexp.Regexp) bool {
+	for _, re := range res {
+		if !re.MatchString(s) {
+			return false
+		}
+	}
+	return true
+}
