@@ -212,6 +212,9 @@ func (l *Loader) Close() error {
 	if err := os.RemoveAll(l.pinDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove pin directory: %w", err))
 	}
+	// The shared parent goes when the last instance does; while another
+	// instance lives, rmdir fails with ENOTEMPTY, which is fine.
+	_ = os.Remove(filepath.Dir(l.pinDir))
 	l.lock.Close() // releases the flock
 	return errors.Join(errs...)
 }
