@@ -17,6 +17,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/datapath/tc"
 	"github.com/ebpfwd/ebpfwd/metrics"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace"
@@ -50,19 +51,23 @@ type Daemon struct {
 	services  []*service
 	chains    []*chain.Chain
 	datapaths map[datapath.Kind]datapath.Datapath
+	kernel    kernel
 }
 
 // New builds the daemon's services from cfg without opening anything: it
 // parses every namespace reference and wires chains and selectors. Errors
 // name the config file, line and field.
 func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
+	us := userspace.Datapath{Logger: log}
 	d := &Daemon{
 		cfg:  cfg,
 		opts: opts,
 		log:  log,
 		datapaths: map[datapath.Kind]datapath.Datapath{
-			datapath.Userspace: userspace.Datapath{Logger: log},
+			datapath.Userspace: us,
+			datapath.TC:        &tc.Datapath{Instance: opts.Instance, Logger: log, Userspace: us},
 		},
+		kernel: realKernel,
 	}
 	var errs []error
 	chains := map[string]*chain.Chain{}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/datapath/tc"
 )
 
 // Plan is the datapath chosen for one service and the reason for it.
@@ -19,28 +20,50 @@ type Plan struct {
 	FallbackReason string
 }
 
-// planDatapath chooses a service's datapath from its `datapath` metadata.
-// Only the userspace relay is built into this version: `auto` takes it and
-// says why; asking for a kernel datapath by name is an error rather than a
-// silent fallback, because the operator asked for something specific.
-func planDatapath(sc *config.Service, chained bool) (Plan, error) {
+// kernel is what the planner asks about the kernel datapaths; tests
+// replace it.
+type kernel struct {
+	tcApplicable func(datapath.Service) error
+	tcProbe      func() error
+}
+
+var realKernel = kernel{tcApplicable: tc.Applicable, tcProbe: tc.Probe}
+
+// planDatapath chooses a service's datapath from its `datapath` metadata:
+// `auto` takes the fastest that applies and says why; a datapath asked for
+// by name that cannot carry the service is an error, because the operator
+// asked for something specific.
+func (k kernel) planDatapath(sc *config.Service, spec datapath.Service) (Plan, error) {
 	p := Plan{Service: sc.Name}
 	switch kind := datapath.Kind(sc.Datapath); kind {
 	case datapath.Userspace:
 		p.Datapath, p.Reason = datapath.Userspace, "configured"
+	case datapath.TC:
+		if err := k.tcApplicable(spec); err != nil {
+			return p, fmt.Errorf("datapath tc cannot carry this service: %w", err)
+		}
+		if err := k.tcProbe(); err != nil {
+			return p, fmt.Errorf("datapath tc is unavailable: %w", err)
+		}
+		p.Datapath, p.Reason = datapath.TC, "configured"
 	case datapath.Auto, "":
 		p.Datapath = datapath.Userspace
 		switch {
 		case sc.Handler.Type == "http":
 			p.Reason = "http proxy services terminate connections in userspace"
-		case chained:
+		case spec.Chained:
 			p.Reason = "traffic goes through proxy hops"
 		default:
-			p.Reason = "no kernel datapath (tc, sockmap) is built into this version"
-			p.From, p.FallbackReason = datapath.TC, "not_built"
+			if err := k.tcApplicable(spec); err != nil {
+				p.Reason, p.From, p.FallbackReason = "tc does not apply: "+err.Error(), datapath.TC, "not_applicable"
+			} else if err := k.tcProbe(); err != nil {
+				p.Reason, p.From, p.FallbackReason = "tc is unavailable: "+err.Error(), datapath.TC, "probe_failed"
+			} else {
+				p.Datapath, p.Reason = datapath.TC, "direct forward with IP addresses in one namespace; the kernel supports tc redirects"
+			}
 		}
 	default:
-		return p, fmt.Errorf("datapath %q is not available in this version (available: userspace, auto)", kind)
+		return p, fmt.Errorf("datapath %q is not available in this version (available: auto, tc, userspace)", kind)
 	}
 	return p, nil
 }

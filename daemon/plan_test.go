@@ -19,27 +19,44 @@ import (
 )
 
 func TestPlanDatapath(t *testing.T) {
+	notHere := errors.New("netns.out differs")
+	noHelper := errors.New("no bpf_redirect_peer")
 	tests := []struct {
 		name       string
 		datapath   string
 		handler    string
 		chained    bool
+		applicable error // what tc.Applicable says
+		probe      error // what tc.Probe says
 		want       datapath.Kind
 		reasonHas  string
+		from       datapath.Kind
 		wantErrHas string
 	}{
-		{name: "default is auto", handler: "tcp", want: datapath.Userspace, reasonHas: "no kernel datapath"},
-		{name: "auto direct", datapath: "auto", handler: "tcp", want: datapath.Userspace, reasonHas: "no kernel datapath"},
-		{name: "auto chained", datapath: "auto", handler: "tcp", chained: true, want: datapath.Userspace, reasonHas: "proxy hops"},
+		{name: "default is auto: tc", handler: "tcp", want: datapath.TC, reasonHas: "direct forward"},
+		{name: "auto tc for udp", datapath: "auto", handler: "udp", want: datapath.TC, reasonHas: "direct forward"},
+		{name: "auto, tc not applicable", handler: "tcp", applicable: notHere, want: datapath.Userspace,
+			reasonHas: "tc does not apply: netns.out differs", from: datapath.TC},
+		{name: "auto, probe fails", handler: "tcp", probe: noHelper, want: datapath.Userspace,
+			reasonHas: "tc is unavailable: no bpf_redirect_peer", from: datapath.TC},
+		{name: "auto chained", handler: "tcp", chained: true, want: datapath.Userspace, reasonHas: "proxy hops"},
 		{name: "auto http", handler: "http", want: datapath.Userspace, reasonHas: "http proxy"},
 		{name: "explicit userspace", datapath: "userspace", handler: "udp", want: datapath.Userspace, reasonHas: "configured"},
-		{name: "tc not built", datapath: "tc", handler: "tcp", wantErrHas: `"tc" is not available`},
+		{name: "explicit tc", datapath: "tc", handler: "tcp", want: datapath.TC, reasonHas: "configured"},
+		{name: "explicit tc not applicable", datapath: "tc", handler: "tcp", applicable: notHere,
+			wantErrHas: "datapath tc cannot carry this service: netns.out differs"},
+		{name: "explicit tc probe fails", datapath: "tc", handler: "tcp", probe: noHelper,
+			wantErrHas: "datapath tc is unavailable: no bpf_redirect_peer"},
 		{name: "sockmap not built", datapath: "sockmap", handler: "tcp", wantErrHas: `"sockmap" is not available`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
+			k := kernel{
+				tcApplicable: func(datapath.Service) error { return tt.applicable },
+				tcProbe:      func() error { return tt.probe },
+			}
 			sc := &config.Service{Name: "s", Datapath: tt.datapath, Handler: config.Handler{Type: tt.handler}}
-			p, err := planDatapath(sc, tt.chained)
+			p, err := k.planDatapath(sc, datapath.Service{Name: "s", Chained: tt.chained})
 			if tt.wantErrHas != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErrHas) {
 					t.Fatalf("err = %v, want it to contain %q", err, tt.wantErrHas)
@@ -49,8 +66,8 @@ func TestPlanDatapath(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if p.Datapath != tt.want || !strings.Contains(p.Reason, tt.reasonHas) {
-				t.Fatalf("plan = %+v, want %s with a reason containing %q", p, tt.want, tt.reasonHas)
+			if p.Datapath != tt.want || !strings.Contains(p.Reason, tt.reasonHas) || p.From != tt.from {
+				t.Fatalf("plan = %+v, want %s from %q with a reason containing %q", p, tt.want, tt.from, tt.reasonHas)
 			}
 		})
 	}

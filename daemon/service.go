@@ -73,7 +73,7 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 		}
 		s.nodes = selector.New(opts, nodes...)
 	}
-	if s.plan, err = planDatapath(sc, s.chain != nil); err != nil {
+	if s.plan, err = d.kernel.planDatapath(sc, s.spec()); err != nil {
 		errs = append(errs, located(d.cfg, sc.Pos, field+".metadata.datapath", err))
 	}
 	if sc.Handler.Type == "http" {
@@ -98,6 +98,7 @@ func (s *service) spec() datapath.Service {
 		PacketTTL:   s.cfg.Listener.TTL,
 	}
 	if s.cfg.Forwarder != nil {
+		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
 		for _, n := range s.cfg.Forwarder.Nodes {
 			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr})
 		}

@@ -38,6 +38,7 @@ type Service struct {
 	ListenNS string // namespace the service listens in ("" = the daemon's own)
 	OutNS    string // namespace nodes are dialed from ("" = the daemon's own)
 	Nodes    []Node // forward targets (empty for proxy services)
+	Strategy string // node selection: round, rand, fifo or hash
 	Chained  bool   // traffic leaves through a chain of proxy hops
 	// IdleTimeout closes a stream when no byte moved either way for this
 	// long (0: never).

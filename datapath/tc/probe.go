@@ -1,0 +1,29 @@
+package tc
+
+import (
+	"fmt"
+	"sync"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/features"
+)
+
+var probe = sync.OnceValue(func() error {
+	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
+		return fmt.Errorf("the kernel cannot run tc programs: %w", err)
+	}
+	if err := features.HaveMapType(ebpf.LRUHash); err != nil {
+		return fmt.Errorf("the kernel has no LRU hash maps: %w", err)
+	}
+	for _, fn := range []asm.BuiltinFunc{asm.FnFibLookup, asm.FnRedirectNeigh, asm.FnRedirectPeer} {
+		if err := features.HaveProgramHelper(ebpf.SchedCLS, fn); err != nil {
+			return fmt.Errorf("the kernel lacks BPF helper %s for tc programs: %w", fn, err)
+		}
+	}
+	return nil
+})
+
+// Probe reports whether this kernel (and this process's privileges) can
+// run the tc datapath, with the first reason it cannot. It probes once.
+func Probe() error { return probe() }

@@ -1,0 +1,387 @@
+// Package tc is the eBPF datapath: a tcx program in the listen namespace
+// translates a service's packets to its nodes and moves them between
+// namespaces without a socket (see bpf/nat.c and loader). Every tc service
+// also keeps its ordinary listener, served by the userspace datapath, for
+// clients inside the listen namespace itself and for packets the program
+// passes to the stack.
+package tc
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/netip"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/loader"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+// gcInterval is how often expired flows are removed from the conntrack
+// maps: the program ignores them already, this frees their SNAT ports and
+// map slots before LRU eviction would.
+const gcInterval = 10 * time.Second
+
+// Applicable reports why the tc datapath cannot carry svc, or nil when it
+// can. The planner calls it before choosing tc.
+func Applicable(svc datapath.Service) error {
+	switch {
+	case svc.Chained:
+		return errors.New("traffic goes through proxy hops, which need a userspace connection")
+	case svc.Network != "tcp" && svc.Network != "udp":
+		return fmt.Errorf("network %q is not tcp or udp", svc.Network)
+	case len(svc.Nodes) == 0:
+		return errors.New("no forward nodes")
+	case svc.ListenNS != svc.OutNS:
+		return errors.New("netns.out differs from the listen namespace (the splice link that crosses them is not built yet)")
+	}
+	if _, err := strategy(svc.Strategy); err != nil {
+		return err
+	}
+	vip, err := netip.ParseAddrPort(svc.Addr)
+	if err != nil {
+		return fmt.Errorf("listen address %q is not a single IP address and port", svc.Addr)
+	}
+	if vip.Addr().IsLoopback() || vip.Addr().IsUnspecified() {
+		return fmt.Errorf("listen address %s never crosses an interface", vip)
+	}
+	for _, n := range svc.Nodes {
+		ap, err := netip.ParseAddrPort(n.Addr)
+		if err != nil {
+			return fmt.Errorf("node %s: address %q is not an IP address and port", n.Name, n.Addr)
+		}
+		if ap.Addr().Is4() != vip.Addr().Is4() {
+			return fmt.Errorf("node %s: %s is not of the listen address's IP version", n.Name, n.Addr)
+		}
+	}
+	return nil
+}
+
+func strategy(s string) (loader.Strategy, error) {
+	switch s {
+	case "", "round":
+		return loader.RoundRobin, nil
+	case "rand":
+		return loader.Random, nil
+	case "hash":
+		return loader.Hash, nil
+	}
+	return 0, fmt.Errorf("selector strategy %q is not implemented in BPF (round, rand and hash are)", s)
+}
+
+// Datapath is the tc datapath. One BPF instance is loaded per listen
+// namespace, the first time a service there is set up, and unloaded when
+// its last service closes.
+type Datapath struct {
+	// Instance names the daemon; pins go to /sys/fs/bpf/ebpfwd/<Instance>-<netns>.
+	Instance string
+	Logger   *slog.Logger
+	// Userspace serves each service's socket listener.
+	Userspace datapath.Datapath
+
+	mu      sync.Mutex
+	loaders map[string]*nsLoader // by listen namespace path
+}
+
+var _ datapath.Datapath = (*Datapath)(nil)
+
+// nsLoader is one namespace's BPF instance and the services using it.
+type nsLoader struct {
+	ns      netns.NS
+	l       *loader.Loader
+	refs    int
+	stopGC  context.CancelFunc
+	gcDone  chan struct{}
+	ifnames []string
+}
+
+// Kind reports datapath.TC.
+func (*Datapath) Kind() datapath.Kind { return datapath.TC }
+
+// Setup attaches the program in the service's listen namespace (loading it
+// there first if needed), puts the service into its maps, and prepares the
+// userspace datapath for the service's listener.
+func (d *Datapath) Setup(ctx context.Context, svc datapath.Service) (datapath.Attachment, error) {
+	if err := Applicable(svc); err != nil {
+		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
+	}
+	spec, err := loaderService(svc)
+	if err != nil {
+		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
+	}
+	us, err := d.Userspace.Setup(ctx, svc)
+	if err != nil {
+		return nil, err
+	}
+	nl, err := d.acquire(svc.ListenNS)
+	if err != nil {
+		us.Close()
+		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
+	}
+	id, err := nl.l.PutService(spec)
+	if err != nil {
+		d.release(nl)
+		us.Close()
+		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
+	}
+	d.logger().Info("tc datapath attached", "service", svc.Name, "netns", nl.ns.String(),
+		"interfaces", strings.Join(nl.ifnames, ","), "pins", nl.l.PinDir())
+	return &attachment{d: d, nl: nl, id: id, svc: svc, us: us}, nil
+}
+
+func loaderService(svc datapath.Service) (loader.Service, error) {
+	st, err := strategy(svc.Strategy)
+	if err != nil {
+		return loader.Service{}, err
+	}
+	vip, err := netip.ParseAddrPort(svc.Addr)
+	if err != nil {
+		return loader.Service{}, err
+	}
+	out := loader.Service{Network: svc.Network, VIP: vip, Strategy: st, IdleTimeout: svc.IdleTimeout}
+	if svc.Network == "udp" {
+		out.IdleTimeout = svc.PacketTTL
+	}
+	for _, n := range svc.Nodes {
+		ap, err := netip.ParseAddrPort(n.Addr)
+		if err != nil {
+			return loader.Service{}, err
+		}
+		out.Nodes = append(out.Nodes, loader.Node{Addr: ap})
+	}
+	return out, nil
+}
+
+func (d *Datapath) logger() *slog.Logger {
+	if d.Logger == nil {
+		return slog.Default()
+	}
+	return d.Logger
+}
+
+// acquire returns the namespace's BPF instance, loading and attaching it to
+// every Ethernet interface there on first use.
+func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if nl, ok := d.loaders[nsPath]; ok {
+		nl.refs++
+		return nl, nil
+	}
+	ns, err := netns.Parse(nsPath)
+	if err != nil {
+		return nil, err
+	}
+	l, err := loader.Load(loader.Config{Instance: d.pinName(ns)})
+	if err != nil {
+		return nil, err
+	}
+	ifnames, err := ethernetInterfaces(ns)
+	if err != nil {
+		l.Close()
+		return nil, err
+	}
+	for _, ifname := range ifnames {
+		if _, err := l.Attach(ns, ifname); err != nil {
+			l.Close()
+			return nil, err
+		}
+	}
+	if len(ifnames) == 0 {
+		l.Close()
+		return nil, fmt.Errorf("netns %s has no Ethernet interface to attach to", ns)
+	}
+	gcCtx, stop := context.WithCancel(context.Background())
+	nl := &nsLoader{ns: ns, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), ifnames: ifnames}
+	go d.collectGarbage(gcCtx, nl)
+	if d.loaders == nil {
+		d.loaders = map[string]*nsLoader{}
+	}
+	d.loaders[nsPath] = nl
+	return nl, nil
+}
+
+// pinName is the pin directory of the instance's BPF objects in ns: one per
+// namespace, so that two namespaces never share maps.
+func (d *Datapath) pinName(ns netns.NS) string {
+	if ns.IsOwn() {
+		return d.Instance
+	}
+	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(filepath.Clean(ns.String()), "/"), "/", "_")
+}
+
+func (d *Datapath) release(nl *nsLoader) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	nl.refs--
+	if nl.refs > 0 {
+		return
+	}
+	nl.stopGC()
+	<-nl.gcDone
+	if err := nl.l.Close(); err != nil {
+		d.logger().Error("detach tc datapath", "netns", nl.ns.String(), "err", err)
+	}
+	for k, v := range d.loaders {
+		if v == nl {
+			delete(d.loaders, k)
+		}
+	}
+}
+
+func (d *Datapath) collectGarbage(ctx context.Context, nl *nsLoader) {
+	defer close(nl.gcDone)
+	t := time.NewTicker(gcInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if n, err := nl.l.CollectGarbage(); err != nil {
+				d.logger().Warn("tc conntrack garbage collection", "netns", nl.ns.String(), "err", err)
+			} else if n > 0 {
+				d.logger().Debug("tc conntrack garbage collection", "netns", nl.ns.String(), "removed", n)
+			}
+		}
+	}
+}
+
+// ethernetInterfaces lists the namespace's interfaces where clients'
+// packets or nodes' replies may arrive: every Ethernet device that is up.
+func ethernetInterfaces(ns netns.NS) ([]string, error) {
+	var names []string
+	err := ns.Do(func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			a := l.Attrs()
+			if a.EncapType == "ether" && a.Flags&net.FlagUp != 0 {
+				names = append(names, a.Name)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces in netns %s: %w", ns, err)
+	}
+	return names, nil
+}
+
+// attachment is one service on the tc datapath.
+type attachment struct {
+	d   *Datapath
+	nl  *nsLoader
+	id  loader.ServiceID
+	svc datapath.Service
+	us  datapath.Attachment
+
+	closeOnce sync.Once
+	closeErr  error
+}
+
+var (
+	_ datapath.PacketForwarder = (*attachment)(nil)
+	_ datapath.FlowLister      = (*attachment)(nil)
+)
+
+// Splice serves a stream accepted by the service's listener: one the
+// program passed to the stack, or from a client in the listen namespace.
+func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
+	return a.us.Splice(ctx, s)
+}
+
+// ServePackets serves the datagrams that reach the service's socket.
+func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial datapath.PacketDialer) error {
+	pf, ok := a.us.(datapath.PacketForwarder)
+	if !ok {
+		return errors.New("userspace datapath cannot forward packets")
+	}
+	return pf.ServePackets(ctx, pc, dial)
+}
+
+// Counters adds the kernel's figures (read from the per-CPU map now) to the
+// socket listener's.
+func (a *attachment) Counters() datapath.Counters {
+	c := a.us.Counters()
+	k, err := a.nl.l.Counters(a.id)
+	if err != nil {
+		a.d.logger().Warn("read tc counters", "service", a.svc.Name, "err", err)
+		return c
+	}
+	c.Opened += k.NewFlows
+	c.BytesUp += k.BytesUp
+	c.BytesDown += k.BytesDown
+	if flows, err := a.kernelFlows(); err == nil {
+		c.Active += int64(len(flows))
+	}
+	return c
+}
+
+// KernelCounters are the program's own counters for the service.
+func (a *attachment) KernelCounters() (loader.Counters, error) { return a.nl.l.Counters(a.id) }
+
+func (a *attachment) kernelFlows() ([]loader.Conn, error) {
+	conns, err := a.nl.l.Conns()
+	if err != nil {
+		return nil, err
+	}
+	out := conns[:0]
+	for _, c := range conns {
+		if c.Service == a.id && !c.Expired {
+			out = append(out, c)
+		}
+	}
+	return out, nil
+}
+
+// Flows lists the kernel's flows of this service and the listener's.
+func (a *attachment) Flows() []datapath.Flow {
+	var out []datapath.Flow
+	if fl, ok := a.us.(datapath.FlowLister); ok {
+		out = fl.Flows()
+	}
+	conns, err := a.kernelFlows()
+	if err != nil {
+		a.d.logger().Warn("list tc flows", "service", a.svc.Name, "err", err)
+		return out
+	}
+	for _, c := range conns {
+		out = append(out, datapath.Flow{
+			Service: a.svc.Name, Datapath: datapath.TC, Network: c.Network,
+			Client: c.Client.String(), Node: a.nodeName(c.Node), Upstream: c.Node.String(),
+			State: fmt.Sprintf("%s idle %s via %s", c.State, c.Idle.Round(time.Millisecond), c.SNAT),
+		})
+	}
+	return out
+}
+
+func (a *attachment) nodeName(addr netip.AddrPort) string {
+	for _, n := range a.svc.Nodes {
+		if ap, err := netip.ParseAddrPort(n.Addr); err == nil && ap == addr {
+			return n.Name
+		}
+	}
+	return ""
+}
+
+// Close removes the service from the maps and, with the namespace's last
+// service, detaches and unpins the program.
+func (a *attachment) Close() error {
+	a.closeOnce.Do(func() {
+		err := a.nl.l.DeleteService(a.id)
+		a.d.release(a.nl)
+		a.closeErr = errors.Join(err, a.us.Close())
+	})
+	return a.closeErr
+}

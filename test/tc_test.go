@@ -1,0 +1,184 @@
+package test
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"regexp"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+
+	"github.com/ebpfwd/ebpfwd/internal/peer"
+)
+
+// tcGateway is client ns -> gateway ns (the service, datapath tc) -> server
+// ns, the layout the tc datapath exists for.
+const tcGateway = `services:
+- name: tc-tcp
+  addr: "10.31.1.1:8000"
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: server-0, addr: "10.31.2.2:9000"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+- name: tc-udp
+  addr: "10.31.1.1:8001"
+  handler: {type: udp}
+  forwarder:
+    nodes:
+    - {name: server-0, addr: "10.31.2.2:9001"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+`
+
+// conns runs `ebpfwd conns` for a daemon.
+func conns(t *testing.T, d *daemon) string {
+	t.Helper()
+	var stdout, stderr bytes.Buffer
+	cmd := exec.Command(ebpfwdBin, "conns", "--instance", d.instance)
+	cmd.Stdout, cmd.Stderr = &stdout, &stderr
+	if err := cmd.Run(); err != nil {
+		t.Fatalf("ebpfwd conns: %v\n%s", err, &stderr)
+	}
+	return stdout.String()
+}
+
+// tcxPrograms counts the tcx ingress programs on a gateway interface.
+func tcxPrograms(t *testing.T, gw netNSHandle, ifname string) int {
+	t.Helper()
+	var n int
+	err := gw.Do(func() error {
+		iface, err := net.InterfaceByName(ifname)
+		if err != nil {
+			return err
+		}
+		res, err := link.QueryPrograms(link.QueryOptions{Target: iface.Index, Attach: ebpf.AttachTCXIngress})
+		if err != nil {
+			return err
+		}
+		n = len(res.Programs)
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("query tcx programs on %s: %v", ifname, err)
+	}
+	return n
+}
+
+type netNSHandle interface{ Do(func() error) error }
+
+func TestTCDatapath(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	client := newNS(t, "e2e-tc-c")
+	gw := newNS(t, "e2e-tc-g")
+	server := newNS(t, "e2e-tc-s")
+	veth(t, client, "c0", "10.31.1.2/24", gw, "g0", "10.31.1.1/24")
+	veth(t, gw, "g1", "10.31.2.1/24", server, "s0", "10.31.2.2/24")
+	// Forwarding stays off in the gateway: the program redirects, the
+	// gateway's stack never routes these packets.
+	target := echoIn(t, server, "10.31.2.2:9000")
+	udpEchoIn(t, server, "10.31.2.2:9001")
+
+	d := startDaemon(t, "tc", config(tcGateway, map[string]string{"GW": gw.Name}), daemonOptions{})
+	gwNS := handle(t, gw)
+	for _, ifname := range []string{"g0", "g1"} {
+		if n := tcxPrograms(t, gwNS, ifname); n != 1 {
+			t.Fatalf("%d tcx programs on %s, want 1", n, ifname)
+		}
+	}
+
+	t.Run("a held connection is a kernel flow", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+		defer cancel()
+		c, err := dialFrom(ctx, t, client, "tcp", "10.31.1.1:8000")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		c.SetDeadline(time.Now().Add(5 * time.Second))
+		if _, err := c.Write([]byte("ping")); err != nil {
+			t.Fatal(err)
+		}
+		if _, err := io.ReadFull(c, make([]byte, 4)); err != nil {
+			t.Fatal(err)
+		}
+		out := conns(t, d)
+		flow := regexp.MustCompile(`(?m)^tc-tcp\s+tc\s+tcp\s+` + regexp.QuoteMeta(c.LocalAddr().String()) + `\s+server-0\s+10\.31\.2\.2:9000\s+established`)
+		if !flow.MatchString(out) {
+			t.Fatalf("conns does not list the connection as a tc flow:\n%s", out)
+		}
+		if regexp.MustCompile(`(?m)^tc-tcp\s+userspace`).MatchString(out) {
+			t.Fatalf("the connection reached the userspace listener:\n%s", out)
+		}
+		// The node sees the gateway's address on its side (SNAT).
+		if srcs := target.sources(); len(srcs) == 0 || srcs[len(srcs)-1] != "10.31.2.1" {
+			t.Fatalf("target saw %v, want the gateway's 10.31.2.1", srcs)
+		}
+	})
+
+	t.Run("200 concurrent flows byte-exact", func(t *testing.T) {
+		const flows, size = 200, 256 << 10
+		var wg sync.WaitGroup
+		errs := make(chan error, flows)
+		for i := range flows {
+			wg.Go(func() {
+				if err := exchange(t, client, "10.31.1.1:8000", size, 60*time.Second); err != nil {
+					errs <- fmt.Errorf("flow %d: %w", i, err)
+				}
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			t.Error(err)
+		}
+	})
+
+	t.Run("udp", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+		defer cancel()
+		c, err := dialFrom(ctx, t, client, "udp", "10.31.1.1:8001")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		if err := peer.UDPExchange(ctx, c, 200, 1400); err != nil {
+			t.Fatal(err)
+		}
+		if out := conns(t, d); !regexp.MustCompile(`(?m)^tc-udp\s+tc\s+udp\s+` + regexp.QuoteMeta(c.LocalAddr().String())).MatchString(out) {
+			t.Fatalf("conns does not list the UDP flow as a tc flow:\n%s", out)
+		}
+	})
+
+	t.Run("a client inside the listen namespace gets the listener", func(t *testing.T) {
+		// Its packets never cross an interface, so only the socket can
+		// serve them.
+		if err := exchange(t, gw, "10.31.1.1:8000", 256<<10, 15*time.Second); err != nil {
+			t.Fatal(err)
+		}
+	})
+
+	if code, err := d.stop(); err != nil || code != 0 {
+		t.Fatalf("daemon stop: status %d, %v", code, err)
+	}
+	for _, ifname := range []string{"g0", "g1"} {
+		if n := tcxPrograms(t, gwNS, ifname); n != 0 {
+			t.Errorf("%d tcx programs left on %s after exit", n, ifname)
+		}
+	}
+	if entries, err := os.ReadDir("/sys/fs/bpf/ebpfwd"); err == nil {
+		for _, e := range entries {
+			if regexp.MustCompile(regexp.QuoteMeta(d.instance)).MatchString(e.Name()) {
+				t.Errorf("pin directory %s left after exit", e.Name())
+			}
+		}
+	}
+}
