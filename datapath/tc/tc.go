@@ -215,7 +215,11 @@ func (d *Datapath) pinName(ns netns.NS) string {
 	if ns.IsOwn() {
 		return d.Instance
 	}
-	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(filepath.Clean(ns.String()), "/"), "/", "_")
+	name := filepath.Clean(ns.Path())
+	if dir, base := filepath.Split(name); dir == "/var/run/netns/" || dir == "/run/netns/" {
+		name = base // named as `ip netns` names it
+	}
+	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(name, "/"), "/", "_")
 }
 
 func (d *Datapath) release(nl *nsLoader) {
