@@ -9,7 +9,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # panic on every change, short enough for CI.
 FUZZTIME ?= 10s
 
-.PHONY: build test unit e2e fuzz demo generate lint clean need-root
+.PHONY: build test unit e2e fuzz demo generate lint clean need-root bench
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
@@ -33,6 +33,15 @@ fuzz:
 
 demo: need-root build
 	$(GO) run ./test/demo -ebpfwd $(BIN) -config docs/examples/seed000.yaml
+
+# Side-by-side benchmark of every datapath against the kernel's own paths
+# (docs/BENCHMARKS.md). BENCH_QUICK=1: one short run; BENCH_WRITE=1: also
+# rewrite docs/BENCHMARKS.md (full mode only). Installs iperf3 and iptables
+# from Debian when they are missing.
+bench: need-root build
+	@command -v iperf3 >/dev/null && command -v iptables >/dev/null || \
+	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 iptables; }
+	$(GO) run ./test/bench -ebpfwd $(BIN) $(if $(filter 1,$(BENCH_QUICK)),-quick) $(if $(filter 1,$(BENCH_WRITE)),-write docs/BENCHMARKS.md)
 
 # BPF objects and bindings are committed; this regenerates them (needs clang-19).
 generate:

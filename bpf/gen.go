@@ -9,4 +9,4 @@ package bpf
 // ebpfwd runs on. -mcpu=v3 enables the atomic fetch-and-add the round-robin
 // cursor uses. The uapi headers come from linux-libc-dev, the helpers from
 // libbpf-dev; no vmlinux.h is needed.
-//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target amd64 -type tuple -type service_key -type service -type node_key -type node -type ct_entry NAT nat.c -- -I/usr/include/x86_64-linux-gnu
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target amd64 -type tuple -type service_key -type service -type node_key -type node -type ct_entry -type l2_path NAT nat.c -- -I/usr/include/x86_64-linux-gnu

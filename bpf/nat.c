@@ -9,8 +9,9 @@
 // service is DNATed to a node of that service and SNATed to an address of
 // ours through which the node's replies come back; replies are translated
 // back. Both directions are redirected straight to the egress device found by
-// bpf_fib_lookup (bpf_redirect_peer for a veth whose peer lives in another
-// namespace, else bpf_redirect_neigh). Everything the program cannot handle
+// bpf_fib_lookup, or, where forwarding is off and the FIB refuses, learned
+// from the flow's own packets (bpf_redirect_peer for a veth whose peer lives
+// in another namespace, else bpf_redirect_neigh). Everything the program cannot handle
 // (IP options, fragments, no route, no SNAT port, a TCP segment of an unknown
 // flow) goes to the stack untouched (TC_ACT_UNSPEC), where the service's
 // ordinary socket listener serves it; every such decision is counted.
@@ -151,6 +152,15 @@ enum ct_state {
 #define CT_FIN_CLIENT 0x01
 #define CT_FIN_NODE 0x02
 
+// How to reach one side of a flow at layer 2, learned from its packets: the
+// device they arrive on, their source MAC (the peer's) and destination MAC
+// (ours). ifindex 0: nothing learned yet.
+struct l2_path {
+	__u32 ifindex;
+	__u8 peer_mac[ETH_ALEN];
+	__u8 our_mac[ETH_ALEN];
+};
+
 // The conntrack entry, keyed by the tuple as the client sends it.
 struct ct_entry {
 	struct tuple reply; // as the node's replies arrive: node -> snat
@@ -162,6 +172,10 @@ struct ct_entry {
 	__u8 state;           // enum ct_state
 	__u8 fin;             // CT_FIN_*
 	__u16 pad;
+	// Where the last packet of each side came from. With forwarding off
+	// bpf_fib_lookup refuses, and these take its place.
+	struct l2_path to_client;
+	struct l2_path to_node;
 };
 
 enum iface_flags {
@@ -537,11 +551,17 @@ struct route {
 
 // route_lookup asks the FIB how a packet from src to dst leaves. tot_len
 // stays 0 so that the MTU check passes GSO packets (the stack segments them
-// on egress). When forwarding is disabled in the namespace the FIB refuses;
-// then a route hint from userspace or conntrack lets bpf_redirect_neigh do
-// the routing on that device.
+// on egress).
+//
+// bpf_fib_lookup refuses (FWD_DISABLED) when forwarding is off on the
+// ingress device, with or without BPF_FIB_LOOKUP_OUTPUT: the kernel checks
+// it unconditionally. A gateway namespace need not forward for us, so then
+// the path learned from the other side's packets (learned, may be NULL)
+// gives egress device and MACs; before anything is learned (the first packet
+// of a flow) the route hint from userspace or conntrack lets
+// bpf_redirect_neigh route on that device.
 static __always_inline void route_lookup(struct __sk_buff *skb, const struct tuple *out, __u32 hint,
-					 struct route *r)
+					 const struct l2_path *learned, struct route *r)
 {
 	struct bpf_fib_lookup fib = {};
 	fib.l4_protocol = out->proto;
@@ -576,6 +596,13 @@ static __always_inline void route_lookup(struct __sk_buff *skb, const struct tup
 		}
 		break;
 	case BPF_FIB_LKUP_RET_FWD_DISABLED:
+		if (learned && learned->ifindex) {
+			r->kind = ROUTE_DIRECT;
+			r->ifindex = learned->ifindex;
+			__builtin_memcpy(r->dmac, learned->peer_mac, ETH_ALEN);
+			__builtin_memcpy(r->smac, learned->our_mac, ETH_ALEN);
+			break;
+		}
 		if (hint) {
 			r->kind = ROUTE_KERNEL;
 			r->ifindex = hint;
@@ -691,11 +718,11 @@ static __always_inline int deliver(struct __sk_buff *skb, struct route *r, __u32
 
 // translate_and_deliver is the common tail of both directions.
 static __always_inline int translate_and_deliver(struct __sk_buff *skb, const struct packet *p,
-						 const struct tuple *out, __u32 hint, __u32 service_id,
-						 int up)
+						 const struct tuple *out, __u32 hint,
+						 const struct l2_path *learned, __u32 service_id, int up)
 {
 	struct route r = {};
-	route_lookup(skb, out, hint, &r);
+	route_lookup(skb, out, hint, learned, &r);
 	if (r.kind == ROUTE_NONE) {
 		count(service_id, COUNTER_PASS_NO_ROUTE, 1);
 		return TC_ACT_UNSPEC;
@@ -707,6 +734,21 @@ static __always_inline int translate_and_deliver(struct __sk_buff *skb, const st
 	count(service_id, up ? COUNTER_PACKETS_UP : COUNTER_PACKETS_DOWN, p->segs);
 	count(service_id, up ? COUNTER_BYTES_UP : COUNTER_BYTES_DOWN, p->payload_len);
 	return deliver(skb, &r, service_id);
+}
+
+// learn_path records where a packet came from, writing only on change so
+// that the common case stays a read of shared conntrack memory.
+static __always_inline void learn_path(struct __sk_buff *skb, struct l2_path *path)
+{
+	struct l2_path seen = {.ifindex = skb->ifindex};
+	__u8 eth[2 * ETH_ALEN];
+	if (bpf_skb_load_bytes(skb, 0, eth, sizeof(eth)))
+		return;
+	__builtin_memcpy(seen.our_mac, eth, ETH_ALEN);
+	__builtin_memcpy(seen.peer_mac, eth + ETH_ALEN, ETH_ALEN);
+	const __u32 *a = (const __u32 *)&seen, *b = (const __u32 *)path;
+	if (a[0] != b[0] || a[1] != b[1] || a[2] != b[2] || a[3] != b[3])
+		*path = seen;
 }
 
 // forward_tuple is what a client's packet becomes: snat -> node.
@@ -736,6 +778,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 		.node_ifindex = node->ifindex,
 		.state = p->t.proto == IPPROTO_TCP ? CT_TCP_SYN_SENT : CT_UDP,
 	};
+	learn_path(skb, &ct.to_client);
 	__builtin_memcpy(ct.reply.src, node->addr, 16);
 	__builtin_memcpy(ct.reply.dst, node->snat_addr, 16);
 	ct.reply.sport = node->port;
@@ -747,7 +790,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 	struct tuple out = {};
 	forward_tuple(&ct, &out);
 	struct route r = {};
-	route_lookup(skb, &out, node->ifindex, &r);
+	route_lookup(skb, &out, node->ifindex, 0, &r);
 	if (r.kind == ROUTE_NONE) {
 		count(svc->id, COUNTER_PASS_NO_ROUTE, 1);
 		return TC_ACT_UNSPEC;
@@ -797,9 +840,11 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct packe
 		return new_flow(skb, p, svc, now);
 	}
 	ct_update(ct, p->tcp_flags, 1, now);
+	learn_path(skb, &ct->to_client);
 	struct tuple out = {};
 	forward_tuple(ct, &out);
-	return translate_and_deliver(skb, p, &out, ct->node_ifindex, ct->service_id, 1);
+	struct l2_path to_node = ct->to_node;
+	return translate_and_deliver(skb, p, &out, ct->node_ifindex, &to_node, ct->service_id, 1);
 }
 
 // from_node handles a packet that may be a reply of one of our flows.
@@ -820,6 +865,7 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 		return TC_ACT_SHOT;
 	}
 	ct_update(ct, p->tcp_flags, 0, now);
+	learn_path(skb, &ct->to_node);
 
 	// Back to what the client expects: service -> client.
 	struct tuple out = {};
@@ -829,7 +875,8 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 	out.dport = orig.sport;
 	out.proto = orig.proto;
 	out.family = orig.family;
-	return translate_and_deliver(skb, p, &out, ct->client_ifindex, ct->service_id, 0);
+	struct l2_path to_client = ct->to_client;
+	return translate_and_deliver(skb, p, &out, ct->client_ifindex, &to_client, ct->service_id, 0);
 }
 
 SEC("tcx/ingress")

@@ -494,10 +494,11 @@ func TestSNATExhaustionCounted(t *testing.T) {
 }
 
 // TestForwardingDisabled pins down what happens when bpf_fib_lookup refuses
-// because forwarding is off in the namespace: with a route hint from
-// userspace the packet is rewritten and left to bpf_redirect_neigh on the
-// hinted device (MACs are the kernel's job then); without one it goes to the
-// stack untouched.
+// because forwarding is off in the namespace: a flow's first packet, with a
+// route hint from userspace, is rewritten and left to bpf_redirect_neigh on
+// the hinted device (MACs are the kernel's job then); without a hint it goes
+// to the stack untouched. Later packets use the L2 path learned from the
+// other side's packets.
 func TestForwardingDisabled(t *testing.T) {
 	for _, withHint := range []bool{true, false} {
 		t.Run(fmt.Sprintf("hint=%v", withHint), func(t *testing.T) {
@@ -526,16 +527,34 @@ func TestForwardingDisabled(t *testing.T) {
 			}
 			tn.wantCounters(t, 1, map[NATCounter]uint64{NATCounterCOUNTER_REDIRECT_NEIGH: 1, NATCounterCOUNTER_NEW_FLOWS: 1})
 
-			// The reply's route hint is the client's ingress device,
-			// recorded in conntrack.
+			// From here on both sides are learned from their packets:
+			// the reply leaves with the MACs the SYN came with, and the
+			// client's next segment with those the reply came with,
+			// both through bpf_redirect_peer on a peer veth.
+			if err := tn.objs.EbpfwdIfaces.Put(uint32(tn.ifindex), uint32(NATIfaceFlagsIFACE_PEER_REDIRECT)); err != nil {
+				t.Fatal(err)
+			}
 			reply := frame{dstMAC: tn.mac, srcMAC: nodeMAC, src: v4.node, dst: got.src, proto: protoTCP, ttl: 64, tcpFlags: flagSYN | flagACK}
 			ret, out = tn.run(t, reply.build())
 			if ret != actRedirect {
 				t.Fatalf("reply verdict %#x, want TC_ACT_REDIRECT", ret)
 			}
-			if back := mustParse(t, out); back.dst != v4.client || back.src != v4.vip {
+			back := mustParse(t, out)
+			if back.dst != v4.client || back.src != v4.vip {
 				t.Errorf("reply rewritten to %s -> %s", back.src, back.dst)
 			}
+			if !bytes.Equal(back.dstMAC, clientMAC) || !bytes.Equal(back.srcMAC, tn.mac) {
+				t.Errorf("reply MACs %s <- %s, want the learned %s <- %s", back.dstMAC, back.srcMAC, clientMAC, tn.mac)
+			}
+			ack := frame{dstMAC: tn.mac, srcMAC: clientMAC, src: v4.client, dst: v4.vip, proto: protoTCP, ttl: 64, tcpFlags: flagACK}
+			ret, out = tn.run(t, ack.build())
+			if ret != actRedirect {
+				t.Fatalf("ACK verdict %#x, want TC_ACT_REDIRECT", ret)
+			}
+			if fwd := mustParse(t, out); !bytes.Equal(fwd.dstMAC, nodeMAC) || !bytes.Equal(fwd.srcMAC, tn.mac) {
+				t.Errorf("ACK MACs %s <- %s, want the learned %s <- %s", fwd.dstMAC, fwd.srcMAC, nodeMAC, tn.mac)
+			}
+			tn.wantCounters(t, 1, map[NATCounter]uint64{NATCounterCOUNTER_REDIRECT_NEIGH: 1, NATCounterCOUNTER_REDIRECT_PEER: 2})
 		})
 	}
 }

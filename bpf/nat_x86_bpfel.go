@@ -46,6 +46,8 @@ type NATCtEntry struct {
 	State         uint8
 	Fin           uint8
 	Pad           uint16
+	ToClient      NATL2Path
+	ToNode        NATL2Path
 }
 
 type NATCtState uint32
@@ -63,6 +65,13 @@ type NATIfaceFlags uint32
 const (
 	NATIfaceFlagsIFACE_PEER_REDIRECT NATIfaceFlags = 1
 )
+
+type NATL2Path struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	PeerMac [6]uint8
+	OurMac  [6]uint8
+}
 
 type NATNode struct {
 	_        structs.HostLayout

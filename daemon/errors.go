@@ -36,6 +36,13 @@ const (
 	ReasonOther       Reason = "other"
 )
 
+// Reasons lists every Reason, so that metrics can show each at zero before
+// it first happens (a rate() over a series that appears with its first
+// event misses that event).
+var Reasons = []Reason{ReasonRefused, ReasonTimeout, ReasonUnreachable, ReasonResolve, ReasonNetnsGone,
+	ReasonHopAuth, ReasonHopGateway, ReasonHopStatus, ReasonHopProtocol, ReasonHopClosed, ReasonReset,
+	ReasonIdle, ReasonAccept, ReasonOther}
+
 // reasonOf maps an error from dialing or relaying to its Reason.
 func reasonOf(err error) Reason {
 	var se *httpconnect.StatusError

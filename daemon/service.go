@@ -79,6 +79,7 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 	if sc.Handler.Type == "http" {
 		s.proxy = s.newProxy()
 	}
+	s.declareDials()
 	if len(errs) > 0 {
 		return nil, errors.Join(errs...)
 	}
@@ -263,6 +264,26 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
 	}
 	return nil, errors.Join(errs...)
+}
+
+// declareDials creates the service's dial latency series up front.
+func (s *service) declareDials() {
+	rec := s.d.opts.Metrics
+	if s.proxy != nil {
+		rec.DeclareDial(s.cfg.Name, "target", "*")
+	}
+	if s.nodes != nil {
+		for _, n := range s.nodes.Nodes() {
+			rec.DeclareDial(s.cfg.Name, "node", n.Name)
+		}
+	}
+	if s.chain != nil {
+		for _, h := range s.chain.Hops {
+			for _, n := range h.Selector.Nodes() {
+				rec.DeclareDial(s.cfg.Name, "hop", s.chain.Name+"/"+h.Name+"/"+n.Name)
+			}
+		}
+	}
 }
 
 func (s *service) observeHop(hop, node string, took time.Duration, err error) {

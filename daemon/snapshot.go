@@ -21,6 +21,9 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 		if s.att != nil {
 			snap.Counters = s.att.Counters()
 		}
+		for _, r := range Reasons {
+			snap.Errors[string(r)] = 0
+		}
 		for r, n := range s.errs.Snapshot() {
 			snap.Errors[string(r)] = n
 		}

@@ -27,8 +27,8 @@ var (
 		"Entries in a datapath's flow table (userspace: UDP sessions; tc: conntrack).", "service", "datapath", "table")
 	flowCapacity = desc("flow_table_capacity",
 		"Capacity of a datapath's flow table.", "service", "datapath", "table")
-	fallbacks = desc("datapath_fallbacks_total",
-		"Services that run on a slower datapath than they could, by the datapath they fell back from and why.",
+	fallbacks = desc("datapath_fallback",
+		"1 for each service that runs on a slower datapath than it could: the datapath it fell back from, to, and why.",
 		"service", "from", "to", "reason")
 )
 
@@ -75,7 +75,7 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(hopNodeUp, boolValue(h.Up), h.Chain, h.Hop, h.Node)
 	}
 	for _, f := range c.src.Fallbacks() {
-		counter(fallbacks, 1, f.Service, f.From, f.To, f.Reason)
+		gauge(fallbacks, 1, f.Service, f.From, f.To, f.Reason)
 	}
 }
 

@@ -115,6 +115,17 @@ func NewRecorder() *Recorder {
 	}, []string{"service", "kind", "name", "result"})}
 }
 
+// DeclareDial creates a dial's series at zero for both outcomes, so that
+// its first observation shows in rate().
+func (r *Recorder) DeclareDial(service, kind, name string) {
+	if r == nil {
+		return
+	}
+	for _, result := range []string{"ok", "error"} {
+		r.dial.WithLabelValues(service, kind, name, result)
+	}
+}
+
 // ObserveDial records one dial attempt.
 func (r *Recorder) ObserveDial(service, kind, name string, took time.Duration, err error) {
 	if r == nil {

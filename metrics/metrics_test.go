@@ -95,7 +95,7 @@ func TestRegistryReadsTheSource(t *testing.T) {
 		{"ebpfwd_hop_node_up", map[string]string{"chain": "c", "hop": "h", "node": "n"}, 1},
 		{"ebpfwd_flow_table_entries", map[string]string{"table": "udp_sessions"}, 2},
 		{"ebpfwd_flow_table_capacity", map[string]string{"table": "udp_sessions"}, 65536},
-		{"ebpfwd_datapath_fallbacks_total", map[string]string{"from": "tc", "to": "userspace", "reason": "not_built"}, 1},
+		{"ebpfwd_datapath_fallback", map[string]string{"from": "tc", "to": "userspace", "reason": "not_built"}, 1},
 		{"ebpfwd_dial_duration_seconds", map[string]string{"name": "a", "result": "ok"}, 1},
 		{"ebpfwd_dial_duration_seconds", map[string]string{"name": "b", "result": "error"}, 1},
 		{"ebpfwd_build_info", map[string]string{"version": "v1.2.3"}, 1},

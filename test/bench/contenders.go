@@ -22,8 +22,8 @@ type contender struct {
 
 // path is a started contender.
 type path struct {
-	front    string     // address the client dials; the ports are the server's
-	daemons  []*process // ebpfwd processes whose CPU and memory are charged to the path
+	front   string     // address the client dials; the ports are the server's
+	daemons []*process // ebpfwd processes whose CPU and memory are charged to the path
 	// capacity says what bounds the number of concurrent flows, given the
 	// descriptors per flow the idle-connection workload observed.
 	capacity func(ctx context.Context, fdsPerFlow float64) string

@@ -116,10 +116,12 @@ func serve() error {
 func acceptLoop(l net.Listener, handle func(net.Conn)) {
 	for {
 		c, err := l.Accept()
+		if errors.Is(err, net.ErrClosed) {
+			return
+		}
 		if err != nil {
-			// Accept fails for good only when the listener is closed, which
-			// happens when the process exits; transient errors (EMFILE) are
-			// retried after a pause so a burst does not kill the server.
+			// Transient errors (EMFILE) are retried after a pause so that a
+			// burst does not kill the server.
 			slog.Warn("accept", "addr", l.Addr(), "err", err)
 			time.Sleep(10 * time.Millisecond)
 			continue

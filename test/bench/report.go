@@ -285,9 +285,10 @@ const docMeasured = `
   kworkers and softirq included) during the three throughput runs, divided by the GB (10⁹ bytes) they moved. It
   includes iperf3 at both ends (the same for every contender) and whatever else the shared machine ran meanwhile.
 - **ebpfwd's own CPU per GB**: utime+stime of the daemon process(es) from ` + "`/proc/PID/stat`" + ` over the same runs.
-- **RSS per idle connection**: the client opens 10,000 connections and keeps them idle; once every daemon holds two
-  more descriptors per connection (every relay is set up), the growth of the daemons' VmRSS divided by the
-  connections. Kernel paths keep their per-flow state in kernel memory and are not measured here.
+- **RSS per idle connection**: the client opens 10,000 connections (fewer when the open-file limit cannot hold them;
+  the results above then say how many and why) and keeps them idle; once every daemon holds at least two more
+  descriptors per connection and the count has settled (every relay is set up), the growth of the daemons' VmRSS
+  divided by the connections. Kernel paths keep their per-flow state in kernel memory and are not measured here.
 - **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
   read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is not a
   configured limit (ebpfwd has none) but the daemon's open-file limit, two descriptors per flow; the benchmark

@@ -271,29 +271,30 @@ func measureIdleRSS(ctx context.Context, e *runEnv, p *path, out map[metricKey]f
 	if err != nil {
 		return 0, err
 	}
+	var growth int64
 	for i, d := range p.daemons {
 		perFlow := float64(fds[i]-baseFDs[i]) / float64(n)
 		fdsPerFlow = max(fdsPerFlow, perFlow)
+		growth += rss[i] - baseRSS[i]
 		slog.Info("idle connections held", "daemon", d.name, "connections", n,
-			"fds_per_connection", perFlow, "rss_growth_bytes", rss-baseRSS)
+			"fds_per_connection", fmt.Sprintf("%.2f", perFlow), "rss_growth_bytes", rss[i]-baseRSS[i])
 	}
-	out[rssPerConn] = float64(rss-baseRSS) / float64(n)
+	out[rssPerConn] = float64(growth) / float64(n)
 	return fdsPerFlow, nil
 }
 
-// daemonMemory sums VmRSS over the daemons and returns each one's open
-// file count.
-func daemonMemory(daemons []*process) (rss int64, fds []int, err error) {
+// daemonMemory returns each daemon's VmRSS and open file count.
+func daemonMemory(daemons []*process) (rss []int64, fds []int, err error) {
 	for _, d := range daemons {
 		r, err := residentBytes(d.pid())
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
 		f, err := openFDs(d.pid())
 		if err != nil {
-			return 0, nil, err
+			return nil, nil, err
 		}
-		rss += r
+		rss = append(rss, r)
 		fds = append(fds, f)
 	}
 	return rss, fds, nil

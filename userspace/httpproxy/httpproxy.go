@@ -78,12 +78,17 @@ type Server struct {
 }
 
 // requestError is a client error answered with a status before closing.
+// err, when set, is the cause (a failed dial), kept for errors.Is so the
+// daemon can count failures by reason.
 type requestError struct {
 	status int
 	msg    string
+	err    error
 }
 
 func (e *requestError) Error() string { return e.msg }
+
+func (e *requestError) Unwrap() error { return e.err }
 
 // ServeConn handles one accepted client connection and closes it when done.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
@@ -195,7 +200,7 @@ func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, r
 	target := req.URL.Host
 	res.Target = target
 	if host, port, err := net.SplitHostPort(target); err != nil || host == "" || port == "" {
-		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("CONNECT target %q is not host:port", req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("CONNECT target %q is not host:port", req.RequestURI)}
 	}
 
 	upstream, err := s.dial(ctx, target, res)
@@ -223,13 +228,13 @@ func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, r
 func (s *Server) forward(ctx context.Context, conn net.Conn, req *http.Request, res *Result) (net.Conn, error) {
 	res.Target = requestTarget(req)
 	if !req.URL.IsAbs() {
-		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: a proxy request needs an absolute URI", req.Method, req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: a proxy request needs an absolute URI", req.Method, req.RequestURI)}
 	}
 	if req.URL.Scheme != "http" {
-		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: scheme %q is not proxied, use CONNECT", req.Method, req.RequestURI, req.URL.Scheme)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: scheme %q is not proxied, use CONNECT", req.Method, req.RequestURI, req.URL.Scheme)}
 	}
 	if req.URL.Host == "" {
-		return nil, &requestError{http.StatusBadRequest, fmt.Sprintf("%s %q: no host", req.Method, req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: no host", req.Method, req.RequestURI)}
 	}
 	target := req.URL.Host
 	if req.URL.Port() == "" {
@@ -280,7 +285,7 @@ func (s *Server) forward(ctx context.Context, conn net.Conn, req *http.Request, 
 	}
 	if err != nil {
 		upstream.Close()
-		return nil, &requestError{http.StatusBadGateway, fmt.Sprintf("send %s request to %s: %v", req.Method, target, err)}
+		return nil, &requestError{status: http.StatusBadGateway, msg: fmt.Sprintf("send %s request to %s: %v", req.Method, target, err), err: err}
 	}
 	// One request per connection: pipelined bytes that br already buffered
 	// are dropped; later ones reach the upstream through Relay, which
@@ -305,7 +310,7 @@ func (s *Server) dial(ctx context.Context, target string, res *Result) (net.Conn
 		if isTimeout(err) {
 			status = http.StatusGatewayTimeout
 		}
-		return nil, &requestError{status, fmt.Sprintf("dial %s: %v", target, err)}
+		return nil, &requestError{status: status, msg: fmt.Sprintf("dial %s: %v", target, err), err: err}
 	}
 	return upstream, nil
 }

@@ -13,6 +13,7 @@ import (
 	"net/url"
 	"strings"
 	"sync"
+	"syscall"
 	"testing"
 	"time"
 
@@ -256,9 +257,11 @@ func TestDialFailure(t *testing.T) {
 		name       string
 		srv        *Server
 		wantStatus int
+		wantCause  error // the dial's own error stays reachable for errors.Is
 	}{
-		{name: "refused", srv: &Server{}, wantStatus: http.StatusBadGateway},
-		{name: "timeout", srv: &Server{Dial: blockingDial, DialTimeout: 100 * time.Millisecond}, wantStatus: http.StatusGatewayTimeout},
+		{name: "refused", srv: &Server{}, wantStatus: http.StatusBadGateway, wantCause: syscall.ECONNREFUSED},
+		{name: "timeout", srv: &Server{Dial: blockingDial, DialTimeout: 100 * time.Millisecond}, wantStatus: http.StatusGatewayTimeout,
+			wantCause: context.DeadlineExceeded},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -271,8 +274,8 @@ func TestDialFailure(t *testing.T) {
 			if !errors.As(err, &se) || se.Code != tt.wantStatus {
 				t.Fatalf("Handshake error = %v, want status %d", err, tt.wantStatus)
 			}
-			if r := nextResult(t, results); r.Status != tt.wantStatus || r.Err == nil || r.Target != refusedAddr {
-				t.Fatalf("result = %+v, want status %d with an error", r, tt.wantStatus)
+			if r := nextResult(t, results); r.Status != tt.wantStatus || !errors.Is(r.Err, tt.wantCause) || r.Target != refusedAddr {
+				t.Fatalf("result = %+v, want status %d with an error wrapping %v", r, tt.wantStatus, tt.wantCause)
 			}
 		})
 	}

@@ -1,0 +1,292 @@
+package loader
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"net/netip"
+	"os"
+	"testing"
+	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces, loads and attaches BPF programs, uses bpffs")
+	}
+}
+
+func uniqueInstance(t *testing.T) string {
+	t.Helper()
+	b := make([]byte, 4)
+	if _, err := rand.Read(b); err != nil {
+		t.Fatal(err)
+	}
+	return "test-" + hex.EncodeToString(b)
+}
+
+func createNS(t *testing.T, prefix string) (*topo.NS, netns.NS) {
+	t.Helper()
+	ns, err := topo.CreateUnique(prefix)
+	if err != nil {
+		t.Fatalf("create namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := ns.Delete(); err != nil {
+			t.Errorf("delete namespace %s: %v", ns.Name, err)
+		}
+	})
+	h, err := netns.Parse(ns.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ns, h
+}
+
+// load loads an instance and closes it in Cleanup, checking that nothing
+// is left in bpffs.
+func load(t *testing.T, cfg Config) *Loader {
+	t.Helper()
+	cfg.Instance = uniqueInstance(t)
+	l, err := Load(cfg)
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := l.Close(); err != nil {
+			t.Errorf("Close: %v", err)
+		}
+		if _, err := os.Stat(l.PinDir()); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("pin directory %s still there after Close (stat: %v)", l.PinDir(), err)
+		}
+	})
+	return l
+}
+
+// gatewayTopology is client (10.20.1.2) <-> gateway (10.20.1.1, 10.20.2.1)
+// <-> server (10.20.2.2), forwarding off in the gateway: whatever crosses
+// it was moved by the program.
+type gatewayTopology struct {
+	client, gateway, server netns.NS
+}
+
+func newGatewayTopology(t *testing.T) gatewayTopology {
+	t.Helper()
+	c, ch := createNS(t, "ebpfwd-tcc")
+	g, gh := createNS(t, "ebpfwd-tcg")
+	s, sh := createNS(t, "ebpfwd-tcs")
+	if err := topo.Veth(c, "c0", "10.20.1.2/24", g, "g0", "10.20.1.1/24"); err != nil {
+		t.Fatal(err)
+	}
+	if err := topo.Veth(g, "g1", "10.20.2.1/24", s, "s0", "10.20.2.2/24"); err != nil {
+		t.Fatal(err)
+	}
+	return gatewayTopology{client: ch, gateway: gh, server: sh}
+}
+
+func TestForwardBetweenNamespaces(t *testing.T) {
+	requireRoot(t)
+	for _, mode := range []struct {
+		name   string
+		attach AttachMode
+	}{{"tcx", AttachTCX}, {"legacy tc", AttachLegacy}} {
+		t.Run(mode.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
+			defer cancel()
+			tp := newGatewayTopology(t)
+			l := load(t, Config{Attach: mode.attach})
+			for _, ifname := range []string{"g0", "g1"} {
+				a, err := l.Attach(tp.gateway, ifname)
+				if err != nil {
+					t.Fatal(err)
+				}
+				if !a.PeerRedirect || a.Legacy != (mode.attach == AttachLegacy) {
+					t.Errorf("attachment %+v: want peer redirect, legacy=%v", a, mode.attach == AttachLegacy)
+				}
+			}
+
+			vip := netip.MustParseAddrPort("10.20.1.1:8000")
+			node := netip.MustParseAddrPort("10.20.2.2:9000")
+			// The SNAT address is left to the route lookup: 10.20.2.1.
+			tcpID, err := l.PutService(Service{Network: "tcp", VIP: vip, Nodes: []Node{{Addr: node}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+			udpID, err := l.PutService(Service{Network: "udp", VIP: vip, Nodes: []Node{{Addr: node}}})
+			if err != nil {
+				t.Fatal(err)
+			}
+
+			ln, err := tp.server.Listen(ctx, "tcp", node.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer peer.ServeEcho(ln)()
+			pc, err := tp.server.ListenPacket(ctx, "udp", node.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer peer.ServeUDPEcho(pc)()
+
+			// Nothing listens on the VIP in the gateway: a connection
+			// can only succeed through the program.
+			const size = 1 << 20
+			c, err := tp.client.Dial(ctx, "tcp", vip.String())
+			if err != nil {
+				t.Fatalf("dial the service: %v", err)
+			}
+			if err := peer.Exchange(ctx, c, size); err != nil {
+				t.Fatal(err)
+			}
+			const datagrams, maxSize = 50, 1400
+			uc, err := tp.client.Dial(ctx, "udp", vip.String())
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := peer.UDPExchange(ctx, uc, datagrams, maxSize); err != nil {
+				t.Fatal(err)
+			}
+
+			tc, err := l.Counters(tcpID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if tc.NewFlows != 1 || tc.BytesUp != size || tc.BytesDown != size+peer.TrailerSize {
+				t.Errorf("TCP counters %+v: want 1 flow, %d bytes up, %d down", tc, size, size+peer.TrailerSize)
+			}
+			if tc.RedirectPeer == 0 || tc.PassNoRoute+tc.PassNoFlow+tc.DropRewrite+tc.DropConntrack+tc.SNATFailures != 0 {
+				t.Errorf("TCP counters %+v: want peer redirects and no pass/drop", tc)
+			}
+			var udpBytes uint64
+			for seq := range uint64(datagrams) {
+				udpBytes += 1 + seq*7919%maxSize // peer.UDPExchange's sizes
+			}
+			uc2, err := l.Counters(udpID)
+			if err != nil {
+				t.Fatal(err)
+			}
+			// A datagram the exchange resends counts again.
+			if uc2.NewFlows != 1 || uc2.BytesUp < udpBytes || uc2.BytesDown < udpBytes || uc2.PacketsUp < datagrams {
+				t.Errorf("UDP counters %+v: want 1 flow, >= %d bytes and %d packets each way", uc2, udpBytes, datagrams)
+			}
+
+			conns, err := l.Conns()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if len(conns) != 2 {
+				t.Fatalf("Conns() = %+v, want the TCP and the UDP flow", conns)
+			}
+			for _, cn := range conns {
+				if cn.VIP != vip || cn.Node != node || cn.SNAT.Addr() != netip.MustParseAddr("10.20.2.1") ||
+					cn.SNAT.Port() < DefaultSNATPortMin || cn.Expired {
+					t.Errorf("conn %+v", cn)
+				}
+				if cn.Network == "tcp" && cn.State != TCPClosing {
+					t.Errorf("TCP flow in state %s after both sides closed, want closing", cn.State)
+				}
+			}
+		})
+	}
+}
+
+func TestPinDirectory(t *testing.T) {
+	requireRoot(t)
+	l := load(t, Config{})
+	if _, err := Load(Config{Instance: l.cfg.Instance}); err == nil {
+		t.Fatal("a second Load of a live instance succeeded")
+	}
+
+	// A crashed run leaves pins behind, and nobody holds the lock: a new
+	// Load must clean them and start over.
+	crashed := uniqueInstance(t)
+	stale := l.cfg.BPFFS + "/ebpfwd/" + crashed
+	if err := os.MkdirAll(stale+"/leftover", 0o700); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { os.RemoveAll(stale) })
+	l2, err := Load(Config{Instance: crashed})
+	if err != nil {
+		t.Fatalf("Load over a stale pin directory: %v", err)
+	}
+	if _, err := os.Stat(stale + "/leftover"); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("stale entry survived Load: %v", err)
+	}
+	if err := l2.Close(); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestGarbageCollectionRemovesExpiredFlows(t *testing.T) {
+	requireRoot(t)
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	tp := newGatewayTopology(t)
+	l := load(t, Config{})
+	for _, ifname := range []string{"g0", "g1"} {
+		if _, err := l.Attach(tp.gateway, ifname); err != nil {
+			t.Fatal(err)
+		}
+	}
+	vip := netip.MustParseAddrPort("10.20.1.1:8000")
+	node := netip.MustParseAddrPort("10.20.2.2:9000")
+	// A UDP idle timeout short enough to expire within the test.
+	const idle = 300 * time.Millisecond
+	if _, err := l.PutService(Service{Network: "udp", VIP: vip, Nodes: []Node{{Addr: node}}, IdleTimeout: idle}); err != nil {
+		t.Fatal(err)
+	}
+	pc, err := tp.server.ListenPacket(ctx, "udp", node.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer peer.ServeUDPEcho(pc)()
+	uc, err := tp.client.Dial(ctx, "udp", vip.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := peer.UDPExchange(ctx, uc, 3, 100); err != nil {
+		t.Fatal(err)
+	}
+	if n, err := l.CollectGarbage(); err != nil || n != 0 {
+		t.Fatalf("CollectGarbage on a live flow = %d, %v; want 0, nil", n, err)
+	}
+	time.Sleep(2 * idle)
+	conns, err := l.Conns()
+	if err != nil || len(conns) != 1 || !conns[0].Expired {
+		t.Fatalf("Conns() = %+v, %v; want one expired flow", conns, err)
+	}
+	if n, err := l.CollectGarbage(); err != nil || n != 1 {
+		t.Fatalf("CollectGarbage = %d, %v; want 1, nil", n, err)
+	}
+	if conns, err := l.Conns(); err != nil || len(conns) != 0 {
+		t.Fatalf("Conns() after collection = %+v, %v; want none", conns, err)
+	}
+}
+
+func TestConfigValidation(t *testing.T) {
+	tests := []struct {
+		name string
+		cfg  Config
+	}{
+		{"empty instance", Config{}},
+		{"instance with a slash", Config{Instance: "a/b"}},
+		{"dot-dot instance", Config{Instance: ".."}},
+		{"inverted SNAT range", Config{Instance: "x", SNATPortMin: 62000, SNATPortMax: 61000}},
+		{"SNAT range from 0", Config{Instance: "x", SNATPortMin: 0, SNATPortMax: 61000}},
+		{"negative timeout", Config{Instance: "x", TCPResetTimeout: -time.Second}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := tt.cfg
+			if err := cfg.setDefaults(); err == nil {
+				t.Errorf("setDefaults(%+v) accepted an invalid config", tt.cfg)
+			}
+		})
+	}
+}
