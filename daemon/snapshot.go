@@ -3,7 +3,6 @@ package daemon
 import (
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/metrics"
-	"github.com/ebpfwd/ebpfwd/userspace/relay"
 )
 
 var _ metrics.Source = (*Daemon)(nil)
@@ -32,12 +31,10 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 				snap.Nodes = append(snap.Nodes, metrics.NodeState{Node: n.Name, Up: s.nodes.Healthy(n)})
 			}
 		}
-		if s.cfg.Listener.Type == "udp" && s.plan.Datapath == datapath.Userspace {
-			snap.Flows = append(snap.Flows, metrics.FlowTable{
-				Table:    "udp_sessions",
-				Entries:  uint64(max(snap.Counters.Active, 0)),
-				Capacity: relay.DefaultMaxUDPSessions,
-			})
+		if ft, ok := s.att.(datapath.FlowTabler); ok {
+			for _, t := range ft.FlowTables() {
+				snap.Flows = append(snap.Flows, metrics.FlowTable{Table: t.Name, Entries: t.Entries, Capacity: t.Capacity})
+			}
 		}
 		out = append(out, snap)
 	}
@@ -52,6 +49,17 @@ func (d *Daemon) Fallbacks() []metrics.Fallback {
 		if s.plan.From != "" {
 			out = append(out, metrics.Fallback{Service: s.cfg.Name, From: string(s.plan.From),
 				To: string(s.plan.Datapath), Reason: s.plan.FallbackReason})
+		}
+	}
+	return out
+}
+
+// Programs reads the kernel's accounting of every datapath's BPF programs.
+func (d *Daemon) Programs() []datapath.ProgramStats {
+	var out []datapath.ProgramStats
+	for _, dp := range d.datapaths {
+		if pr, ok := dp.(datapath.ProgramReporter); ok {
+			out = append(out, pr.Programs()...)
 		}
 	}
 	return out

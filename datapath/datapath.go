@@ -61,6 +61,9 @@ type Counters struct {
 	BytesDown uint64 // node -> client
 	Errors    uint64 // streams that ended in an error
 	Dropped   uint64 // datagrams dropped (session limit, dial failure)
+	// Packets moved in the kernel (tc); 0 for datapaths that move bytes
+	// through sockets.
+	PacketsUp, PacketsDown uint64
 }
 
 // Stream describes one accepted-and-dialed connection pair.
@@ -122,4 +125,30 @@ type Flow struct {
 // FlowLister is implemented by attachments that can list their flows.
 type FlowLister interface {
 	Flows() []Flow
+}
+
+// FlowTable is a datapath's state table for one service: UDP sessions for
+// userspace, conntrack for tc.
+type FlowTable struct {
+	Name     string
+	Entries  uint64
+	Capacity uint64
+}
+
+// FlowTabler is implemented by attachments that keep a flow table.
+type FlowTabler interface {
+	FlowTables() []FlowTable
+}
+
+// ProgramStats is the kernel's accounting of one BPF program.
+type ProgramStats struct {
+	Program  string // the program's name
+	Netns    string // where it is attached
+	RunTime  time.Duration
+	RunCount uint64
+}
+
+// ProgramReporter is implemented by datapaths that load BPF programs.
+type ProgramReporter interface {
+	Programs() []ProgramStats
 }

@@ -2,6 +2,8 @@ package metrics
 
 import (
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
 )
 
 func desc(name, help string, labels ...string) *prometheus.Desc {
@@ -15,6 +17,12 @@ var (
 		"Connections open now.", "service", "datapath")
 	bytesTotal = desc("bytes_total",
 		"Payload bytes moved; direction up is client to node, down is node to client.", "service", "datapath", "direction")
+	packetsTotal = desc("packets_total",
+		"Packets moved in the kernel (tc datapath); direction up is client to node.", "service", "datapath", "direction")
+	programRunTime = desc("bpf_program_run_seconds_total",
+		"Time the kernel spent running a BPF program (kernel.bpf_stats_enabled; ebpfwd enables it while serving metrics).", "program", "netns")
+	programRuns = desc("bpf_program_runs_total",
+		"Times the kernel ran a BPF program.", "program", "netns")
 	connErrors = desc("errors_total",
 		"Connections that failed, by reason.", "service", "reason")
 	droppedTotal = desc("dropped_datagrams_total",
@@ -38,7 +46,8 @@ type collector struct{ src Source }
 func newCollector(src Source) prometheus.Collector { return collector{src} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
-	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, connErrors,
+	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, packetsTotal,
+		programRunTime, programRuns, connErrors,
 		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks} {
 		ch <- d
 	}
@@ -57,6 +66,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		gauge(connectionsActive, float64(s.Counters.Active), s.Service, dp)
 		counter(bytesTotal, s.Counters.BytesUp, s.Service, dp, "up")
 		counter(bytesTotal, s.Counters.BytesDown, s.Service, dp, "down")
+		if s.Datapath == datapath.TC {
+			counter(packetsTotal, s.Counters.PacketsUp, s.Service, dp, "up")
+			counter(packetsTotal, s.Counters.PacketsDown, s.Service, dp, "down")
+		}
 		if s.Handler == "udp" {
 			counter(droppedTotal, s.Counters.Dropped, s.Service, dp)
 		}
@@ -73,6 +86,10 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, h := range c.src.Hops() {
 		gauge(hopNodeUp, boolValue(h.Up), h.Chain, h.Hop, h.Node)
+	}
+	for _, p := range c.src.Programs() {
+		ch <- prometheus.MustNewConstMetric(programRunTime, prometheus.CounterValue, p.RunTime.Seconds(), p.Program, p.Netns)
+		counter(programRuns, p.RunCount, p.Program, p.Netns)
 	}
 	for _, f := range c.src.Fallbacks() {
 		gauge(fallbacks, 1, f.Service, f.From, f.To, f.Reason)

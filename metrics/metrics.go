@@ -63,6 +63,8 @@ type Source interface {
 	Fallbacks() []Fallback
 	// Hops are the chains' hop nodes with their failure marking.
 	Hops() []HopNodeState
+	// Programs is the kernel's accounting of ebpfwd's BPF programs.
+	Programs() []datapath.ProgramStats
 }
 
 // Registry builds the registry ebpfwd serves: the Go and process

@@ -24,11 +24,20 @@ func (fakeSource) Snapshot() []ServiceSnapshot {
 		Errors:   map[string]uint64{"dial_refused": 4},
 		Nodes:    []NodeState{{Node: "a", Up: true}, {Node: "b", Up: false}},
 		Flows:    []FlowTable{{Table: "udp_sessions", Entries: 2, Capacity: 65536}},
+	}, {
+		Service:  "tc-svc",
+		Handler:  "tcp",
+		Datapath: datapath.TC,
+		Counters: datapath.Counters{PacketsUp: 10, PacketsDown: 20},
 	}}
 }
 
 func (fakeSource) Fallbacks() []Fallback {
 	return []Fallback{{Service: "svc", From: "tc", To: "userspace", Reason: "not_built"}}
+}
+
+func (fakeSource) Programs() []datapath.ProgramStats {
+	return []datapath.ProgramStats{{Program: "ebpfwd_nat", Netns: "gw", RunTime: 1500 * time.Millisecond, RunCount: 42}}
 }
 
 func (fakeSource) Hops() []HopNodeState {
@@ -99,6 +108,10 @@ func TestRegistryReadsTheSource(t *testing.T) {
 		{"ebpfwd_dial_duration_seconds", map[string]string{"name": "a", "result": "ok"}, 1},
 		{"ebpfwd_dial_duration_seconds", map[string]string{"name": "b", "result": "error"}, 1},
 		{"ebpfwd_build_info", map[string]string{"version": "v1.2.3"}, 1},
+		{"ebpfwd_bpf_program_run_seconds_total", map[string]string{"program": "ebpfwd_nat", "netns": "gw"}, 1.5},
+		{"ebpfwd_bpf_program_runs_total", map[string]string{"program": "ebpfwd_nat", "netns": "gw"}, 42},
+		{"ebpfwd_packets_total", map[string]string{"service": "tc-svc", "direction": "up"}, 10},
+		{"ebpfwd_packets_total", map[string]string{"service": "tc-svc", "direction": "down"}, 20},
 		{"ebpfwd_config_last_reload_successful", nil, 1},
 		{"ebpfwd_config_last_reload_success_timestamp_seconds", nil, 1700000000},
 	}

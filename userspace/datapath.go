@@ -61,6 +61,7 @@ type stream struct {
 var (
 	_ datapath.PacketForwarder = (*attachment)(nil)
 	_ datapath.FlowLister      = (*attachment)(nil)
+	_ datapath.FlowTabler      = (*attachment)(nil)
 )
 
 // Splice relays one stream and logs its own byte counts when it ends: at
@@ -108,6 +109,18 @@ func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial d
 	}
 	a.udp.Store(u)
 	return u.Serve(ctx)
+}
+
+// FlowTables reports the UDP session table of a UDP service.
+func (a *attachment) FlowTables() []datapath.FlowTable {
+	if a.svc.Network != "udp" {
+		return nil
+	}
+	var n uint64
+	if u := a.udp.Load(); u != nil {
+		n = uint64(len(u.Sessions()))
+	}
+	return []datapath.FlowTable{{Name: "udp_sessions", Entries: n, Capacity: relay.DefaultMaxUDPSessions}}
 }
 
 // Flows lists the live TCP streams and UDP sessions.
