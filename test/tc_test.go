@@ -82,6 +82,13 @@ func TestTCDatapath(t *testing.T) {
 	server := newNS(t, "e2e-tc-s")
 	veth(t, client, "c0", "10.31.1.2/24", gw, "g0", "10.31.1.1/24")
 	veth(t, gw, "g1", "10.31.2.1/24", server, "s0", "10.31.2.2/24")
+	// A second client network: its flows leave the gateway towards the
+	// node from the same SNAT address as the first client's.
+	client2 := newNS(t, "e2e-tc-c2")
+	veth(t, client2, "c0", "10.31.3.2/24", gw, "g2", "10.31.3.1/24")
+	if err := client2.IP("route", "add", "10.31.1.0/24", "via", "10.31.3.1"); err != nil {
+		t.Fatal(err)
+	}
 	// Forwarding stays off in the gateway: the program redirects, the
 	// gateway's stack never routes these packets.
 	target := echoIn(t, server, "10.31.2.2:9000")
@@ -89,7 +96,7 @@ func TestTCDatapath(t *testing.T) {
 
 	d := startDaemon(t, "tc", config(tcGateway, map[string]string{"GW": gw.Name}), daemonOptions{})
 	gwNS := handle(t, gw)
-	for _, ifname := range []string{"g0", "g1"} {
+	for _, ifname := range []string{"g0", "g1", "g2"} {
 		if n := tcxPrograms(t, gwNS, ifname); n != 1 {
 			t.Fatalf("%d tcx programs on %s, want 1", n, ifname)
 		}
@@ -124,8 +131,8 @@ func TestTCDatapath(t *testing.T) {
 		}
 	})
 
-	t.Run("200 concurrent flows byte-exact", func(t *testing.T) {
-		const flows, size = 200, 256 << 10
+	t.Run("1000 concurrent flows byte-exact", func(t *testing.T) {
+		const flows, size = 1000, 64 << 10
 		var wg sync.WaitGroup
 		errs := make(chan error, flows)
 		for i := range flows {
@@ -139,6 +146,38 @@ func TestTCDatapath(t *testing.T) {
 		close(errs)
 		for err := range errs {
 			t.Error(err)
+		}
+	})
+
+	t.Run("two clients with the same source port", func(t *testing.T) {
+		// Both connect from port 40000 at once; towards the node both
+		// flows come from the gateway's one address, so the program must
+		// give them different SNAT ports or replies would cross.
+		var wg sync.WaitGroup
+		errs := make(chan error, 2)
+		for _, ns := range []netNSHandle{handle(t, client), handle(t, client2)} {
+			wg.Go(func() {
+				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
+				defer cancel()
+				var c net.Conn
+				err := ns.Do(func() error {
+					var err error
+					d := net.Dialer{LocalAddr: &net.TCPAddr{Port: 40000}}
+					c, err = d.DialContext(ctx, "tcp", "10.31.1.1:8000")
+					return err
+				})
+				if err == nil {
+					err = peer.Exchange(ctx, c, 1<<20)
+				}
+				errs <- err
+			})
+		}
+		wg.Wait()
+		close(errs)
+		for err := range errs {
+			if err != nil {
+				t.Error(err)
+			}
 		}
 	})
 
@@ -169,7 +208,7 @@ func TestTCDatapath(t *testing.T) {
 	if code, err := d.stop(); err != nil || code != 0 {
 		t.Fatalf("daemon stop: status %d, %v", code, err)
 	}
-	for _, ifname := range []string{"g0", "g1"} {
+	for _, ifname := range []string{"g0", "g1", "g2"} {
 		if n := tcxPrograms(t, gwNS, ifname); n != 0 {
 			t.Errorf("%d tcx programs left on %s after exit", n, ifname)
 		}
