@@ -36,6 +36,9 @@ type service struct {
 	att datapath.Attachment
 	ln  listener
 	wg  sync.WaitGroup // accept loop and in-flight connections
+
+	stopHealth context.CancelFunc // stops syncNodeHealth; nil when not running
+	healthDone chan struct{}
 }
 
 func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.Chain) (*service, error) {
@@ -115,6 +118,14 @@ func (s *service) start(ctx context.Context) error {
 		return fmt.Errorf("service %s: set up datapath %s: %w", s.cfg.Name, s.plan.Datapath, err)
 	}
 	s.att = att
+	if hs, ok := att.(datapath.NodeHealthSetter); ok && s.nodes != nil {
+		hctx, stop := context.WithCancel(context.WithoutCancel(ctx))
+		s.stopHealth, s.healthDone = stop, make(chan struct{})
+		go func() {
+			defer close(s.healthDone)
+			s.syncNodeHealth(hctx, hs)
+		}()
+	}
 	switch s.cfg.Listener.Type {
 	case "udp":
 		if _, ok := att.(datapath.PacketForwarder); !ok {
@@ -320,6 +331,10 @@ func (s *service) stopAccepting() { s.ln.close() }
 
 func (s *service) close() {
 	s.ln.close()
+	if s.stopHealth != nil {
+		s.stopHealth()
+		<-s.healthDone
+	}
 	if s.att != nil {
 		if err := s.att.Close(); err != nil {
 			s.log.Error("detach datapath", "err", err)

@@ -152,3 +152,11 @@ type ProgramStats struct {
 type ProgramReporter interface {
 	Programs() []ProgramStats
 }
+
+// NodeHealthSetter is implemented by attachments that choose nodes
+// themselves (tc, in BPF): the daemon tells them which nodes its
+// maxFails/failTimeout marking considers dead. index is the node's position
+// in Service.Nodes.
+type NodeHealthSetter interface {
+	SetNodeHealthy(index int, healthy bool) error
+}
