@@ -129,6 +129,16 @@ struct node_key {
 	__u32 index;
 };
 
+// How to reach a neighbour at layer 2: through device ifindex, from our_mac
+// to peer_mac. Conntrack learns one per side of a flow from its packets;
+// userspace sets one on nodes reached through a splice link.
+// ifindex 0: none.
+struct l2_path {
+	__u32 ifindex;
+	__u8 peer_mac[ETH_ALEN];
+	__u8 our_mac[ETH_ALEN];
+};
+
 struct node {
 	__be32 addr[4];
 	__be32 snat_addr[4]; // our address on the node's side, replies come to it
@@ -138,6 +148,12 @@ struct node {
 	// Egress device towards the node as the loader's route lookup found it
 	// (0: unknown). Used when bpf_fib_lookup refuses (forwarding disabled).
 	__u32 ifindex;
+	// A fixed way to the node, set for nodes of another namespace that
+	// the listen namespace has no route to: our end of the splice link
+	// (a veth whose peer lives in that namespace) and both its MACs. When
+	// set, the FIB is never asked: the listen namespace's routes, which
+	// may lead elsewhere or nowhere, must not matter for these flows.
+	struct l2_path egress;
 };
 
 enum ct_state {
@@ -152,14 +168,9 @@ enum ct_state {
 #define CT_FIN_CLIENT 0x01
 #define CT_FIN_NODE 0x02
 
-// How to reach one side of a flow at layer 2, learned from its packets: the
-// device they arrive on, their source MAC (the peer's) and destination MAC
-// (ours). ifindex 0: nothing learned yet.
-struct l2_path {
-	__u32 ifindex;
-	__u8 peer_mac[ETH_ALEN];
-	__u8 our_mac[ETH_ALEN];
-};
+// Flags of ct_entry.flags. NODE_EGRESS_FIXED: to_node is the node's fixed
+// egress (struct node.egress), not learned, and replaces the FIB lookup.
+#define CT_F_NODE_EGRESS_FIXED 0x01
 
 // The conntrack entry, keyed by the tuple as the client sends it.
 struct ct_entry {
@@ -171,7 +182,8 @@ struct ct_entry {
 	__u32 node_ifindex;   // route hint towards the node (see struct node)
 	__u8 state;           // enum ct_state
 	__u8 fin;             // CT_FIN_*
-	__u16 pad;
+	__u8 flags;           // CT_F_*
+	__u8 pad;
 	// Where the last packet of each side came from. With forwarding off
 	// bpf_fib_lookup refuses, and these take its place.
 	struct l2_path to_client;
@@ -616,6 +628,16 @@ static __always_inline void route_lookup(struct __sk_buff *skb, const struct tup
 	}
 }
 
+// route_fixed routes along a path userspace fixed (a splice link): no FIB,
+// straight out of the path's device with its MACs.
+static __always_inline void route_fixed(const struct l2_path *path, struct route *r)
+{
+	r->kind = ROUTE_DIRECT;
+	r->ifindex = path->ifindex;
+	__builtin_memcpy(r->dmac, path->peer_mac, ETH_ALEN);
+	__builtin_memcpy(r->smac, path->our_mac, ETH_ALEN);
+}
+
 // rewrite turns the packet's tuple p->t into out (addresses and ports) and
 // decrements the TTL / hop limit, keeping every checksum valid: the IPv4
 // header checksum and the TCP/UDP checksum including its pseudo-header. The
@@ -716,13 +738,18 @@ static __always_inline int deliver(struct __sk_buff *skb, struct route *r, __u32
 	return bpf_redirect_neigh(r->ifindex, 0, 0, 0);
 }
 
-// translate_and_deliver is the common tail of both directions.
+// translate_and_deliver is the common tail of both directions. With fixed
+// set, learned is the path userspace fixed and is taken without a FIB lookup.
 static __always_inline int translate_and_deliver(struct __sk_buff *skb, const struct packet *p,
 						 const struct tuple *out, __u32 hint,
-						 const struct l2_path *learned, __u32 service_id, int up)
+						 const struct l2_path *learned, int fixed,
+						 __u32 service_id, int up)
 {
 	struct route r = {};
-	route_lookup(skb, out, hint, learned, &r);
+	if (fixed)
+		route_fixed(learned, &r);
+	else
+		route_lookup(skb, out, hint, learned, &r);
 	if (r.kind == ROUTE_NONE) {
 		count(service_id, COUNTER_PASS_NO_ROUTE, 1);
 		return TC_ACT_UNSPEC;
@@ -779,6 +806,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 		.state = p->t.proto == IPPROTO_TCP ? CT_TCP_SYN_SENT : CT_UDP,
 	};
 	learn_path(skb, &ct.to_client);
+	if (node->egress.ifindex) {
+		ct.to_node = node->egress;
+		ct.flags |= CT_F_NODE_EGRESS_FIXED;
+	}
 	__builtin_memcpy(ct.reply.src, node->addr, 16);
 	__builtin_memcpy(ct.reply.dst, node->snat_addr, 16);
 	ct.reply.sport = node->port;
@@ -790,7 +821,10 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 	struct tuple out = {};
 	forward_tuple(&ct, &out);
 	struct route r = {};
-	route_lookup(skb, &out, node->ifindex, 0, &r);
+	if (ct.flags & CT_F_NODE_EGRESS_FIXED)
+		route_fixed(&ct.to_node, &r);
+	else
+		route_lookup(skb, &out, node->ifindex, 0, &r);
 	if (r.kind == ROUTE_NONE) {
 		count(svc->id, COUNTER_PASS_NO_ROUTE, 1);
 		return TC_ACT_UNSPEC;
@@ -844,7 +878,8 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct packe
 	struct tuple out = {};
 	forward_tuple(ct, &out);
 	struct l2_path to_node = ct->to_node;
-	return translate_and_deliver(skb, p, &out, ct->node_ifindex, &to_node, ct->service_id, 1);
+	int fixed = ct->flags & CT_F_NODE_EGRESS_FIXED;
+	return translate_and_deliver(skb, p, &out, ct->node_ifindex, &to_node, fixed, ct->service_id, 1);
 }
 
 // from_node handles a packet that may be a reply of one of our flows.
@@ -865,7 +900,9 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 		return TC_ACT_SHOT;
 	}
 	ct_update(ct, p->tcp_flags, 0, now);
-	learn_path(skb, &ct->to_node);
+	// A fixed path stays what userspace set, whatever the replies show.
+	if (!(ct->flags & CT_F_NODE_EGRESS_FIXED))
+		learn_path(skb, &ct->to_node);
 
 	// Back to what the client expects: service -> client.
 	struct tuple out = {};
@@ -876,7 +913,7 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 	out.proto = orig.proto;
 	out.family = orig.family;
 	struct l2_path to_client = ct->to_client;
-	return translate_and_deliver(skb, p, &out, ct->client_ifindex, &to_client, ct->service_id, 0);
+	return translate_and_deliver(skb, p, &out, ct->client_ifindex, &to_client, 0, ct->service_id, 0);
 }
 
 SEC("tcx/ingress")

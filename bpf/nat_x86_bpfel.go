@@ -45,7 +45,8 @@ type NATCtEntry struct {
 	NodeIfindex   uint32
 	State         uint8
 	Fin           uint8
-	Pad           uint16
+	Flags         uint8
+	Pad           uint8
 	ToClient      NATL2Path
 	ToNode        NATL2Path
 }
@@ -81,6 +82,7 @@ type NATNode struct {
 	Healthy  uint8
 	Pad      uint8
 	Ifindex  uint32
+	Egress   NATL2Path
 }
 
 type NATNodeKey struct {

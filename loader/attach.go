@@ -94,6 +94,30 @@ func (l *Loader) Attach(ns netns.NS, ifname string) (Attachment, error) {
 	return a.describe(l), nil
 }
 
+// Detach removes the program from interface ifname (attached by Attach),
+// for an interface that is about to go away while the Loader stays, such
+// as a splice link whose last service closed. Detaching an interface that
+// is not attached is a no-op.
+func (l *Loader) Detach(ifname string) error {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a, ok := l.attached[ifname]
+	if !ok || l.closed {
+		return nil
+	}
+	delete(l.attached, ifname)
+	// Flows through the interface are gone with it; the program must not
+	// take a later interface that reuses the index for a peer veth.
+	if err := l.objs.EbpfwdIfaces.Delete(uint32(a.ifindex)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		_ = a.detach()
+		return fmt.Errorf("forget interface %s (ifindex %d): %w", ifname, a.ifindex, err)
+	}
+	if err := a.detach(); err != nil {
+		return fmt.Errorf("detach NAT program from %s: %w", ifname, err)
+	}
+	return nil
+}
+
 func (a *attachment) describe(l *Loader) Attachment {
 	var flags uint32
 	_ = l.objs.EbpfwdIfaces.Lookup(uint32(a.ifindex), &flags)

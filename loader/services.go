@@ -59,6 +59,28 @@ type Node struct {
 	// Unhealthy nodes get no new flows (marked by the selector's
 	// maxFails/failTimeout logic in userspace).
 	Unhealthy bool
+	// Egress, when set, is the fixed way to the node: the program sends
+	// its packets out of this device with these MACs and never asks the
+	// namespace's FIB. It is how nodes in another namespace are reached
+	// over a splice link; SNAT must then be set too (our address on the
+	// link), since no route lookup can supply it.
+	Egress *Egress
+}
+
+// Egress is a fixed layer-2 path out of the Loader's namespace: a veth
+// whose peer lives in another namespace (the program uses
+// bpf_redirect_peer on it, so it must be attached), our MAC on it and the
+// peer's.
+type Egress struct {
+	Ifindex        int
+	SrcMAC, DstMAC net.HardwareAddr
+}
+
+func (e *Egress) compile() (bpf.NATL2Path, error) {
+	if e.Ifindex <= 0 || len(e.SrcMAC) != 6 || len(e.DstMAC) != 6 {
+		return bpf.NATL2Path{}, fmt.Errorf("egress ifindex %d %s -> %s: want an interface and two Ethernet MACs", e.Ifindex, e.SrcMAC, e.DstMAC)
+	}
+	return bpf.NATL2Path{Ifindex: uint32(e.Ifindex), OurMac: [6]byte(e.SrcMAC), PeerMac: [6]byte(e.DstMAC)}, nil
 }
 
 type serviceState struct {
@@ -152,8 +174,20 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 		if addr.Is4() != vip.Is4() || n.Addr.Port() == 0 {
 			return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: want a port and the listen address's IP version", n.Addr)
 		}
-		ifindex, src, err := l.route(addr)
-		if err != nil {
+		var (
+			ifindex int
+			src     netip.Addr
+			egress  bpf.NATL2Path
+			err     error
+		)
+		if n.Egress != nil {
+			// The namespace may have no route to the node, or one that
+			// leads elsewhere: the fixed egress is the route.
+			if egress, err = n.Egress.compile(); err != nil {
+				return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: %w", n.Addr, err)
+			}
+			ifindex = n.Egress.Ifindex
+		} else if ifindex, src, err = l.route(addr); err != nil {
 			return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("node %s: %w", n.Addr, err)
 		}
 		snat := n.SNAT.Unmap()
@@ -168,6 +202,7 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 			SnatAddr: bpf.Addr(snat),
 			Port:     bpf.Port(n.Addr.Port()),
 			Ifindex:  uint32(ifindex),
+			Egress:   egress,
 		}
 		if !n.Unhealthy {
 			nodes[i].Healthy = 1

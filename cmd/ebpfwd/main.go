@@ -91,21 +91,22 @@ func loadConfig(e env, path string) (*config.Config, bool) {
 	return cfg, true
 }
 
-func configArg(e env, fs *flag.FlagSet, cmd string) (string, bool) {
+// parseArgs parses a command's flags and its one CONFIG argument. It
+// returns false, after saying why, for a usage error (exit status 2).
+func parseArgs(e env, fs *flag.FlagSet, args []string) (string, bool) {
+	fs.SetOutput(e.stderr)
+	if fs.Parse(args) != nil {
+		return "", false
+	}
 	if fs.NArg() != 1 {
-		fmt.Fprintf(e.stderr, "ebpfwd %s: exactly one CONFIG file is needed (got %d arguments)\n", cmd, fs.NArg())
+		fmt.Fprintf(e.stderr, "ebpfwd %s: exactly one CONFIG file is needed (got %d arguments)\n", fs.Name(), fs.NArg())
 		return "", false
 	}
 	return fs.Arg(0), true
 }
 
 func cmdCheck(e env, args []string) int {
-	fs := flag.NewFlagSet("check", flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
-	if fs.Parse(args) != nil {
-		return 2
-	}
-	path, ok := configArg(e, fs, "check")
+	path, ok := parseArgs(e, flag.NewFlagSet("check", flag.ContinueOnError), args)
 	if !ok {
 		return 2
 	}
@@ -144,12 +145,7 @@ func cmdCheck(e env, args []string) int {
 }
 
 func cmdPlan(e env, args []string) int {
-	fs := flag.NewFlagSet("plan", flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
-	if fs.Parse(args) != nil {
-		return 2
-	}
-	path, ok := configArg(e, fs, "plan")
+	path, ok := parseArgs(e, flag.NewFlagSet("plan", flag.ContinueOnError), args)
 	if !ok {
 		return 2
 	}
@@ -170,14 +166,10 @@ func cmdPlan(e env, args []string) int {
 
 func cmdRun(e env, args []string) int {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
 	instance := fs.String("instance", "", "name of this daemon's control socket (default: the config file's name without extension)")
 	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
 	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM")
-	if fs.Parse(args) != nil {
-		return 2
-	}
-	path, ok := configArg(e, fs, "run")
+	path, ok := parseArgs(e, fs, args)
 	if !ok {
 		return 2
 	}
