@@ -91,7 +91,8 @@ type serviceState struct {
 // PutService adds a service, or replaces the one with the same VIP and
 // network, and returns its ID. Routes to the nodes are looked up in the
 // Loader's namespace (set by the first Attach); they give each node its
-// route hint and, where Node.SNAT is unset, its SNAT address.
+// route hint and, where Node.SNAT is unset, its SNAT address. Nodes with
+// an Egress are not looked up: the egress is their route.
 func (l *Loader) PutService(s Service) (ServiceID, error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()

@@ -4,6 +4,12 @@
 // also keeps its ordinary listener, served by the userspace datapath, for
 // clients inside the listen namespace itself and for packets the program
 // passes to the stack.
+//
+// A service whose netns.out is another namespace reaches its nodes over a
+// splice link (package splice): a veth pair between the two namespaces,
+// one per pair of namespaces, shared by the services that cross there and
+// removed with the last of them. Its nodes get the link as their fixed
+// egress, so the listen namespace's own routes never matter for them.
 package tc
 
 import (
@@ -21,6 +27,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/loader"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
@@ -40,8 +47,6 @@ func Applicable(svc datapath.Service) error {
 		return fmt.Errorf("network %q is not tcp or udp", svc.Network)
 	case len(svc.Nodes) == 0:
 		return errors.New("no forward nodes")
-	case svc.ListenNS != svc.OutNS:
-		return errors.New("netns.out differs from the listen namespace (the splice link that crosses them is not built yet)")
 	}
 	if _, err := strategy(svc.Strategy); err != nil {
 		return err
@@ -86,9 +91,13 @@ type Datapath struct {
 	Logger   *slog.Logger
 	// Userspace serves each service's socket listener.
 	Userspace datapath.Datapath
+	// SplicePool is where the addresses of splice links come from; zero
+	// prefixes take splice.DefaultPool4 and splice.DefaultPool6.
+	SplicePool splice.Pool
 
 	mu      sync.Mutex
 	loaders map[string]*nsLoader // by listen namespace path
+	links   *splice.Links        // created on first use
 }
 
 var _ datapath.Datapath = (*Datapath)(nil)
@@ -101,6 +110,14 @@ type nsLoader struct {
 	stopGC  context.CancelFunc
 	gcDone  chan struct{}
 	ifnames []string
+	splices map[string]*spliceRef // by netns.out path
+}
+
+// spliceRef is a splice link from the loader's namespace and the services
+// using it.
+type spliceRef struct {
+	link *splice.Link
+	refs int
 }
 
 // Kind reports datapath.TC.
@@ -113,7 +130,7 @@ func (d *Datapath) Setup(ctx context.Context, svc datapath.Service) (datapath.At
 	if err := Applicable(svc); err != nil {
 		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
 	}
-	spec, err := loaderService(svc)
+	outNS, crossing, err := outNamespace(svc)
 	if err != nil {
 		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
 	}
@@ -121,23 +138,74 @@ func (d *Datapath) Setup(ctx context.Context, svc datapath.Service) (datapath.At
 	if err != nil {
 		return nil, err
 	}
-	nl, err := d.acquire(svc.ListenNS)
+	a, err := d.setup(svc, outNS, crossing)
 	if err != nil {
 		us.Close()
 		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
 	}
-	id, err := nl.l.PutService(spec)
-	if err != nil {
-		d.release(nl)
-		us.Close()
-		return nil, fmt.Errorf("tc datapath for service %s: %w", svc.Name, err)
+	a.us = us
+	attrs := []any{"service", svc.Name, "netns", a.nl.ns.String(),
+		"interfaces", strings.Join(a.nl.ifnames, ","), "pins", a.nl.l.PinDir()}
+	if a.splice != nil {
+		attrs = append(attrs, "splice_link", a.splice.link.Name, "netns_out", outNS.String())
 	}
-	d.logger().Info("tc datapath attached", "service", svc.Name, "netns", nl.ns.String(),
-		"interfaces", strings.Join(nl.ifnames, ","), "pins", nl.l.PinDir())
-	return &attachment{d: d, nl: nl, id: id, svc: svc, us: us}, nil
+	d.logger().Info("tc datapath attached", attrs...)
+	return a, nil
 }
 
-func loaderService(svc datapath.Service) (loader.Service, error) {
+// setup loads the program in the listen namespace (and builds the splice
+// link to netns.out if crossing) and puts the service into the maps.
+func (d *Datapath) setup(svc datapath.Service, outNS netns.NS, crossing bool) (*attachment, error) {
+	nl, err := d.acquire(svc.ListenNS)
+	if err != nil {
+		return nil, err
+	}
+	a := &attachment{d: d, nl: nl, svc: svc}
+	if crossing {
+		if a.splice, err = d.acquireSplice(nl, outNS); err != nil {
+			d.release(nl)
+			return nil, err
+		}
+	}
+	var link *splice.Link
+	if a.splice != nil {
+		link = a.splice.link
+	}
+	spec, err := loaderService(svc, link)
+	if err == nil {
+		a.id, err = nl.l.PutService(spec)
+	}
+	if err != nil {
+		d.releaseSplice(nl, a.splice)
+		d.release(nl)
+		return nil, err
+	}
+	return a, nil
+}
+
+// outNamespace parses the service's netns.out and tells whether it is
+// another namespace than the listen one, which only a splice link crosses.
+// Two specs can name one namespace ("" and the path of the namespace the
+// daemon runs in): that is no crossing.
+func outNamespace(svc datapath.Service) (netns.NS, bool, error) {
+	listen, err := netns.Parse(svc.ListenNS)
+	if err != nil {
+		return netns.NS{}, false, err
+	}
+	out, err := netns.Parse(svc.OutNS)
+	if err != nil {
+		return netns.NS{}, false, err
+	}
+	same, err := splice.SameNamespace(listen, out)
+	if err != nil {
+		return netns.NS{}, false, err
+	}
+	return out, !same, nil
+}
+
+// loaderService translates a service for the loader. With link set, its
+// nodes are reached over that splice link.
+func loaderService(svc datapath.Service, link *splice.Link) (loader.Service, error) {
 	st, err := strategy(svc.Strategy)
 	if err != nil {
 		return loader.Service{}, err
@@ -155,9 +223,83 @@ func loaderService(svc datapath.Service) (loader.Service, error) {
 		if err != nil {
 			return loader.Service{}, err
 		}
-		out.Nodes = append(out.Nodes, loader.Node{Addr: ap})
+		node := loader.Node{Addr: ap}
+		if link != nil {
+			if node.SNAT, err = link.Addr(ap.Addr()); err != nil {
+				return loader.Service{}, fmt.Errorf("node %s: %w", n.Name, err)
+			}
+			node.Egress = &loader.Egress{Ifindex: link.Listen.Ifindex, SrcMAC: link.Listen.MAC, DstMAC: link.Out.MAC}
+		}
+		out.Nodes = append(out.Nodes, node)
 	}
 	return out, nil
+}
+
+// acquireSplice returns the splice link from nl's namespace to out,
+// creating it and attaching the program to its listen end on first use:
+// the nodes' replies arrive there.
+func (d *Datapath) acquireSplice(nl *nsLoader, out netns.NS) (*spliceRef, error) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if r, ok := nl.splices[out.Path()]; ok {
+		r.refs++
+		return r, nil
+	}
+	if d.links == nil {
+		links, err := splice.NewLinks(d.Instance, d.SplicePool, d.logger())
+		if err != nil {
+			return nil, err
+		}
+		d.links = links
+	}
+	link, err := d.links.Create(nl.ns, out)
+	if err != nil {
+		return nil, err
+	}
+	if _, err := nl.l.Attach(nl.ns, link.Name); err != nil {
+		if derr := d.links.Delete(link); derr != nil {
+			d.logger().Error("remove splice link after failed attach", "link", link.Name, "err", derr)
+		}
+		return nil, err
+	}
+	r := &spliceRef{link: link, refs: 1}
+	if nl.splices == nil {
+		nl.splices = map[string]*spliceRef{}
+	}
+	nl.splices[out.Path()] = r
+	return r, nil
+}
+
+// releaseSplice drops a service's use of a splice link (nil: none) and,
+// with its last service, detaches the program from it and removes it.
+func (d *Datapath) releaseSplice(nl *nsLoader, r *spliceRef) {
+	if r == nil {
+		return
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	r.refs--
+	if r.refs > 0 {
+		return
+	}
+	d.removeSplice(nl, r)
+}
+
+// removeSplice detaches and deletes a splice link; d.mu is held.
+func (d *Datapath) removeSplice(nl *nsLoader, r *spliceRef) {
+	for k, v := range nl.splices {
+		if v == r {
+			delete(nl.splices, k)
+		}
+	}
+	// Detach first: the pinned tcx link would otherwise outlive the
+	// interface in bpffs until the loader closes.
+	if err := nl.l.Detach(r.link.Name); err != nil {
+		d.logger().Error("detach tc datapath from splice link", "link", r.link.Name, "err", err)
+	}
+	if err := d.links.Delete(r.link); err != nil {
+		d.logger().Error("remove splice link", "link", r.link.Name, "err", err)
+	}
 }
 
 func (d *Datapath) logger() *slog.Logger {
@@ -229,6 +371,11 @@ func (d *Datapath) release(nl *nsLoader) {
 	if nl.refs > 0 {
 		return
 	}
+	// Every splice user is a loader user too, so none should be left;
+	// should one be, it must not outlive the loader.
+	for _, r := range nl.splices {
+		d.removeSplice(nl, r)
+	}
 	nl.stopGC()
 	<-nl.gcDone
 	if err := nl.l.Close(); err != nil {
@@ -270,6 +417,12 @@ func ethernetInterfaces(ns netns.NS) ([]string, error) {
 		}
 		for _, l := range links {
 			a := l.Attrs()
+			// Splice links are attached to by whoever owns them; one
+			// of another instance is no place for our clients, and
+			// one a crashed run of ours left is about to go.
+			if splice.IsSpliceLink(a) {
+				continue
+			}
 			if a.EncapType == "ether" && a.Flags&net.FlagUp != 0 {
 				names = append(names, a.Name)
 			}
@@ -284,11 +437,12 @@ func ethernetInterfaces(ns netns.NS) ([]string, error) {
 
 // attachment is one service on the tc datapath.
 type attachment struct {
-	d   *Datapath
-	nl  *nsLoader
-	id  loader.ServiceID
-	svc datapath.Service
-	us  datapath.Attachment
+	d      *Datapath
+	nl     *nsLoader
+	splice *spliceRef // nil unless netns.out is another namespace
+	id     loader.ServiceID
+	svc    datapath.Service
+	us     datapath.Attachment
 
 	closeOnce sync.Once
 	closeErr  error
@@ -384,6 +538,7 @@ func (a *attachment) nodeName(addr netip.AddrPort) string {
 func (a *attachment) Close() error {
 	a.closeOnce.Do(func() {
 		err := a.nl.l.DeleteService(a.id)
+		a.d.releaseSplice(a.nl, a.splice)
 		a.d.release(a.nl)
 		a.closeErr = errors.Join(err, a.us.Close())
 	})

@@ -1,10 +1,14 @@
 package tc
 
 import (
+	"bytes"
+	"net"
+	"net/netip"
 	"strings"
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -25,7 +29,8 @@ func TestApplicable(t *testing.T) {
 		}},
 		{name: "hash", mutate: func(s *datapath.Service) { s.Strategy = "hash" }},
 		{name: "chained", mutate: func(s *datapath.Service) { s.Chained = true }, wantErr: "proxy hops"},
-		{name: "netns.out elsewhere", mutate: func(s *datapath.Service) { s.OutNS = "" }, wantErr: "netns.out differs"},
+		// A splice link crosses to netns.out.
+		{name: "netns.out elsewhere", mutate: func(s *datapath.Service) { s.OutNS = "" }},
 		{name: "wildcard listen", mutate: func(s *datapath.Service) { s.Addr = ":80" }, wantErr: "not a single IP"},
 		{name: "unspecified listen", mutate: func(s *datapath.Service) { s.Addr = "0.0.0.0:80" }, wantErr: "never crosses an interface"},
 		{name: "loopback listen", mutate: func(s *datapath.Service) { s.Addr = "127.0.0.1:80" }, wantErr: "never crosses an interface"},
@@ -66,5 +71,60 @@ func TestPinName(t *testing.T) {
 		if got := d.pinName(ns); got != tt.want {
 			t.Errorf("pinName(%q) = %q, want %q", tt.spec, got, tt.want)
 		}
+	}
+}
+
+func TestLoaderServiceOverSpliceLink(t *testing.T) {
+	listenMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 1}
+	outMAC := net.HardwareAddr{0x02, 0, 0, 0, 0, 2}
+	link := &splice.Link{
+		Name: "ebs0123456789ab",
+		Listen: splice.End{Ifindex: 7, MAC: listenMAC,
+			Addr4: netip.MustParseAddr("169.254.200.1"), Addr6: netip.MustParseAddr("fd65:6270:6677::1")},
+		Out: splice.End{Ifindex: 3, MAC: outMAC,
+			Addr4: netip.MustParseAddr("169.254.200.2"), Addr6: netip.MustParseAddr("fd65:6270:6677::2")},
+	}
+	noV6 := *link
+	noV6.Listen.Addr6 = netip.Addr{}
+	tests := []struct {
+		name     string
+		addr     string
+		node     string
+		link     *splice.Link
+		wantSNAT string // "" with link nil: left to the route lookup
+		wantErr  string
+	}{
+		{name: "same namespace", addr: "10.0.0.1:80", node: "10.0.1.11:8000"},
+		{name: "IPv4 over the link", addr: "10.0.0.1:80", node: "10.0.1.11:8000", link: link, wantSNAT: "169.254.200.1"},
+		{name: "IPv6 over the link", addr: "[fd00::1]:80", node: "[fd00:1::11]:8000", link: link, wantSNAT: "fd65:6270:6677::1"},
+		{name: "IPv6 over a link without IPv6", addr: "[fd00::1]:80", node: "[fd00:1::11]:8000", link: &noV6, wantErr: "no address of"},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			svc := datapath.Service{Name: "s", Network: "tcp", Addr: tt.addr, Nodes: []datapath.Node{{Name: "n", Addr: tt.node}}}
+			got, err := loaderService(svc, tt.link)
+			if tt.wantErr != "" {
+				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {
+					t.Fatalf("err = %v, want it to contain %q", err, tt.wantErr)
+				}
+				return
+			}
+			if err != nil {
+				t.Fatal(err)
+			}
+			n := got.Nodes[0]
+			if tt.link == nil {
+				if n.Egress != nil || n.SNAT.IsValid() {
+					t.Fatalf("node %+v: want no egress and no SNAT", n)
+				}
+				return
+			}
+			if n.SNAT != netip.MustParseAddr(tt.wantSNAT) {
+				t.Errorf("SNAT %s, want %s", n.SNAT, tt.wantSNAT)
+			}
+			if n.Egress == nil || n.Egress.Ifindex != 7 || !bytes.Equal(n.Egress.SrcMAC, listenMAC) || !bytes.Equal(n.Egress.DstMAC, outMAC) {
+				t.Errorf("egress %+v, want ifindex 7 from %s to %s", n.Egress, listenMAC, outMAC)
+			}
+		})
 	}
 }

@@ -1,0 +1,322 @@
+package splice
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"io"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
+)
+
+func requireRoot(t *testing.T) {
+	t.Helper()
+	if os.Geteuid() != 0 {
+		t.Skip("needs root: creates network namespaces and veth pairs in them")
+	}
+}
+
+// newNS creates a namespace removed (with its links) when the test ends.
+func newNS(t *testing.T, prefix string) (*topo.NS, netns.NS) {
+	t.Helper()
+	ns, err := topo.CreateUnique(prefix)
+	if err != nil {
+		t.Fatalf("create namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := ns.Delete(); err != nil {
+			t.Errorf("delete namespace %s: %v", ns.Name, err)
+		}
+	})
+	h, err := netns.Parse(ns.Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return ns, h
+}
+
+func newLinks(t *testing.T, instance string) *Links {
+	t.Helper()
+	if instance == "" {
+		b := make([]byte, 4)
+		if _, err := rand.Read(b); err != nil {
+			t.Fatal(err)
+		}
+		instance = "test-" + hex.EncodeToString(b)
+	}
+	s, err := NewLinks(instance, Pool{}, nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// linkIn describes interface name in ns, or returns nil if there is none.
+func linkIn(t *testing.T, ns netns.NS, name string) (attrs *netlink.LinkAttrs, addrs []string) {
+	t.Helper()
+	err := ns.Do(func() error {
+		lnk, err := netlink.LinkByName(name)
+		if _, missing := err.(netlink.LinkNotFoundError); missing {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+		attrs = lnk.Attrs()
+		list, err := netlink.AddrList(lnk, netlink.FAMILY_ALL)
+		if err != nil {
+			return err
+		}
+		for _, a := range list {
+			if !a.IP.IsLinkLocalUnicast() || a.IP.To4() != nil {
+				addrs = append(addrs, a.IPNet.String())
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatalf("look up %s in netns %s: %v", name, ns, err)
+	}
+	return attrs, addrs
+}
+
+func TestCreateAndDelete(t *testing.T) {
+	requireRoot(t)
+	_, a := newNS(t, "ebpfwd-splice-a")
+	_, b := newNS(t, "ebpfwd-splice-b")
+	s := newLinks(t, "")
+	l, err := s.Create(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(l.Name) > 15 || !strings.HasPrefix(l.Name, NamePrefix) {
+		t.Errorf("name %q: want %s... of at most 15 characters", l.Name, NamePrefix)
+	}
+	for _, tt := range []struct {
+		end       End
+		ns        netns.NS
+		wantAddrs []string
+	}{
+		{l.Listen, a, []string{"169.254.200.1/30", "fd65:6270:6677::1/126"}},
+		{l.Out, b, []string{"169.254.200.2/30", "fd65:6270:6677::2/126"}},
+	} {
+		attrs, addrs := linkIn(t, tt.ns, l.Name)
+		if attrs == nil {
+			t.Fatalf("no %s in netns %s", l.Name, tt.ns)
+		}
+		if attrs.Alias != "ebpfwd splice "+s.instance || attrs.Flags&net.FlagUp == 0 {
+			t.Errorf("%s in %s: alias %q, flags %v; want this instance's alias and up", l.Name, tt.ns, attrs.Alias, attrs.Flags)
+		}
+		if attrs.Index != tt.end.Ifindex || !bytes.Equal(attrs.HardwareAddr, tt.end.MAC) {
+			t.Errorf("%s in %s: ifindex %d MAC %s, Link says %d %s", l.Name, tt.ns, attrs.Index, attrs.HardwareAddr, tt.end.Ifindex, tt.end.MAC)
+		}
+		if !equalSets(addrs, tt.wantAddrs) {
+			t.Errorf("%s in %s: addresses %v, want %v", l.Name, tt.ns, addrs, tt.wantAddrs)
+		}
+	}
+	if got, err := l.Addr(netip.MustParseAddr("10.0.1.11")); err != nil || got != netip.MustParseAddr("169.254.200.1") {
+		t.Errorf("Addr(IPv4 node) = %s, %v", got, err)
+	}
+	if got, err := l.Addr(netip.MustParseAddr("fd00::11")); err != nil || got != netip.MustParseAddr("fd65:6270:6677::1") {
+		t.Errorf("Addr(IPv6 node) = %s, %v", got, err)
+	}
+
+	// The link carries traffic both ways at once, over both IP versions.
+	for _, addr := range []string{"169.254.200.2:7000", "[fd65:6270:6677::2]:7000"} {
+		exchangeOver(t, a, b, addr)
+	}
+
+	if err := s.Delete(l); err != nil {
+		t.Fatal(err)
+	}
+	for _, ns := range []netns.NS{a, b} {
+		if attrs, _ := linkIn(t, ns, l.Name); attrs != nil {
+			t.Errorf("%s still in netns %s after Delete", l.Name, ns)
+		}
+	}
+	// Deleting what is gone is fine (the namespace may have taken it).
+	if err := s.Delete(l); err != nil {
+		t.Errorf("second Delete: %v", err)
+	}
+}
+
+// exchangeOver listens at addr in b, dials it from a and echoes a line.
+func exchangeOver(t *testing.T, a, b netns.NS, addr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ln, err := b.Listen(ctx, "tcp", addr)
+	if err != nil {
+		t.Fatalf("listen %s in %s: %v", addr, b, err)
+	}
+	defer ln.Close()
+	go func() {
+		c, err := ln.Accept()
+		if err != nil {
+			return
+		}
+		defer c.Close()
+		_, _ = io.Copy(c, c)
+	}()
+	c, err := a.Dial(ctx, "tcp", addr)
+	if err != nil {
+		t.Fatalf("dial %s from %s over the splice link: %v", addr, a, err)
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	want := []byte("over the splice link\n")
+	if _, err := c.Write(want); err != nil {
+		t.Fatal(err)
+	}
+	got := make([]byte, len(want))
+	if _, err := io.ReadFull(c, got); err != nil || !bytes.Equal(got, want) {
+		t.Fatalf("echo over %s: %q, %v", addr, got, err)
+	}
+}
+
+func TestSubnetsAndNamesPerPair(t *testing.T) {
+	requireRoot(t)
+	_, a := newNS(t, "ebpfwd-splice-a")
+	_, b := newNS(t, "ebpfwd-splice-b")
+	_, c := newNS(t, "ebpfwd-splice-c")
+	s := newLinks(t, "")
+	ab, err := s.Create(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// a already has slot 0: the second link from it takes slot 1.
+	ac, err := s.Create(a, c)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ab.Name == ac.Name {
+		t.Fatalf("two pairs share the name %s", ab.Name)
+	}
+	if ac.Listen.Addr4 != netip.MustParseAddr("169.254.200.5") || ac.Out.Addr4 != netip.MustParseAddr("169.254.200.6") {
+		t.Errorf("second link %s <-> %s, want slot 1 (169.254.200.5, .6)", ac.Listen.Addr4, ac.Out.Addr4)
+	}
+	// Another instance sharing the namespaces keeps clear of both.
+	other := newLinks(t, "")
+	ab2, err := other.Create(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if ab2.Name == ab.Name || ab2.Listen.Addr4 != netip.MustParseAddr("169.254.200.9") {
+		t.Errorf("other instance's link %s at %s, want its own name and slot 2", ab2.Name, ab2.Listen.Addr4)
+	}
+	if _, err := s.Create(a, b); err == nil {
+		t.Error("a second link for the same pair was created")
+	}
+	for _, del := range []struct {
+		s *Links
+		l *Link
+	}{{s, ab}, {s, ac}, {other, ab2}} {
+		if err := del.s.Delete(del.l); err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func TestStaleLinksOfTheInstanceRemoved(t *testing.T) {
+	requireRoot(t)
+	_, a := newNS(t, "ebpfwd-splice-a")
+	_, b := newNS(t, "ebpfwd-splice-b")
+	_, c := newNS(t, "ebpfwd-splice-c")
+	crashed := newLinks(t, "")
+	stale, err := crashed.Create(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	staleOther, err := crashed.Create(a, c) // a pair the next run does not use
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreign := newLinks(t, "")
+	kept, err := foreign.Create(a, b)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	// The next run of the same instance knows nothing of the old links.
+	restarted := newLinks(t, crashed.instance)
+	fresh, err := restarted.Create(a, b)
+	if err != nil {
+		t.Fatalf("Create over a crashed run's link: %v", err)
+	}
+	if fresh.Name != stale.Name {
+		t.Errorf("restarted run named the link %s, the crashed one %s: want stable names", fresh.Name, stale.Name)
+	}
+	if attrs, _ := linkIn(t, a, fresh.Name); attrs == nil || attrs.Index != fresh.Listen.Ifindex {
+		t.Errorf("the new link is not the one in netns %s", a)
+	}
+	// Every leftover of the instance in the namespaces it touched is gone,
+	// the other instance's link is not.
+	if attrs, _ := linkIn(t, a, staleOther.Name); attrs != nil {
+		t.Errorf("stale link %s survived", staleOther.Name)
+	}
+	if attrs, _ := linkIn(t, a, kept.Name); attrs == nil {
+		t.Errorf("another instance's link %s was removed", kept.Name)
+	}
+	if err := restarted.Delete(fresh); err != nil {
+		t.Error(err)
+	}
+	if err := foreign.Delete(kept); err != nil {
+		t.Error(err)
+	}
+}
+
+func TestSameNamespace(t *testing.T) {
+	requireRoot(t)
+	topoA, a := newNS(t, "ebpfwd-splice-a")
+	_, b := newNS(t, "ebpfwd-splice-b")
+	byPath, err := netns.Parse(topoA.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		x, y netns.NS
+		want bool
+	}{
+		{"same name", a, a, true},
+		{"name and path", a, byPath, true},
+		{"different namespaces", a, b, false},
+		{"own and another", netns.NS{}, a, false},
+		{"own and own", netns.NS{}, netns.NS{}, true},
+	}
+	for _, tt := range tests {
+		got, err := SameNamespace(tt.x, tt.y)
+		if err != nil || got != tt.want {
+			t.Errorf("%s: SameNamespace = %v, %v; want %v", tt.name, got, err, tt.want)
+		}
+	}
+}
+
+func equalSets(a, b []string) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	seen := map[string]int{}
+	for _, s := range a {
+		seen[s]++
+	}
+	for _, s := range b {
+		seen[s]--
+	}
+	for _, n := range seen {
+		if n != 0 {
+			return false
+		}
+	}
+	return true
+}
