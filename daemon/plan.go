@@ -59,7 +59,7 @@ func (k kernel) planDatapath(sc *config.Service, spec datapath.Service) (Plan, e
 			} else if err := k.tcProbe(); err != nil {
 				p.Reason, p.From, p.FallbackReason = "tc is unavailable: "+err.Error(), datapath.TC, "probe_failed"
 			} else {
-				p.Datapath, p.Reason = datapath.TC, "direct forward with IP addresses in one namespace; the kernel supports tc redirects"
+				p.Datapath, p.Reason = datapath.TC, "direct forward to IP addresses; the kernel supports tc redirects"
 			}
 		}
 	default:

@@ -243,3 +243,18 @@ func monotonicNow() (uint64, error) {
 	}
 	return uint64(ts.Nano()), nil
 }
+
+// FlowCapacity is how many flows the conntrack maps hold (MAX_FLOWS in
+// nat.c); beyond it the LRU maps evict the least recently used.
+const FlowCapacity = 262144
+
+// ProgramStats is the kernel's accounting of the NAT program: run time and
+// run count, which it keeps only while BPF statistics are enabled
+// (kernel.bpf_stats_enabled, or a process holding ebpf.EnableStats).
+func (l *Loader) ProgramStats() (name string, runTime time.Duration, runs uint64, err error) {
+	st, err := l.objs.EbpfwdNat.Stats()
+	if err != nil {
+		return "", 0, 0, fmt.Errorf("read NAT program stats: %w", err)
+	}
+	return bpf.NATProgEbpfwdNat, st.Runtime, st.RunCount, nil
+}

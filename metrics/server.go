@@ -37,10 +37,14 @@ func listenAddr(addr string) (string, error) {
 
 // Server serves a registry over HTTP.
 type Server struct {
-	srv *http.Server
-	ln  net.Listener
-	log *slog.Logger
+	srv        *http.Server
+	ln         net.Listener
+	log        *slog.Logger
+	onShutdown []func()
 }
+
+// OnShutdown registers f to run when the server shuts down.
+func (s *Server) OnShutdown(f func()) { s.onShutdown = append(s.onShutdown, f) }
 
 // Listen opens the metrics listener (in the daemon's own namespace), so a
 // bad address fails start-up rather than the first scrape.
@@ -81,6 +85,9 @@ func (s *Server) Shutdown() {
 	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
 	defer cancel()
 	s.srv.Shutdown(ctx)
+	for _, f := range s.onShutdown {
+		f()
+	}
 }
 
 func basicAuth(next http.Handler, user, pass string) http.Handler {

@@ -97,6 +97,13 @@ const metricsTopology = `services:
     nodes:
     - {name: chained-target, addr: "127.0.0.1:9000"}
   metadata: {netns: $C}
+- name: tc-svc
+  addr: "10.33.1.1:8100"
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: tc-target, addr: "10.33.2.2:9100"}
+  metadata: {netns: $G, netns.out: $G, datapath: tc}
 chains:
 - name: chain-1
   hops:
@@ -131,10 +138,17 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 	tg := newNS(t, "e2e-metrics-t")
 	echoIn(t, tg, "127.0.0.1:9000")
 	udpEchoIn(t, tg, "127.0.0.1:9053")
+	// tc-svc is a gateway on the tc datapath: client namespace -> $G -> the
+	// target namespace, over veths (its packets must cross interfaces).
+	tcClient := newNS(t, "e2e-metrics-tcc")
+	gw := newNS(t, "e2e-metrics-g")
+	veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
+	veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
+	echoIn(t, tg, "10.33.2.2:9100")
 	port := freeLoopbackPort(t)
 	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
 	startDaemon(t, "metrics", config(metricsTopology, map[string]string{
-		"C": c.Name, "T": tg.Name, "MPORT": strconv.Itoa(port),
+		"C": c.Name, "T": tg.Name, "G": gw.Name, "MPORT": strconv.Itoa(port),
 		"MUSER": metricsUser, "MPASS": metricsPassword,
 		"PUSER": proxyUser, "PPASS": proxyPassword,
 	}), daemonOptions{})
@@ -151,9 +165,9 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 	// be on a gateway in service.
 	udpConn := dialUDP(t, c, "127.0.0.1:8053")
 	var sent trafficTotals
-	sent.add(trafficRound(t, c, udpConn))
+	sent.add(trafficRound(t, c, tcClient, udpConn))
 	prom.waitEverySeriesScraped(t, metricsAddr, 2)
-	sent.add(trafficRound(t, c, udpConn))
+	sent.add(trafficRound(t, c, tcClient, udpConn))
 
 	want := []expectedSeries{
 		{`ebpfwd_bytes_total{service="tcp-svc",direction="up"}`, sent.tcpUp, sent.tcpUp},
@@ -189,6 +203,17 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 		{`ebpfwd_dial_duration_seconds_count{service="proxy",kind="target",result="error"}`, sent.proxyRefused, sent.proxyRefused},
 		{`ebpfwd_datapath_fallback{service="tcp-svc",from="tc",to="userspace"}`, 1, 1},
 		{`ebpfwd_datapath_fallback{service="udp-svc",from="tc",to="userspace"}`, 1, 1},
+		// tc counts TCP payload in the kernel, so it too is exact.
+		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="up"}`, sent.tcUp, sent.tcUp},
+		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="down"}`, sent.tcDown, sent.tcDown},
+		{`ebpfwd_connections_opened_total{service="tc-svc",datapath="tc"}`, sent.tcConns, sent.tcConns},
+		// At least a SYN, the data and a FIN per flow and direction.
+		{`ebpfwd_packets_total{service="tc-svc",direction="up"}`, 3 * sent.tcConns, math.MaxFloat64},
+		{`ebpfwd_packets_total{service="tc-svc",direction="down"}`, 3 * sent.tcConns, math.MaxFloat64},
+		// Closed flows stay in conntrack for the closing timeout.
+		{`ebpfwd_flow_table_entries{service="tc-svc",table="conntrack"}`, 0, sent.tcConns},
+		{`ebpfwd_flow_table_capacity{service="tc-svc",table="conntrack"}`, 262144, 262144},
+		{`ebpfwd_bpf_program_runs_total{program="ebpfwd_nat"}`, 6 * sent.tcConns, math.MaxFloat64},
 		{`ebpfwd_config_last_reload_successful`, 1, 1},
 		{`ebpfwd_build_info`, 1, 1},
 	}
@@ -219,6 +244,7 @@ func (e expectedSeries) String() string {
 
 // trafficTotals is what the test sent, as the daemon should count it.
 type trafficTotals struct {
+	tcUp, tcDown, tcConns          float64
 	tcpUp, tcpDown, tcpConns       float64
 	chainUp, chainDown, chainConns float64
 	proxyRefused                   float64
@@ -226,6 +252,9 @@ type trafficTotals struct {
 }
 
 func (s *trafficTotals) add(o trafficTotals) {
+	s.tcUp += o.tcUp
+	s.tcDown += o.tcDown
+	s.tcConns += o.tcConns
 	s.tcpUp += o.tcpUp
 	s.tcpDown += o.tcpDown
 	s.tcpConns += o.tcpConns
@@ -241,9 +270,15 @@ func (s *trafficTotals) add(o trafficTotals) {
 // of several sizes (0 and 1 byte included) through tcp-svc and chain-svc,
 // datagrams through udp-svc, and a CONNECT to a dead target through the
 // proxy.
-func trafficRound(t *testing.T, c *topo.NS, udpConn net.Conn) trafficTotals {
+func trafficRound(t *testing.T, c, tcClient *topo.NS, udpConn net.Conn) trafficTotals {
 	t.Helper()
 	var r trafficTotals
+	for _, n := range []int{1 << 20, 4096, 1} {
+		if err := exchange(t, tcClient, "10.33.1.1:8100", n, trafficTimeout); err != nil {
+			t.Fatalf("tc-svc, %d bytes: %v", n, err)
+		}
+		r.tcUp, r.tcDown, r.tcConns = r.tcUp+float64(n), r.tcDown+streamDown(n), r.tcConns+1
+	}
 	for _, n := range []int{1 << 20, 300000, 4096, 1, 0} {
 		if err := exchange(t, c, "127.0.0.1:8000", n, trafficTimeout); err != nil {
 			t.Fatalf("tcp-svc, %d bytes: %v", n, err)
@@ -1006,7 +1041,7 @@ func checkDashboard(t *testing.T, p *prometheus, d dashboard) {
 	if err != nil {
 		t.Fatalf("variable service (%s): %v", svcVar.queryText(), err)
 	}
-	if wantSvc := []string{"chain-svc", "proxy", "tcp-svc", "udp-svc"}; !slices.Equal(services, wantSvc) {
+	if wantSvc := []string{"chain-svc", "proxy", "tc-svc", "tcp-svc", "udp-svc"}; !slices.Equal(services, wantSvc) {
 		t.Errorf("variable service offers %v, want %v", services, wantSvc)
 	}
 

@@ -234,6 +234,13 @@ func serveMetrics(cfg *config.Config, d *daemon.Daemon, rec *metrics.Recorder, l
 	if err != nil {
 		return nil, err
 	}
+	// BPF program cost is a metric; without the kernel's accounting it
+	// would read zero. A kernel that refuses only costs that metric.
+	if stats, err := metrics.EnableBPFStats(); err != nil {
+		logger.Warn("BPF program cost will read zero", "err", err)
+	} else {
+		srv.OnShutdown(func() { stats.Close() })
+	}
 	go srv.Serve()
 	logger.Info("serving metrics", "addr", srv.Addr(), "path", mc.Path)
 	return srv, nil

@@ -100,7 +100,27 @@ type Datapath struct {
 	links   *splice.Links        // created on first use
 }
 
-var _ datapath.Datapath = (*Datapath)(nil)
+var (
+	_ datapath.Datapath        = (*Datapath)(nil)
+	_ datapath.ProgramReporter = (*Datapath)(nil)
+)
+
+// Programs reports the kernel's accounting of the NAT program in every
+// namespace it is loaded in.
+func (d *Datapath) Programs() []datapath.ProgramStats {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var out []datapath.ProgramStats
+	for _, nl := range d.loaders {
+		name, runTime, runs, err := nl.l.ProgramStats()
+		if err != nil {
+			d.logger().Warn("read tc program stats", "netns", nl.ns.String(), "err", err)
+			continue
+		}
+		out = append(out, datapath.ProgramStats{Program: name, Netns: nsName(nl.ns), RunTime: runTime, RunCount: runs})
+	}
+	return out
+}
 
 // nsLoader is one namespace's BPF instance and the services using it.
 type nsLoader struct {
@@ -357,11 +377,17 @@ func (d *Datapath) pinName(ns netns.NS) string {
 	if ns.IsOwn() {
 		return d.Instance
 	}
+	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(nsName(ns), "/"), "/", "_")
+}
+
+// nsName is a namespace as `ip netns` names it where it has such a name,
+// else its path ("" for the daemon's own).
+func nsName(ns netns.NS) string {
 	name := filepath.Clean(ns.Path())
 	if dir, base := filepath.Split(name); dir == "/var/run/netns/" || dir == "/run/netns/" {
-		name = base // named as `ip netns` names it
+		return base
 	}
-	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(name, "/"), "/", "_")
+	return ns.Path()
 }
 
 func (d *Datapath) release(nl *nsLoader) {
@@ -449,8 +475,10 @@ type attachment struct {
 }
 
 var (
-	_ datapath.PacketForwarder = (*attachment)(nil)
-	_ datapath.FlowLister      = (*attachment)(nil)
+	_ datapath.PacketForwarder  = (*attachment)(nil)
+	_ datapath.FlowLister       = (*attachment)(nil)
+	_ datapath.FlowTabler       = (*attachment)(nil)
+	_ datapath.NodeHealthSetter = (*attachment)(nil)
 )
 
 // Splice serves a stream accepted by the service's listener: one the
@@ -480,10 +508,39 @@ func (a *attachment) Counters() datapath.Counters {
 	c.Opened += k.NewFlows
 	c.BytesUp += k.BytesUp
 	c.BytesDown += k.BytesDown
+	c.PacketsUp += k.PacketsUp
+	c.PacketsDown += k.PacketsDown
 	if flows, err := a.kernelFlows(); err == nil {
-		c.Active += int64(len(flows))
+		for _, f := range flows {
+			// Closed flows linger in conntrack for the closing timeout;
+			// they are table entries, not active connections.
+			if f.State != loader.TCPClosing && f.State != loader.TCPReset {
+				c.Active++
+			}
+		}
 	}
 	return c
+}
+
+// FlowTables reports the service's share of the kernel's conntrack table,
+// plus the listener's own table (UDP sessions).
+func (a *attachment) FlowTables() []datapath.FlowTable {
+	var out []datapath.FlowTable
+	if ft, ok := a.us.(datapath.FlowTabler); ok {
+		out = ft.FlowTables()
+	}
+	flows, err := a.kernelFlows()
+	if err != nil {
+		a.d.logger().Warn("count tc flows", "service", a.svc.Name, "err", err)
+		return out
+	}
+	return append(out, datapath.FlowTable{Name: "conntrack", Entries: uint64(len(flows)), Capacity: loader.FlowCapacity})
+}
+
+// SetNodeHealthy takes a node out of (or back into) the program's choice
+// for new flows; flows in progress keep their node.
+func (a *attachment) SetNodeHealthy(index int, healthy bool) error {
+	return a.nl.l.SetNodeHealthy(a.id, index, healthy)
 }
 
 // KernelCounters are the program's own counters for the service.

@@ -182,7 +182,9 @@ func (r *results) check(t target, c contender, key metricKey) verdict {
 		return v
 	}
 	ratio := got / base
-	v.measured = fmt.Sprintf("%.2f× %s", ratio, t.baseline)
+	// Three decimals: a ratio printed as 0.75 must not read as meeting a
+	// 0.75 target it missed by a hair.
+	v.measured = fmt.Sprintf("%.3f× %s", ratio, t.baseline)
 	met := ratio >= t.factor
 	if !t.atLeast {
 		met = ratio <= t.factor
