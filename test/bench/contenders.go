@@ -50,6 +50,7 @@ type ebpfwdDatapath struct {
 // is one line here: it then gets the gateway, cross-namespace and (if it
 // chains) hop contenders and is checked against its targets.
 var ebpfwdDatapaths = []ebpfwdDatapath{
+	{kind: datapath.TC},
 	{kind: datapath.Userspace, chains: true},
 }
 

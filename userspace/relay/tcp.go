@@ -19,6 +19,8 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 // Counts are live byte counters a relay adds to as bytes move. A
@@ -168,7 +170,8 @@ type direction struct {
 	pending  []byte
 	counter  counter
 	limited  io.LimitedReader
-	buf      []byte // nil when dst splices from src in the kernel
+	buf      []byte          // nil when dst splices from src in the kernel
+	srcRaw   syscall.RawConn // src's socket, when splicing
 	// quietUntil is the latest time (ns since start) up to which this
 	// direction is known to have moved nothing since its last activity: set
 	// whenever a read window expires empty, and to MaxInt64 once the
@@ -182,7 +185,12 @@ func newDirection(name string, src, dst net.Conn, pending []byte, counter counte
 	// *net.TCPConn.ReadFrom splices from a TCP or Unix stream socket; any
 	// other pair gets one reusable buffer instead of io.Copy's per-call
 	// allocation.
-	if !splices(src, dst) {
+	if sc, ok := src.(syscall.Conn); ok && splices(src, dst) {
+		if raw, err := sc.SyscallConn(); err == nil {
+			d.srcRaw = raw
+		}
+	}
+	if d.srcRaw == nil {
 		d.buf = make([]byte, bufferSize)
 	}
 	return d
@@ -299,10 +307,41 @@ func (r *tcpRelay) idleExpired() bool {
 func (d *direction) copyChunk() (int64, error) {
 	d.limited.N = chunkSize
 	if d.buf == nil {
+		// Splice borrows a pipe (two fds) for as long as its call waits
+		// for data, so wait first: an idle connection then holds only its
+		// two sockets, not two pipes as well.
+		if err := waitReadable(d.srcRaw); err != nil {
+			return 0, err
+		}
 		// *net.TCPConn.ReadFrom accepts *io.LimitedReader and splices.
 		return d.dst.(io.ReaderFrom).ReadFrom(&d.limited)
 	}
 	return io.CopyBuffer(writerOnly{d.dst}, &d.limited, d.buf)
+}
+
+// waitReadable returns once c has data, EOF or an error to report, or its
+// read deadline passes. It peeks without consuming, so it never waits
+// while data is already queued.
+func waitReadable(c syscall.RawConn) error {
+	var b [1]byte
+	var peekErr error
+	err := c.Read(func(fd uintptr) bool {
+		_, _, err := unix.Recvfrom(int(fd), b[:], unix.MSG_PEEK|unix.MSG_DONTWAIT)
+		switch err {
+		case unix.EAGAIN:
+			return false // nothing yet: wait for the poller
+		case nil, unix.EINTR:
+		default:
+			// The kernel reports a socket error (a reset) once, and the
+			// peek has just taken it: it must not come back as a clean EOF.
+			peekErr = os.NewSyscallError("recvfrom", err)
+		}
+		return true
+	})
+	if err != nil {
+		return err
+	}
+	return peekErr
 }
 
 // writerOnly hides a destination's ReadFrom so io.CopyBuffer uses the

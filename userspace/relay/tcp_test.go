@@ -9,6 +9,8 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"os"
+	"runtime"
 	"sync"
 	"testing"
 	"time"
@@ -485,4 +487,42 @@ func TestTCPCountsStayLive(t *testing.T) {
 	rig.app.Close()
 	rig.server.Close()
 	rig.wait(t)
+}
+
+// TestIdleRelayHoldsNoPipes: once a connection goes quiet its relay holds
+// only the sockets, not a splice pipe per direction (four more fds), which
+// would cap a daemon at a third of the connections its fd limit allows.
+func TestIdleRelayHoldsNoPipes(t *testing.T) {
+	countFDs := func() int {
+		// Pipes returned to Go's splice pool close when it is collected.
+		runtime.GC()
+		runtime.GC()
+		entries, err := os.ReadDir("/proc/self/fd")
+		if err != nil {
+			t.Fatal(err)
+		}
+		return len(entries)
+	}
+	const relays = 20
+	before := countFDs()
+	for range relays {
+		rig := startRelay(t, t.Context(), 0, nil)
+		// One byte each way, so both directions have spliced once.
+		for _, p := range [][2]*net.TCPConn{{rig.app, rig.server}, {rig.server, rig.app}} {
+			if _, err := p[0].Write([]byte{1}); err != nil {
+				t.Fatal(err)
+			}
+			p[1].SetReadDeadline(time.Now().Add(5 * time.Second))
+			if _, err := io.ReadFull(p[1], make([]byte, 1)); err != nil {
+				t.Fatal(err)
+			}
+		}
+		t.Cleanup(func() { rig.app.Close(); rig.server.Close(); rig.wait(t) })
+	}
+	// A splice call in progress returns at its read deadline.
+	time.Sleep(liveCountWindow + 500*time.Millisecond)
+	const socketsPerRelay = 4 // app, server and the relay's two ends, all in this process
+	if got, limit := countFDs()-before, relays*socketsPerRelay+4; got > limit {
+		t.Fatalf("%d idle relays hold %d fds, want at most %d (sockets only)", relays, got, limit)
+	}
 }
