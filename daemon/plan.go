@@ -27,7 +27,15 @@ type kernel struct {
 	tcProbe      func() error
 }
 
-var realKernel = kernel{tcApplicable: tc.Applicable, tcProbe: tc.Probe}
+var realKernel = kernel{
+	tcApplicable: func(svc datapath.Service) error {
+		if err := tc.Applicable(svc); err != nil {
+			return err
+		}
+		return tc.NodesReachable(svc)
+	},
+	tcProbe: tc.Probe,
+}
 
 // planDatapath chooses a service's datapath from its `datapath` metadata:
 // `auto` takes the fastest that applies and says why; a datapath asked for
