@@ -78,17 +78,25 @@ char __license[] SEC("license") = "GPL";
 
 // ---- configuration (volatile const: set by the loader before load) ----
 
-// SNAT source ports, inclusive, host order. The default sits above the
-// kernel's default ip_local_port_range (32768-60999) so that our flows never
-// collide with sockets of the gateway namespace itself.
-volatile const __u16 snat_port_min = 61000;
-volatile const __u16 snat_port_max = 65535;
+// SNAT source ports, inclusive, host order. The default sits below the
+// kernel's default ip_local_port_range (32768-60999), so that our flows never
+// collide with connections the gateway namespace's own sockets open, and is
+// wide: at one node, the range bounds the flows open or recently closed.
+volatile const __u16 snat_port_min = 1024;
+volatile const __u16 snat_port_max = 32767;
 
 // Timeouts of TCP flows by state, nanoseconds. A flow's idle timeout (TCP
 // established, UDP) comes from its service.
 volatile const __u64 tcp_syn_timeout_ns = 60ULL * 1000000000ULL;
 volatile const __u64 tcp_closing_timeout_ns = 60ULL * 1000000000ULL;
 volatile const __u64 tcp_reset_timeout_ns = 10ULL * 1000000000ULL;
+
+// How long a closed flow (FIN both ways, or reset) keeps its SNAT port from
+// a new flow once its last packet passed: long enough for a retransmitted
+// FIN or final ACK, short of the closing timeout, which would otherwise
+// bound the new-connection rate at range / closing timeout. A reply tuple
+// reused this way is what netfilter does with TIME_WAIT entries.
+volatile const __u64 tcp_closed_reuse_ns = 2ULL * 1000000000ULL;
 
 // ---- map types (shared with Go through bpf2go -type) ----
 
@@ -438,6 +446,18 @@ static __always_inline int ct_expired(const struct ct_entry *ct, __u64 now)
 	return now > seen && now - seen > ct_timeout(ct);
 }
 
+// ct_port_reusable says whether a flow's SNAT port may go to a new flow:
+// the flow expired, or it closed and has been quiet for tcp_closed_reuse_ns.
+static __always_inline int ct_port_reusable(const struct ct_entry *ct, __u64 now)
+{
+	if (ct_expired(ct, now))
+		return 1;
+	if (ct->state != CT_TCP_CLOSING && ct->state != CT_TCP_RESET)
+		return 0;
+	__u64 seen = ct->last_seen_ns;
+	return now > seen && now - seen > tcp_closed_reuse_ns;
+}
+
 // ct_update moves a flow's state on a packet; from_client says which side
 // sent it.
 static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int from_client, __u64 now)
@@ -473,9 +493,10 @@ static __always_inline void forget_flow(const struct tuple *orig, const struct c
 	bpf_map_delete_elem(&ebpfwd_conntrack, orig);
 }
 
-// reclaim_if_stale frees a reverse entry whose flow is gone, expired or
-// belongs to another reply tuple (a lost race), so that its SNAT port can be
-// reused before userspace garbage collection gets to it.
+// reclaim_if_stale frees a reverse entry whose flow is gone, expired, closed
+// a moment ago (ct_port_reusable) or belongs to another reply tuple (a lost
+// race), so that its SNAT port can be reused before userspace garbage
+// collection gets to it.
 static __always_inline int reclaim_if_stale(const struct tuple *reply, __u64 now)
 {
 	struct tuple *orig_p = bpf_map_lookup_elem(&ebpfwd_reverse, reply);
@@ -483,7 +504,7 @@ static __always_inline int reclaim_if_stale(const struct tuple *reply, __u64 now
 		return 1; // freed meanwhile
 	struct tuple orig = *orig_p;
 	struct ct_entry *ct = bpf_map_lookup_elem(&ebpfwd_conntrack, &orig);
-	if (ct && tuple_equal(&ct->reply, reply) && !ct_expired(ct, now))
+	if (ct && tuple_equal(&ct->reply, reply) && !ct_port_reusable(ct, now))
 		return 0;
 	if (ct && tuple_equal(&ct->reply, reply))
 		bpf_map_delete_elem(&ebpfwd_conntrack, &orig);

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 
@@ -79,6 +80,8 @@ type netOptions struct {
 	forwarding bool
 	// snatPorts overrides the SNAT port range (0, 0: default).
 	snatMin, snatMax uint16
+	// closedReuse sets tcp_closed_reuse_ns; 0 keeps the default.
+	closedReuse time.Duration
 }
 
 func newTestNet(t *testing.T, opts netOptions) *testNet {
@@ -156,6 +159,11 @@ func newTestNet(t *testing.T, opts netOptions) *testNet {
 			t.Fatal(err)
 		}
 		if err := spec.Variables["snat_port_max"].Set(opts.snatMax); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if opts.closedReuse != 0 {
+		if err := spec.Variables["tcp_closed_reuse_ns"].Set(uint64(opts.closedReuse)); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -265,7 +273,7 @@ func mustParse(t *testing.T, b []byte) frame {
 	return f
 }
 
-func inSNATRange(p uint16) bool { return p >= 61000 }
+func inSNATRange(p uint16) bool { return p >= 1024 && p <= 32767 }
 
 func TestTCPFlowRewrittenBothWays(t *testing.T) {
 	for _, a := range []addresses{v4, v6} {
@@ -286,7 +294,7 @@ func TestTCPFlowRewrittenBothWays(t *testing.T) {
 			}
 			got := mustParse(t, out)
 			if got.src.Addr() != a.snat || !inSNATRange(got.src.Port()) {
-				t.Errorf("SYN source = %s, want %s with a port in 61000-65535", got.src, a.snat)
+				t.Errorf("SYN source = %s, want %s with a port in 1024-32767", got.src, a.snat)
 			}
 			if got.dst != a.node {
 				t.Errorf("SYN destination = %s, want %s", got.dst, a.node)
@@ -398,7 +406,7 @@ func TestPassedUntouched(t *testing.T) {
 			return frame{dstMAC: mac, srcMAC: clientMAC, src: v4.client, dst: v4.vip, proto: protoUDP, ttl: 64}
 		}, 0, noCounter},
 		{"reply-like packet of no flow", func(mac net.HardwareAddr) frame {
-			return frame{dstMAC: mac, srcMAC: nodeMAC, src: v4.node, dst: netip.AddrPortFrom(v4.snat, 61000), proto: protoTCP, ttl: 64, tcpFlags: flagACK}
+			return frame{dstMAC: mac, srcMAC: nodeMAC, src: v4.node, dst: netip.AddrPortFrom(v4.snat, 20000), proto: protoTCP, ttl: 64, tcpFlags: flagACK}
 		}, 0, noCounter},
 		{"IPv4 options", func(mac net.HardwareAddr) frame {
 			return frame{dstMAC: mac, srcMAC: clientMAC, src: v4.client, dst: v4.vip, proto: protoTCP, ttl: 64, tcpFlags: flagSYN, ipOptions: true}
@@ -491,6 +499,51 @@ func TestSNATExhaustionCounted(t *testing.T) {
 		NATCounterCOUNTER_NEW_FLOWS:     2,
 		NATCounterCOUNTER_SNAT_FAILURES: 1,
 	})
+}
+
+// TestClosedFlowGivesUpItsPort: with one SNAT port, a new flow gets it
+// once the flow holding it has closed (FIN both ways) or been reset and the
+// short reuse grace has passed, long before the closing timeout; an open
+// flow keeps it.
+func TestClosedFlowGivesUpItsPort(t *testing.T) {
+	const grace = 20 * time.Millisecond
+	for _, end := range []string{"fin", "rst", "open"} {
+		t.Run(end, func(t *testing.T) {
+			tn := newTestNet(t, netOptions{forwarding: true, snatMin: 20000, snatMax: 20000, closedReuse: grace})
+			tn.addService(t, protoTCP, v4.vip, v4.snat, 0, v4.node)
+			first := netip.AddrPortFrom(v4.client.Addr(), 40000)
+			send := func(src, dst netip.AddrPort, flags uint8, fromNode bool) uint32 {
+				f := frame{dstMAC: tn.mac, srcMAC: clientMAC, src: src, dst: dst, proto: protoTCP, ttl: 64, tcpFlags: flags}
+				if fromNode {
+					f.srcMAC = nodeMAC
+				}
+				ret, _ := tn.run(t, f.build())
+				return ret
+			}
+			reply := netip.AddrPortFrom(v4.snat, 20000)
+			if ret := send(first, v4.vip, flagSYN, false); ret != actRedirect {
+				t.Fatalf("first SYN: verdict %#x", ret)
+			}
+			send(v4.node, reply, flagSYN|flagACK, true)
+			switch end {
+			case "fin":
+				send(first, v4.vip, flagFIN|flagACK, false)
+				send(v4.node, reply, flagFIN|flagACK, true)
+				send(first, v4.vip, flagACK, false)
+			case "rst":
+				send(v4.node, reply, flagRST, true)
+			}
+			time.Sleep(2 * grace)
+			second := netip.AddrPortFrom(v4.client.Addr(), 40001)
+			want := uint32(actRedirect)
+			if end == "open" {
+				want = actUnspec // the only port is still in use
+			}
+			if ret := send(second, v4.vip, flagSYN, false); ret != want {
+				t.Fatalf("second flow's SYN after the first %s: verdict %#x, want %#x", end, ret, want)
+			}
+		})
+	}
 }
 
 // TestForwardingDisabled pins down what happens when bpf_fib_lookup refuses

@@ -144,6 +144,7 @@ const (
 	NATVarBtfStrategy         = "btf_strategy"
 	NATVarSnatPortMax         = "snat_port_max"
 	NATVarSnatPortMin         = "snat_port_min"
+	NATVarTcpClosedReuseNs    = "tcp_closed_reuse_ns"
 	NATVarTcpClosingTimeoutNs = "tcp_closing_timeout_ns"
 	NATVarTcpResetTimeoutNs   = "tcp_reset_timeout_ns"
 	NATVarTcpSynTimeoutNs     = "tcp_syn_timeout_ns"
@@ -216,6 +217,7 @@ type NATVariableSpecs struct {
 	BtfStrategy         *ebpf.VariableSpec `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.VariableSpec `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.VariableSpec `ebpf:"snat_port_min"`
+	TcpClosedReuseNs    *ebpf.VariableSpec `ebpf:"tcp_closed_reuse_ns"`
 	TcpClosingTimeoutNs *ebpf.VariableSpec `ebpf:"tcp_closing_timeout_ns"`
 	TcpResetTimeoutNs   *ebpf.VariableSpec `ebpf:"tcp_reset_timeout_ns"`
 	TcpSynTimeoutNs     *ebpf.VariableSpec `ebpf:"tcp_syn_timeout_ns"`
@@ -270,6 +272,7 @@ type NATVariables struct {
 	BtfStrategy         *ebpf.Variable `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.Variable `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.Variable `ebpf:"snat_port_min"`
+	TcpClosedReuseNs    *ebpf.Variable `ebpf:"tcp_closed_reuse_ns"`
 	TcpClosingTimeoutNs *ebpf.Variable `ebpf:"tcp_closing_timeout_ns"`
 	TcpResetTimeoutNs   *ebpf.Variable `ebpf:"tcp_reset_timeout_ns"`
 	TcpSynTimeoutNs     *ebpf.Variable `ebpf:"tcp_syn_timeout_ns"`

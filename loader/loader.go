@@ -32,11 +32,12 @@ import (
 // Defaults of Config.
 const (
 	DefaultBPFFS = "/sys/fs/bpf"
-	// The SNAT range starts above the kernel's default ip_local_port_range
-	// (32768-60999), so translated flows never take a port a socket of the
-	// gateway namespace could be bound to.
-	DefaultSNATPortMin       = 61000
-	DefaultSNATPortMax       = 65535
+	// The SNAT range ends below the kernel's default ip_local_port_range
+	// (32768-60999), so translated flows never take a port the gateway
+	// namespace's own connections could get, and is wide because it bounds
+	// the flows to one node that are open or closed within the last 2s.
+	DefaultSNATPortMin       = 1024
+	DefaultSNATPortMax       = 32767
 	DefaultTCPSynTimeout     = 60 * time.Second
 	DefaultTCPClosingTimeout = 60 * time.Second
 	DefaultTCPResetTimeout   = 10 * time.Second
@@ -68,7 +69,7 @@ type Config struct {
 	// BPFFS is where bpffs is (or gets) mounted; "" means /sys/fs/bpf.
 	BPFFS string
 	// SNATPortMin and SNATPortMax bound the SNAT source ports (inclusive);
-	// both 0 means 61000-65535.
+	// both 0 means 1024-32767.
 	SNATPortMin, SNATPortMax uint16
 	// Timeouts of TCP flows that are opening, closing (FIN both ways) or
 	// reset; 0 means the default.
