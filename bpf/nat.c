@@ -88,7 +88,7 @@ volatile const __u16 snat_port_max = 32767;
 // Timeouts of TCP flows by state, nanoseconds. A flow's idle timeout (TCP
 // established, UDP) comes from its service.
 volatile const __u64 tcp_syn_timeout_ns = 60ULL * 1000000000ULL;
-volatile const __u64 tcp_closing_timeout_ns = 60ULL * 1000000000ULL;
+volatile const __u64 tcp_closing_timeout_ns = 10ULL * 1000000000ULL; // the loader sets it: loader.DefaultTCPClosingTimeout
 volatile const __u64 tcp_reset_timeout_ns = 10ULL * 1000000000ULL;
 
 // How long a closed flow (FIN both ways, or reset) keeps its SNAT port from
