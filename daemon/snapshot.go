@@ -26,6 +26,16 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 		for r, n := range s.errs.Snapshot() {
 			snap.Errors[string(r)] = n
 		}
+		if kr, ok := s.att.(datapath.KernelReasoner); ok {
+			if k, err := kr.KernelReasons(); err != nil {
+				s.log.Warn("read kernel datapath counters", "err", err)
+			} else {
+				for r, n := range k.Errors {
+					snap.Errors[r] += n
+				}
+				snap.Passed, snap.Dropped = k.Passed, k.Dropped
+			}
+		}
 		if s.nodes != nil {
 			for _, n := range s.nodes.Nodes() {
 				snap.Nodes = append(snap.Nodes, metrics.NodeState{Node: n.Name, Up: s.nodes.Healthy(n)})

@@ -160,3 +160,17 @@ type ProgramReporter interface {
 type NodeHealthSetter interface {
 	SetNodeHealthy(index int, healthy bool) error
 }
+
+// KernelReasons are a kernel datapath's per-service counts of what went
+// wrong or was not its to handle, by a short reason (a metric label).
+type KernelReasons struct {
+	Errors  map[string]uint64 // new flows that failed (e.g. snat_exhausted, map_full)
+	Passed  map[string]uint64 // packets left to the stack (e.g. fragment, no_route)
+	Dropped map[string]uint64 // packets dropped (e.g. ttl_exceeded)
+}
+
+// KernelReasoner is implemented by attachments whose kernel side counts
+// reasons.
+type KernelReasoner interface {
+	KernelReasons() (KernelReasons, error)
+}

@@ -19,6 +19,10 @@ var (
 		"Payload bytes moved; direction up is client to node, down is node to client.", "service", "datapath", "direction")
 	packetsTotal = desc("packets_total",
 		"Packets moved in the kernel (tc datapath); direction up is client to node.", "service", "datapath", "direction")
+	packetsPassed = desc("packets_passed_total",
+		"Packets a kernel datapath left to the stack (and so to the service's listener), by reason.", "service", "datapath", "reason")
+	packetsDropped = desc("packets_dropped_total",
+		"Packets a kernel datapath dropped, by reason.", "service", "datapath", "reason")
 	programRunTime = desc("bpf_program_run_seconds_total",
 		"Time the kernel spent running a BPF program (kernel.bpf_stats_enabled; ebpfwd enables it while serving metrics).", "program", "netns")
 	programRuns = desc("bpf_program_runs_total",
@@ -47,7 +51,7 @@ func newCollector(src Source) prometheus.Collector { return collector{src} }
 
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, packetsTotal,
-		programRunTime, programRuns, connErrors,
+		packetsPassed, packetsDropped, programRunTime, programRuns, connErrors,
 		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks} {
 		ch <- d
 	}
@@ -75,6 +79,12 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for reason, n := range s.Errors {
 			counter(connErrors, n, s.Service, reason)
+		}
+		for reason, n := range s.Passed {
+			counter(packetsPassed, n, s.Service, dp, reason)
+		}
+		for reason, n := range s.Dropped {
+			counter(packetsDropped, n, s.Service, dp, reason)
 		}
 		for _, n := range s.Nodes {
 			gauge(nodeUp, boolValue(n.Up), s.Service, n.Node)

@@ -30,6 +30,9 @@ type ServiceSnapshot struct {
 	Nodes []NodeState
 	// Flows is the service's flow table, when its datapath keeps one.
 	Flows []FlowTable
+	// Passed and Dropped count a kernel datapath's packets left to the
+	// stack and dropped, by reason.
+	Passed, Dropped map[string]uint64
 }
 
 // NodeState is one forward node's up/down state from failure marking.

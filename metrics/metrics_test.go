@@ -29,6 +29,8 @@ func (fakeSource) Snapshot() []ServiceSnapshot {
 		Handler:  "tcp",
 		Datapath: datapath.TC,
 		Counters: datapath.Counters{PacketsUp: 10, PacketsDown: 20},
+		Passed:   map[string]uint64{"fragment": 3},
+		Dropped:  map[string]uint64{"ttl_exceeded": 4},
 	}}
 }
 
@@ -112,6 +114,8 @@ func TestRegistryReadsTheSource(t *testing.T) {
 		{"ebpfwd_bpf_program_runs_total", map[string]string{"program": "ebpfwd_nat", "netns": "gw"}, 42},
 		{"ebpfwd_packets_total", map[string]string{"service": "tc-svc", "direction": "up"}, 10},
 		{"ebpfwd_packets_total", map[string]string{"service": "tc-svc", "direction": "down"}, 20},
+		{"ebpfwd_packets_passed_total", map[string]string{"service": "tc-svc", "reason": "fragment"}, 3},
+		{"ebpfwd_packets_dropped_total", map[string]string{"service": "tc-svc", "reason": "ttl_exceeded"}, 4},
 		{"ebpfwd_config_last_reload_successful", nil, 1},
 		{"ebpfwd_config_last_reload_success_timestamp_seconds", nil, 1700000000},
 	}

@@ -479,6 +479,7 @@ var (
 	_ datapath.FlowLister       = (*attachment)(nil)
 	_ datapath.FlowTabler       = (*attachment)(nil)
 	_ datapath.NodeHealthSetter = (*attachment)(nil)
+	_ datapath.KernelReasoner   = (*attachment)(nil)
 )
 
 // Splice serves a stream accepted by the service's listener: one the
@@ -541,6 +542,25 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 // for new flows; flows in progress keep their node.
 func (a *attachment) SetNodeHealthy(index int, healthy bool) error {
 	return a.nl.l.SetNodeHealthy(a.id, index, healthy)
+}
+
+// KernelReasons maps the program's counters to metric reasons. A flow that
+// got no SNAT port, or could not be recorded because the conntrack map
+// refused it, is an error: the packet goes on to the listener (or is
+// dropped), but not on the fast path.
+func (a *attachment) KernelReasons() (datapath.KernelReasons, error) {
+	k, err := a.nl.l.Counters(a.id)
+	if err != nil {
+		return datapath.KernelReasons{}, err
+	}
+	return datapath.KernelReasons{
+		Errors: map[string]uint64{"snat_exhausted": k.SNATFailures, "map_full": k.DropConntrack},
+		Passed: map[string]uint64{
+			"fragment": k.PassFragment, "ip_options": k.PassIPOptions, "no_route": k.PassNoRoute,
+			"no_flow": k.PassNoFlow, "no_healthy_node": k.PassNoNode,
+		},
+		Dropped: map[string]uint64{"ttl_exceeded": k.DropTTL, "rewrite_failed": k.DropRewrite, "map_full": k.DropConntrack},
+	}, nil
 }
 
 // KernelCounters are the program's own counters for the service.
