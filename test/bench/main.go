@@ -235,9 +235,10 @@ func raiseOpenFiles() (uint64, error) {
 }
 
 // fdsPerIdleFlow is how many descriptors the userspace relay holds per
-// idle stream: the two sockets and two splice pipes (two descriptors each).
-// It sizes the idle-connection workload to what the open-file limit allows.
-const fdsPerIdleFlow = 6
+// idle stream: its two sockets (it borrows splice pipes only while bytes
+// move). It sizes the idle-connection workload to what the open-file limit
+// allows.
+const fdsPerIdleFlow = 2
 
 // idleConnections is how many idle connections the memory workload opens:
 // 10,000, unless the open-file limit cannot give each daemon
