@@ -41,6 +41,30 @@ type Options struct {
 	Metrics *metrics.Recorder
 	// Instance names this daemon's control socket; "" opens none.
 	Instance string
+	// Restart, when it is closed or receives, shuts the daemon down like
+	// the end of Run's context, except that the kernel datapaths keep
+	// their state (attached programs, pinned maps, splice links) for the
+	// next run, and Run returns ErrRestart: the caller then re-executes
+	// the daemon, whose next run takes the state over. Nil never fires.
+	Restart <-chan struct{}
+}
+
+// ErrRestart is what Run returns after a shutdown for Options.Restart: the
+// services are closed, the kernel datapaths' flows keep going, and the
+// caller is expected to start the next run at once.
+var ErrRestart = errors.New("daemon stopped to restart in place")
+
+// stateKeeper is a datapath whose kernel state can outlive the process for
+// a restart in place (tc).
+type stateKeeper interface {
+	// KeepForRestart makes closing services leave the kernel's state.
+	KeepForRestart()
+}
+
+// setupFinisher is a datapath that cleans up after every service is set
+// up: what a previous run left and this one does not need (tc).
+type setupFinisher interface {
+	FinishSetup() error
 }
 
 // Daemon runs the services of one configuration.
@@ -208,7 +232,11 @@ func (d *Daemon) Plans() []Plan {
 // accepting, lets in-flight connections finish for the drain timeout,
 // closes the rest and removes whatever the datapaths attached. If any
 // service cannot start, everything already started is undone and the
-// error returned.
+// error returned. Options.Restart ends it the same way but leaves the
+// kernel datapaths' state, and returns ErrRestart.
+//
+// After every service is set up, datapaths remove what a previous run of
+// the instance left and this run does not need.
 func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.Check(); err != nil {
 		return err
@@ -227,6 +255,15 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.start(ctx); err != nil {
 		d.closeAll()
 		return err
+	}
+	for kind, dp := range d.datapaths {
+		if f, ok := dp.(setupFinisher); ok {
+			// Leftovers cost map slots and interfaces, not correctness:
+			// they are no reason to refuse to serve.
+			if err := f.FinishSetup(); err != nil {
+				d.log.Warn("could not remove everything a previous run left", "datapath", kind, "err", err)
+			}
+		}
 	}
 	for _, s := range d.services {
 		d.log.Info("service started", "service", s.cfg.Name, "addr", s.ln.addr(),
@@ -253,8 +290,14 @@ func (d *Daemon) Run(ctx context.Context) error {
 		}()
 	}
 
-	<-ctx.Done()
-	d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
+	restart := false
+	select {
+	case <-ctx.Done():
+		d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
+	case <-d.opts.Restart:
+		restart = true
+		d.log.Info("restarting in place: no longer accepting; kernel flows keep going", "drain_timeout", d.opts.DrainTimeout)
+	}
 	for _, s := range d.services {
 		s.stopAccepting()
 	}
@@ -267,7 +310,24 @@ func (d *Daemon) Run(ctx context.Context) error {
 		cancelConns()
 		<-drained
 	}
+	if restart && ctx.Err() != nil {
+		// A stop requested during the restart's drain wins: leaving the
+		// kernel state behind would break the promise of a full stop.
+		restart = false
+		d.log.Info("stop requested during the restart: stopping instead, removing the kernel state")
+	}
+	if restart {
+		for _, dp := range d.datapaths {
+			if k, ok := dp.(stateKeeper); ok {
+				k.KeepForRestart()
+			}
+		}
+	}
 	d.closeAll()
+	if restart {
+		d.log.Info("stopped for restart: kernel datapaths left in place for the next run")
+		return ErrRestart
+	}
 	d.log.Info("stopped")
 	return nil
 }

@@ -132,6 +132,13 @@ func (a *attachment) describe(l *Loader) Attachment {
 // attachHere attaches in the calling thread's namespace (inside ns.Do).
 func (l *Loader) attachHere(a *attachment) error {
 	if l.cfg.Attach != AttachLegacy {
+		adopted, err := l.adoptLink(a)
+		if err != nil {
+			return err
+		}
+		if adopted {
+			return nil
+		}
 		lnk, err := link.AttachTCX(link.TCXOptions{
 			Interface: a.ifindex,
 			Program:   l.objs.EbpfwdNat,
@@ -140,7 +147,7 @@ func (l *Loader) attachHere(a *attachment) error {
 		if err == nil {
 			// The pin keeps the attachment alive if the process dies, and
 			// is how a later run finds and removes it.
-			a.pinPath = filepath.Join(l.pinDir, fmt.Sprintf("link_%s_%d", a.ifname, a.ifindex))
+			a.pinPath = filepath.Join(l.pinDir, linkPinName(a.ifname, a.ifindex))
 			if err := lnk.Pin(a.pinPath); err != nil {
 				lnk.Close()
 				return fmt.Errorf("pin tcx link at %s: %w", a.pinPath, err)
@@ -157,7 +164,8 @@ func (l *Loader) attachHere(a *attachment) error {
 
 // attachLegacy adds a clsact qdisc (if missing) and a direct-action cls_bpf
 // filter at ingress. Netlink filters cannot be pinned: they live with the
-// interface until deleted.
+// interface until deleted. A filter a previous run left (restart or crash)
+// is replaced in place, which swaps the program atomically.
 func (a *attachment) attachLegacy(prog *ebpf.Program) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{
@@ -185,7 +193,7 @@ func (a *attachment) attachLegacy(prog *ebpf.Program) error {
 		Name:         "ebpfwd_nat",
 		DirectAction: true,
 	}
-	if err := netlink.FilterAdd(filter); err != nil {
+	if err := netlink.FilterReplace(filter); err != nil {
 		return fmt.Errorf("add cls_bpf ingress filter: %w", err)
 	}
 	a.filter = filter

@@ -8,9 +8,14 @@
 // mean something inside one namespace.
 //
 // The pin directory is locked with flock(2) for the life of the Loader, so
-// two processes never drive the same instance; a directory that is not
-// locked but not empty is what a crashed run left, and Load removes it
-// (which also detaches the links pinned there) before it starts over.
+// two processes never drive the same instance. A directory that is not
+// locked but not empty is what a previous run left: one that re-executed
+// itself to restart (Release) or one that crashed. Load takes its state
+// over so that established flows keep going (see restart.go): compatible
+// maps are reused, pinned tcx links are adopted by Attach and get the new
+// program, and what the new run does not need goes with PruneServices and
+// PruneLinks. Maps a new program cannot use are wiped, and with them
+// everything pinned.
 package loader
 
 import (
@@ -36,9 +41,9 @@ const (
 	// (32768-60999), so translated flows never take a port the gateway
 	// namespace's own connections could get, and is wide because it bounds
 	// the flows to one node that are open or closed within the last 2s.
-	DefaultSNATPortMin       = 1024
-	DefaultSNATPortMax       = 32767
-	DefaultTCPSynTimeout     = 60 * time.Second
+	DefaultSNATPortMin   = 1024
+	DefaultSNATPortMax   = 32767
+	DefaultTCPSynTimeout = 60 * time.Second
 	// A closed flow (FIN both ways) stays this long for late FINs and ACKs.
 	// Longer hurts: a client reusing its port within it restarts the old
 	// flow on the old SNAT port, which met the node's TIME_WAIT and cut the
@@ -123,11 +128,15 @@ type Loader struct {
 	attached map[string]*attachment
 	services map[ServiceID]*serviceState
 	closed   bool
+	// reused is true when the maps came from a previous run's pins.
+	reused bool
 }
 
-// Load mounts bpffs if needed, claims the instance's pin directory
-// (cleaning what a crashed run left), and loads the program with cfg's
-// constants. The maps are pinned by name in the directory.
+// Load mounts bpffs if needed, claims the instance's pin directory, and
+// loads the program with cfg's constants. The maps are pinned by name in
+// the directory; maps a previous run pinned there are reused when the
+// program's definitions still match them, and wiped (with every pin of the
+// instance, which ends its flows) when they do not.
 func Load(cfg Config) (*Loader, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, fmt.Errorf("load tc datapath: %w", err)
@@ -148,7 +157,9 @@ func Load(cfg Config) (*Loader, error) {
 		services: make(map[ServiceID]*serviceState),
 	}
 	if err := l.load(); err != nil {
-		_ = os.RemoveAll(pinDir)
+		// A previous run's pins stay for a run that can load (the
+		// directory goes only if it is empty).
+		_ = os.Remove(pinDir)
 		lock.Close()
 		return nil, err
 	}
@@ -156,6 +167,35 @@ func Load(cfg Config) (*Loader, error) {
 }
 
 func (l *Loader) load() error {
+	pinned, err := hasMapPins(l.pinDir)
+	if err != nil {
+		return err
+	}
+	err = l.loadObjects()
+	if errors.Is(err, ebpf.ErrMapIncompatible) {
+		// A binary whose maps changed shape cannot read the old ones:
+		// start over. The old flows end here, which is logged loudly.
+		slog.Warn("pinned maps of a previous run do not fit this program: removing every pin of the instance and starting fresh; flows in progress are cut",
+			"dir", l.pinDir, "err", err)
+		if err := emptyDir(l.pinDir); err != nil {
+			return err
+		}
+		pinned = false
+		err = l.loadObjects()
+	}
+	if err != nil {
+		return err
+	}
+	l.reused = pinned
+	if pinned {
+		slog.Info("reusing the pinned maps of a previous run: its flows keep going", "dir", l.pinDir)
+	}
+	return nil
+}
+
+// loadObjects loads the program and its maps, reusing compatible maps
+// pinned in the pin directory.
+func (l *Loader) loadObjects() error {
 	spec, err := bpf.LoadNAT()
 	if err != nil {
 		return fmt.Errorf("read embedded NAT program: %w", err)
@@ -189,6 +229,10 @@ func (l *Loader) load() error {
 
 // PinDir is the instance's directory in bpffs.
 func (l *Loader) PinDir() string { return l.pinDir }
+
+// Reused reports whether the maps, and with them the flows, services and
+// counters, came from a previous run's pins.
+func (l *Loader) Reused() bool { return l.reused }
 
 // Close detaches every attachment, removes the pins and the pin directory,
 // and releases the instance.
@@ -245,13 +289,15 @@ func ensureBPFFS(dir string) error {
 	return nil
 }
 
-// claimPinDir creates and flocks the pin directory. A directory nobody holds
-// but that has entries is the leftover of a crashed run: its pinned links
-// still hold the program attached, so it is emptied first.
+// claimPinDir creates and flocks the pin directory. What a previous run
+// left there is kept for Load to take over, except entries that are none
+// of ours (neither a map nor a link pin), which are removed.
 func claimPinDir(dir string) (*os.File, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
 	}
+	// os.Open sets O_CLOEXEC: the lock never survives a re-exec, so the
+	// restarted daemon can take it again.
 	f, err := os.Open(dir)
 	if err != nil {
 		return nil, fmt.Errorf("open pin directory %s: %w", dir, err)
@@ -268,16 +314,35 @@ func claimPinDir(dir string) (*os.File, error) {
 		f.Close()
 		return nil, fmt.Errorf("read pin directory %s: %w", dir, err)
 	}
+	var removed []string
 	for _, e := range entries {
-		// Removing a link's pin releases the link and with it the
-		// attachment; removing a map's pin frees the map.
+		if isMapPin(e.Name()) || isLinkPin(e.Name()) {
+			continue
+		}
 		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
 			f.Close()
-			return nil, fmt.Errorf("remove stale pin %s: %w", filepath.Join(dir, e.Name()), err)
+			return nil, fmt.Errorf("remove unknown pin %s: %w", filepath.Join(dir, e.Name()), err)
 		}
+		removed = append(removed, e.Name())
 	}
-	if len(entries) > 0 {
-		slog.Warn("removed pins of a previous run that did not shut down", "dir", dir, "entries", len(entries))
+	if len(removed) > 0 {
+		slog.Warn("removed unknown entries from the pin directory", "dir", dir, "entries", removed)
 	}
 	return f, nil
+}
+
+// emptyDir removes every entry of dir. Removing a link's pin releases the
+// link and with it the attachment; removing a map's pin frees the map once
+// no program uses it.
+func emptyDir(dir string) error {
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		return fmt.Errorf("read pin directory %s: %w", dir, err)
+	}
+	for _, e := range entries {
+		if err := os.RemoveAll(filepath.Join(dir, e.Name())); err != nil {
+			return fmt.Errorf("remove pin %s: %w", filepath.Join(dir, e.Name()), err)
+		}
+	}
+	return nil
 }

@@ -107,13 +107,21 @@ func (l *Loader) PutService(s Service) (ServiceID, error) {
 		return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
 	}
 
-	// Reuse the ID of the service with this key, else take the lowest free.
+	// Reuse the ID of the service with this key (also one a previous run
+	// put: its flows and counters refer to the ID), else take the lowest
+	// free one.
 	var old bpf.NATService
+	prevNodes := 0
 	if err := l.objs.EbpfwdServices.Lookup(key, &old); err == nil {
 		svc.Id = old.Id
+		prevNodes = int(old.NodeCount)
 	} else {
+		used, err := l.usedServiceIDs()
+		if err != nil {
+			return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
+		}
 		for id := ServiceID(1); id < maxServices; id++ {
-			if _, used := l.services[id]; !used {
+			if !used[id] {
 				svc.Id = uint32(id)
 				break
 			}
@@ -133,10 +141,8 @@ func (l *Loader) PutService(s Service) (ServiceID, error) {
 	if err := l.objs.EbpfwdServices.Put(key, svc); err != nil {
 		return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
 	}
-	if prev, ok := l.services[id]; ok {
-		for i := len(nodes); i < prev.nodes; i++ {
-			_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)})
-		}
+	for i := len(nodes); i < prevNodes; i++ {
+		_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)})
 	}
 	l.services[id] = &serviceState{key: key, nodes: len(nodes)}
 	return id, nil
@@ -212,6 +218,27 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 	key := bpf.NATServiceKey{Addr: bpf.Addr(vip), Port: bpf.Port(s.VIP.Port()), Proto: proto, Family: bpf.Family(vip)}
 	svc := bpf.NATService{NodeCount: uint32(len(nodes)), Strategy: uint32(s.Strategy), IdleTimeoutNs: uint64(idle)}
 	return key, svc, nodes, nil
+}
+
+// usedServiceIDs lists the IDs this run gave out and those in the services
+// map, where a previous run's services stay until PruneServices.
+func (l *Loader) usedServiceIDs() (map[ServiceID]bool, error) {
+	used := make(map[ServiceID]bool, len(l.services))
+	for id := range l.services {
+		used[id] = true
+	}
+	var (
+		key bpf.NATServiceKey
+		svc bpf.NATService
+	)
+	it := l.objs.EbpfwdServices.Iterate()
+	for it.Next(&key, &svc) {
+		used[ServiceID(svc.Id)] = true
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("walk services map: %w", err)
+	}
+	return used, nil
 }
 
 // route looks up the namespace's route to dst: its egress interface and

@@ -338,8 +338,8 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 }
 
 // TestTCSpliceCrashRecovery: SIGTERM removes splice links and pins; SIGKILL
-// leaves them, and the next start of the same instance removes them and
-// forwards again.
+// leaves them, and the next start of the same instance adopts them (so
+// flows over them would survive) and forwards again.
 func TestTCSpliceCrashRecovery(t *testing.T) {
 	requireRoot(t)
 	t.Parallel()
@@ -386,7 +386,7 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	}
 
 	restarted := start("tc-splice-restarted")
-	restarted.waitLog(t, 5*time.Second, "removed splice links of a previous run", links[0])
+	restarted.waitLog(t, 5*time.Second, "splice link of a previous run adopted", links[0])
 	for _, ns := range []*topo.NS{tp.a, tp.b} {
 		if got := spliceLinksIn(t, ns); len(got) != 1 {
 			t.Errorf("splice links in %s after restart: %v, want exactly the new one", ns.Name, got)

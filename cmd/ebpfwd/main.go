@@ -36,7 +36,7 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground", cmdRun},
+		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground (SIGUSR2: restart in place)", cmdRun},
 		{"conns", "conns [--instance NAME | CONFIG]", "list the live connections and flows of a running instance", cmdConns},
 		{"check", "check CONFIG", "validate CONFIG and open every namespace it names", cmdCheck},
 		{"plan", "plan CONFIG", "print the datapath chosen for each service, and why", cmdPlan},
@@ -165,62 +165,138 @@ func cmdPlan(e env, args []string) int {
 }
 
 func cmdRun(e env, args []string) int {
+	// The restart re-executes the path the process was started from,
+	// resolved now: a binary replaced on disk since (a new file at that
+	// path) is what the restart runs. /proc/self/exe would not do: it
+	// keeps pointing at the running, possibly deleted, old file. (A
+	// symlink is resolved here, so switching a symlink to another
+	// version is not picked up; replace the file instead.)
+	exe, exeErr := os.Executable()
+	code, restart := runDaemon(e, args)
+	if !restart {
+		return code
+	}
+	if exeErr != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd run: cannot restart: find own executable: %v\n", exeErr)
+		return 1
+	}
+	// Same PID (systemd's MAINPID stays), same arguments and environment.
+	// File descriptors are all close-on-exec, so nothing but the kernel
+	// state the tc datapath pinned crosses over.
+	err := syscall.Exec(exe, os.Args, os.Environ())
+	// Exec returns only on failure. The kernel state stays pinned: the
+	// next start of the instance adopts it.
+	fmt.Fprintf(e.stderr, "ebpfwd run: cannot restart: exec %s: %v\n", exe, err)
+	return 1
+}
+
+// runDaemon runs the daemon until SIGINT or SIGTERM (a full stop), or
+// SIGUSR2 with a valid configuration (restart: it returns true, having left
+// the kernel datapaths' state in place, and the caller re-executes).
+func runDaemon(e env, args []string) (code int, restart bool) {
 	fs := flag.NewFlagSet("run", flag.ContinueOnError)
 	instance := fs.String("instance", "", "name of this daemon's control socket (default: the config file's name without extension)")
 	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
-	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM")
+	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM/SIGUSR2")
 	path, ok := parseArgs(e, fs, args)
 	if !ok {
-		return 2
+		return 2, false
 	}
 	if *drain < 0 {
 		fmt.Fprintln(e.stderr, "ebpfwd run: --drain-timeout must not be negative")
-		return 2
+		return 2, false
 	}
 	if *instance == "" {
 		*instance = instanceOf(path)
 	}
 	if err := daemon.ValidateInstance(*instance); err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd run: --instance: %v\n", err)
-		return 2
+		return 2, false
 	}
 	cfg, ok := loadConfig(e, path)
 	if !ok {
-		return 1
+		return 1, false
 	}
 	logger, closeLog, err := newLogger(cfg.Log, e.stderr)
 	if err != nil {
 		fmt.Fprintf(e.stderr, "%s: log: %v\n", path, err)
-		return 1
+		return 1, false
 	}
 	defer closeLog()
+	// Packages that log without a logger of their own (loader) log
+	// where and how the configuration says.
+	slog.SetDefault(logger)
 	if err := missingPrivileges(cfg); err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd run: %v\n", err)
-		return 1
+		return 1, false
 	}
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	restartReq := make(chan struct{})
+	go watchRestart(ctx, path, logger, restartReq)
+
 	rec := metrics.NewRecorder()
-	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec, Instance: *instance}, logger)
+	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec,
+		Instance: *instance, Restart: restartReq}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
-		return 1
+		return 1, false
 	}
 	if cfg.Metrics.Addr != "" {
 		srv, err := serveMetrics(cfg, d, rec, logger)
 		if err != nil {
 			fmt.Fprintf(e.stderr, "%s: %v\n", path, err)
-			return 1
+			return 1, false
 		}
 		defer srv.Shutdown()
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
-	defer stop()
 	logger.Info("ebpfwd starting", "version", version, "config", path, "pid", os.Getpid())
-	if err := d.Run(ctx); err != nil {
+	switch err := d.Run(ctx); {
+	case errors.Is(err, daemon.ErrRestart):
+		logger.Info("ebpfwd re-executing itself to restart in place", "pid", os.Getpid(), "config", path)
+		return 0, true
+	case err != nil:
 		logger.Error("ebpfwd failed to start", "err", firstLine(err))
 		fmt.Fprintln(e.stderr, err)
-		return 1
+		return 1, false
 	}
-	return 0
+	return 0, false
+}
+
+// watchRestart closes restart on the first SIGUSR2 that finds the
+// configuration at path valid. A restart with a broken configuration would
+// stop the daemon for good, so such a SIGUSR2 is refused (logged) and the
+// daemon keeps running. It returns when ctx is done.
+func watchRestart(ctx context.Context, path string, logger *slog.Logger, restart chan<- struct{}) {
+	sig := make(chan os.Signal, 1)
+	signal.Notify(sig, syscall.SIGUSR2)
+	defer signal.Stop(sig)
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-sig:
+		}
+		logger.Info("SIGUSR2: checking the configuration before restarting in place", "config", path)
+		if err := validConfig(path); err != nil {
+			logger.Error("restart refused: the configuration does not load; still running the previous one",
+				"config", path, "err", firstLine(err))
+			continue
+		}
+		close(restart)
+		return
+	}
+}
+
+// validConfig loads path and builds a daemon from it without opening
+// anything: what the next run would do first.
+func validConfig(path string) error {
+	cfg, _, err := config.Load(path)
+	if err != nil {
+		return err
+	}
+	_, err = daemon.New(cfg, daemon.Options{}, discardLogger())
+	return err
 }
 
 // serveMetrics starts the Prometheus endpoint GOST's `metrics` section

@@ -69,3 +69,28 @@ func TestDispatch(t *testing.T) {
 		})
 	}
 }
+
+// TestValidConfigGatesRestart: SIGUSR2 restarts only into a configuration
+// that loads.
+func TestValidConfigGatesRestart(t *testing.T) {
+	tests := []struct {
+		name    string
+		path    string
+		wantErr string // regexp; "" means valid
+	}{
+		{"valid", writeConfig(t, direct), ""},
+		{"bad node address", writeConfig(t, strings.Replace(direct, "127.0.0.1:19000", "127.0.0.1", 1)), `missing port`},
+		{"missing file", "/nonexistent/gost.yaml", `/nonexistent/gost.yaml`},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			err := validConfig(tt.path)
+			switch {
+			case tt.wantErr == "" && err != nil:
+				t.Errorf("validConfig: %v, want nil", err)
+			case tt.wantErr != "" && (err == nil || !regexp.MustCompile(tt.wantErr).MatchString(err.Error())):
+				t.Errorf("validConfig: %v, want an error matching %q", err, tt.wantErr)
+			}
+		})
+	}
+}

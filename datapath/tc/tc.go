@@ -10,6 +10,12 @@
 // one per pair of namespaces, shared by the services that cross there and
 // removed with the last of them. Its nodes get the link as their fixed
 // egress, so the listen namespace's own routes never matter for them.
+//
+// A daemon that restarts in place (re-executes itself) calls KeepForRestart
+// before it closes its services: the program stays attached, the maps stay
+// pinned and the splice links stay, so established flows keep going while
+// no process runs. The next run's Setup takes all of it over (see loader
+// and splice), and FinishSetup then removes what that run does not need.
 package tc
 
 import (
@@ -98,6 +104,8 @@ type Datapath struct {
 	mu      sync.Mutex
 	loaders map[string]*nsLoader // by listen namespace path
 	links   *splice.Links        // created on first use
+	// keep is set by KeepForRestart: closing leaves the kernel's state.
+	keep bool
 }
 
 var (
@@ -131,6 +139,9 @@ type nsLoader struct {
 	gcDone  chan struct{}
 	ifnames []string
 	splices map[string]*spliceRef // by netns.out path
+	// services counts the attachments of each service ID in the maps:
+	// FinishSetup prunes every other service a previous run left.
+	services map[loader.ServiceID]int
 }
 
 // spliceRef is a splice link from the loader's namespace and the services
@@ -200,7 +211,69 @@ func (d *Datapath) setup(svc datapath.Service, outNS netns.NS, crossing bool) (*
 		d.release(nl)
 		return nil, err
 	}
+	d.mu.Lock()
+	nl.services[a.id]++
+	d.mu.Unlock()
 	return a, nil
+}
+
+// KeepForRestart makes closing keep the kernel's state: from now on,
+// closing a service leaves it in the maps, closing a namespace's last
+// service releases the program without detaching it or unpinning its maps,
+// and splice links stay. A daemon calls it before it closes its services
+// to re-execute itself; the next run adopts the state and keeps the flows.
+func (d *Datapath) KeepForRestart() {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	d.keep = true
+}
+
+func (d *Datapath) keeping() bool {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	return d.keep
+}
+
+// FinishSetup removes what a previous run of the instance left and this
+// run does not need, once every service is set up: in each namespace with
+// services, the services the configuration dropped (their flows expire)
+// and the program's links on interfaces that are gone or unused; splice
+// links of the instance no service uses. It does nothing on a first start.
+// Errors are returned after every cleanup was tried.
+func (d *Datapath) FinishSetup() error {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	var errs []error
+	var nss []netns.NS
+	for _, nl := range d.loaders {
+		nss = append(nss, nl.ns)
+		keep := make([]loader.ServiceID, 0, len(nl.services))
+		for id := range nl.services {
+			keep = append(keep, id)
+		}
+		if _, err := nl.l.PruneServices(keep); err != nil {
+			errs = append(errs, err)
+		}
+		if _, err := nl.l.PruneLinks(); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if len(nss) > 0 {
+		if d.links == nil {
+			links, err := splice.NewLinks(d.Instance, d.SplicePool, d.logger())
+			if err != nil {
+				return errors.Join(append(errs, err)...)
+			}
+			d.links = links
+		}
+		if err := d.links.RemoveUnused(nss...); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("tc datapath: clean up after a previous run: %w", err)
+	}
+	return nil
 }
 
 // outNamespace parses the service's netns.out and tells whether it is
@@ -302,6 +375,15 @@ func (d *Datapath) releaseSplice(nl *nsLoader, r *spliceRef) {
 	if r.refs > 0 {
 		return
 	}
+	if d.keep {
+		// The link stays for the next run, and the program on it too.
+		for k, v := range nl.splices {
+			if v == r {
+				delete(nl.splices, k)
+			}
+		}
+		return
+	}
 	d.removeSplice(nl, r)
 }
 
@@ -362,7 +444,8 @@ func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
 		return nil, fmt.Errorf("netns %s has no Ethernet interface to attach to", ns)
 	}
 	gcCtx, stop := context.WithCancel(context.Background())
-	nl := &nsLoader{ns: ns, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), ifnames: ifnames}
+	nl := &nsLoader{ns: ns, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), ifnames: ifnames,
+		services: map[loader.ServiceID]int{}}
 	go d.collectGarbage(gcCtx, nl)
 	if d.loaders == nil {
 		d.loaders = map[string]*nsLoader{}
@@ -397,15 +480,21 @@ func (d *Datapath) release(nl *nsLoader) {
 	if nl.refs > 0 {
 		return
 	}
-	// Every splice user is a loader user too, so none should be left;
-	// should one be, it must not outlive the loader.
-	for _, r := range nl.splices {
-		d.removeSplice(nl, r)
-	}
 	nl.stopGC()
 	<-nl.gcDone
-	if err := nl.l.Close(); err != nil {
-		d.logger().Error("detach tc datapath", "netns", nl.ns.String(), "err", err)
+	if d.keep {
+		if err := nl.l.Release(); err != nil {
+			d.logger().Error("release tc datapath for restart", "netns", nl.ns.String(), "err", err)
+		}
+	} else {
+		// Every splice user is a loader user too, so none should be
+		// left; should one be, it must not outlive the loader.
+		for _, r := range nl.splices {
+			d.removeSplice(nl, r)
+		}
+		if err := nl.l.Close(); err != nil {
+			d.logger().Error("detach tc datapath", "netns", nl.ns.String(), "err", err)
+		}
 	}
 	for k, v := range d.loaders {
 		if v == nl {
@@ -611,10 +700,19 @@ func (a *attachment) nodeName(addr netip.AddrPort) string {
 }
 
 // Close removes the service from the maps and, with the namespace's last
-// service, detaches and unpins the program.
+// service, detaches and unpins the program; after KeepForRestart it leaves
+// both for the next run.
 func (a *attachment) Close() error {
 	a.closeOnce.Do(func() {
-		err := a.nl.l.DeleteService(a.id)
+		a.d.mu.Lock()
+		if a.nl.services[a.id]--; a.nl.services[a.id] <= 0 {
+			delete(a.nl.services, a.id)
+		}
+		a.d.mu.Unlock()
+		var err error
+		if !a.d.keeping() {
+			err = a.nl.l.DeleteService(a.id)
+		}
 		a.d.releaseSplice(a.nl, a.splice)
 		a.d.release(a.nl)
 		a.closeErr = errors.Join(err, a.us.Close())

@@ -181,6 +181,14 @@ func Exchange(ctx context.Context, c net.Conn, n int) error {
 		// blocked on a peer that stopped reading must not hang Exchange.
 		_ = c.SetDeadline(time.Now())
 		sr = <-sent
+		if rr.err == nil {
+			// The send error is the one we just caused; what the echo
+			// lacks is the finding. Only the length and trailer checks
+			// apply: the sent data's digest is incomplete.
+			if err := rr.verify(n, sr.sum); err != nil {
+				return fmt.Errorf("exchange with %s: the echo ended while sending: %w", c.RemoteAddr(), err)
+			}
+		}
 	}
 	if err := contextDone(ctx); err != nil && (sr.err != nil || rr.err != nil) {
 		return fmt.Errorf("exchange of %d bytes with %s: %w (sent: %v, received %d bytes: %v)",

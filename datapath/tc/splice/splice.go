@@ -14,9 +14,10 @@
 // A link is created directly inside its two namespaces (never in the
 // daemon's own unless one of the two is the daemon's own). Both ends carry
 // the same name, ebs<12 hex digits> hashed from the instance and the two
-// namespaces, and the alias "ebpfwd splice <instance>": a later run of the
-// same instance recognises by the alias what a crashed run left behind and
-// removes it before it creates its own links there.
+// namespaces, and the alias "ebpfwd splice <instance>". A later run of the
+// same instance (after a restart or a crash) adopts the link of a pair it
+// needs again, so flows over it keep going, and removes with RemoveUnused
+// the links of its instance that no service needs any more.
 package splice
 
 import (
@@ -120,9 +121,10 @@ func (s *Links) name(listen, out netns.NS) string {
 	return NamePrefix + hex.EncodeToString(h[:])[:unix.IFNAMSIZ-1-len(NamePrefix)]
 }
 
-// Create builds the link between listen and out, after removing what a
-// crashed run of this instance left in either namespace. The two must be
-// different namespaces (see SameNamespace).
+// Create builds the link between listen and out, or adopts the one a
+// previous run of this instance left between them when both its ends and
+// their addresses are as Create makes them (a link that is not is
+// replaced). The two must be different namespaces (see SameNamespace).
 func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -130,8 +132,16 @@ func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 	if _, ok := s.live[name]; ok {
 		return nil, fmt.Errorf("splice link %s between netns %s and %s already exists", name, listen, out)
 	}
-	for _, ns := range []netns.NS{listen, out} {
-		if err := s.removeStale(ns); err != nil {
+	l, err := s.adopt(listen, out, name)
+	if err == nil {
+		s.live[name] = l
+		s.log.Info("splice link of a previous run adopted", "link", name, "listen_netns", listen.String(),
+			"out_netns", out.String(), "listen_addr", l.Listen.Addr4, "out_addr", l.Out.Addr4)
+		return l, nil
+	}
+	if !errors.Is(err, errNoLink) {
+		s.log.Warn("splice link of a previous run cannot be adopted: recreating it", "link", name, "err", err)
+		if err := s.remove(&Link{Name: name, Listen: End{NS: listen}, Out: End{NS: out}}); err != nil {
 			return nil, err
 		}
 	}
@@ -155,7 +165,7 @@ func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 	}
 	defer unix.Close(outFD)
 
-	l := &Link{Name: name, Listen: End{NS: listen}, Out: End{NS: out}}
+	l = &Link{Name: name, Listen: End{NS: listen}, Out: End{NS: out}}
 	err = listen.Do(func() error {
 		attrs := netlink.NewLinkAttrs()
 		attrs.Name = name
@@ -279,8 +289,36 @@ func (s *Links) deleteOurs(name string) error {
 	return netlink.LinkDel(lnk)
 }
 
-// removeStale deletes the splice links of this instance in ns that this
-// process did not create: the leftovers of a run that could not clean up.
+// RemoveUnused deletes the splice links of this instance in the given
+// namespaces, and in those of the live links' ends, that no live link is:
+// what a previous run left and this run does not need. A daemon calls it
+// once every service is set up, after Create has adopted the links it
+// needs again.
+func (s *Links) RemoveUnused(nss ...netns.NS) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	seen := map[string]bool{}
+	var scan []netns.NS
+	for _, l := range s.live {
+		nss = append(nss, l.Listen.NS, l.Out.NS)
+	}
+	for _, ns := range nss {
+		if !seen[ns.Path()] {
+			seen[ns.Path()] = true
+			scan = append(scan, ns)
+		}
+	}
+	var errs []error
+	for _, ns := range scan {
+		if err := s.removeStale(ns); err != nil && !errors.Is(err, netns.ErrGone) {
+			errs = append(errs, err)
+		}
+	}
+	return errors.Join(errs...)
+}
+
+// removeStale deletes the splice links of this instance in ns that are not
+// live in this process.
 func (s *Links) removeStale(ns netns.NS) error {
 	var removed []string
 	err := ns.Do(func() error {
@@ -311,7 +349,7 @@ func (s *Links) removeStale(ns netns.NS) error {
 		return fmt.Errorf("remove stale splice links in netns %s: %w", ns, err)
 	}
 	if len(removed) > 0 {
-		s.log.Warn("removed splice links of a previous run that did not shut down", "netns", ns.String(),
+		s.log.Warn("removed splice links of a previous run that no service needs", "netns", ns.String(),
 			"links", strings.Join(removed, ","))
 	}
 	return nil

@@ -227,7 +227,11 @@ func TestSubnetsAndNamesPerPair(t *testing.T) {
 	}
 }
 
-func TestStaleLinksOfTheInstanceRemoved(t *testing.T) {
+// TestRestartAdoptsAndRemovesUnused: the next run of an instance adopts
+// the link of a pair it needs again (same interface, so flows over it keep
+// going), and RemoveUnused deletes the instance's other leftovers but not
+// another instance's links.
+func TestRestartAdoptsAndRemovesUnused(t *testing.T) {
 	requireRoot(t)
 	_, a := newNS(t, "ebpfwd-splice-a")
 	_, b := newNS(t, "ebpfwd-splice-b")
@@ -249,29 +253,105 @@ func TestStaleLinksOfTheInstanceRemoved(t *testing.T) {
 
 	// The next run of the same instance knows nothing of the old links.
 	restarted := newLinks(t, crashed.instance)
-	fresh, err := restarted.Create(a, b)
+	adopted, err := restarted.Create(a, b)
 	if err != nil {
-		t.Fatalf("Create over a crashed run's link: %v", err)
+		t.Fatalf("Create over a previous run's link: %v", err)
 	}
-	if fresh.Name != stale.Name {
-		t.Errorf("restarted run named the link %s, the crashed one %s: want stable names", fresh.Name, stale.Name)
+	if adopted.Name != stale.Name || adopted.Listen.Ifindex != stale.Listen.Ifindex || adopted.Out.Ifindex != stale.Out.Ifindex ||
+		adopted.Listen.Addr4 != stale.Listen.Addr4 || adopted.Out.Addr4 != stale.Out.Addr4 ||
+		adopted.Listen.Addr6 != stale.Listen.Addr6 || adopted.Out.Addr6 != stale.Out.Addr6 ||
+		!bytes.Equal(adopted.Listen.MAC, stale.Listen.MAC) || !bytes.Equal(adopted.Out.MAC, stale.Out.MAC) {
+		t.Errorf("adopted link %+v, want the previous run's %+v", adopted, stale)
 	}
-	if attrs, _ := linkIn(t, a, fresh.Name); attrs == nil || attrs.Index != fresh.Listen.Ifindex {
-		t.Errorf("the new link is not the one in netns %s", a)
+	// Nothing is removed before RemoveUnused: the stale pair may still be
+	// needed by a service set up later.
+	if attrs, _ := linkIn(t, a, staleOther.Name); attrs == nil {
+		t.Fatalf("link %s removed before RemoveUnused", staleOther.Name)
 	}
-	// Every leftover of the instance in the namespaces it touched is gone,
-	// the other instance's link is not.
+	if err := restarted.RemoveUnused(a); err != nil {
+		t.Fatal(err)
+	}
 	if attrs, _ := linkIn(t, a, staleOther.Name); attrs != nil {
-		t.Errorf("stale link %s survived", staleOther.Name)
+		t.Errorf("stale link %s survived RemoveUnused", staleOther.Name)
+	}
+	if attrs, _ := linkIn(t, a, adopted.Name); attrs == nil || attrs.Index != adopted.Listen.Ifindex {
+		t.Errorf("the adopted link is gone from netns %s", a)
 	}
 	if attrs, _ := linkIn(t, a, kept.Name); attrs == nil {
 		t.Errorf("another instance's link %s was removed", kept.Name)
 	}
-	if err := restarted.Delete(fresh); err != nil {
+	exchangeOver(t, a, b, netip.AddrPortFrom(adopted.Out.Addr4, 9400).String())
+	if err := restarted.Delete(adopted); err != nil {
 		t.Error(err)
 	}
 	if err := foreign.Delete(kept); err != nil {
 		t.Error(err)
+	}
+}
+
+// TestRestartReplacesBrokenLink: a leftover link that is not as Create
+// makes it is deleted and built anew, never adopted.
+func TestRestartReplacesBrokenLink(t *testing.T) {
+	requireRoot(t)
+	tests := []struct {
+		name   string
+		damage func(t *testing.T, l *Link)
+	}{
+		{"listen end down", func(t *testing.T, l *Link) {
+			t.Helper()
+			mustDo(t, l.Listen.NS, func() error {
+				lnk, err := netlink.LinkByName(l.Name)
+				if err != nil {
+					return err
+				}
+				return netlink.LinkSetDown(lnk)
+			})
+		}},
+		{"out end lost its address", func(t *testing.T, l *Link) {
+			t.Helper()
+			mustDo(t, l.Out.NS, func() error {
+				lnk, err := netlink.LinkByName(l.Name)
+				if err != nil {
+					return err
+				}
+				addr, err := netlink.ParseAddr(netip.PrefixFrom(l.Out.Addr4, subnetBits4).String())
+				if err != nil {
+					return err
+				}
+				return netlink.AddrDel(lnk, addr)
+			})
+		}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			_, a := newNS(t, "ebpfwd-splice-a")
+			_, b := newNS(t, "ebpfwd-splice-b")
+			first := newLinks(t, "")
+			old, err := first.Create(a, b)
+			if err != nil {
+				t.Fatal(err)
+			}
+			tt.damage(t, old)
+			next := newLinks(t, first.instance)
+			fresh, err := next.Create(a, b)
+			if err != nil {
+				t.Fatalf("Create over a broken link: %v", err)
+			}
+			if fresh.Listen.Ifindex == old.Listen.Ifindex && bytes.Equal(fresh.Listen.MAC, old.Listen.MAC) {
+				t.Errorf("the broken link was adopted: %+v", fresh)
+			}
+			exchangeOver(t, a, b, netip.AddrPortFrom(fresh.Out.Addr4, 9401).String())
+			if err := next.Delete(fresh); err != nil {
+				t.Error(err)
+			}
+		})
+	}
+}
+
+func mustDo(t *testing.T, ns netns.NS, f func() error) {
+	t.Helper()
+	if err := ns.Do(f); err != nil {
+		t.Fatalf("in netns %s: %v", ns, err)
 	}
 }
 
