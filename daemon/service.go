@@ -60,8 +60,10 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 	}
 	if sc.Handler.Chain != "" {
 		if s.chain = chains[sc.Handler.Chain]; s.chain == nil {
-			// config validates chain names; a chain that failed to build
-			// has already reported its own error.
+			// config validates chain names, so the chain failed to build
+			// and reported why; this names the service it leaves unusable.
+			errs = append(errs, located(d.cfg, sc.Pos, field+".handler.chain",
+				fmt.Errorf("chain %q could not be built", sc.Handler.Chain)))
 			return nil, errors.Join(errs...)
 		}
 	}

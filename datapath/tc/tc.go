@@ -142,6 +142,53 @@ type nsLoader struct {
 	// services counts the attachments of each service ID in the maps:
 	// FinishSetup prunes every other service a previous run left.
 	services map[loader.ServiceID]int
+
+	counts flowCountCache
+}
+
+// flowCountsTTL is how long one walk of the conntrack map answers for. A
+// metrics scrape asks every service of the namespace for its counters and
+// its flow table; the walk costs a syscall per entry (up to FlowCapacity),
+// so it is done once per scrape, not once per question.
+const flowCountsTTL = time.Second
+
+// flowCounts are one service's kernel flows: open ones and table entries
+// (closed flows stay in the table for the closing timeout).
+type flowCounts struct{ active, entries uint64 }
+
+type flowCountCache struct {
+	mu     sync.Mutex
+	at     time.Time
+	counts map[loader.ServiceID]flowCounts
+}
+
+// flowCounts counts the namespace's kernel flows per service, walking the
+// conntrack map at most once per flowCountsTTL.
+func (nl *nsLoader) flowCounts() (map[loader.ServiceID]flowCounts, error) {
+	c := &nl.counts
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.counts != nil && time.Since(c.at) < flowCountsTTL {
+		return c.counts, nil
+	}
+	conns, err := nl.l.Conns()
+	if err != nil {
+		return nil, err
+	}
+	counts := map[loader.ServiceID]flowCounts{}
+	for _, f := range conns {
+		if f.Expired {
+			continue
+		}
+		fc := counts[f.Service]
+		fc.entries++
+		if f.State != loader.TCPClosing && f.State != loader.TCPReset {
+			fc.active++
+		}
+		counts[f.Service] = fc
+	}
+	c.counts, c.at = counts, time.Now()
+	return counts, nil
 }
 
 // spliceRef is a splice link from the loader's namespace and the services
@@ -600,14 +647,8 @@ func (a *attachment) Counters() datapath.Counters {
 	c.BytesDown += k.BytesDown
 	c.PacketsUp += k.PacketsUp
 	c.PacketsDown += k.PacketsDown
-	if flows, err := a.kernelFlows(); err == nil {
-		for _, f := range flows {
-			// Closed flows linger in conntrack for the closing timeout;
-			// they are table entries, not active connections.
-			if f.State != loader.TCPClosing && f.State != loader.TCPReset {
-				c.Active++
-			}
-		}
+	if counts, err := a.nl.flowCounts(); err == nil {
+		c.Active += int64(counts[a.id].active)
 	}
 	return c
 }
@@ -619,12 +660,12 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 	if ft, ok := a.us.(datapath.FlowTabler); ok {
 		out = ft.FlowTables()
 	}
-	flows, err := a.kernelFlows()
+	counts, err := a.nl.flowCounts()
 	if err != nil {
 		a.d.logger().Warn("count tc flows", "service", a.svc.Name, "err", err)
 		return out
 	}
-	return append(out, datapath.FlowTable{Name: "conntrack", Entries: uint64(len(flows)), Capacity: loader.FlowCapacity})
+	return append(out, datapath.FlowTable{Name: "conntrack", Entries: counts[a.id].entries, Capacity: loader.FlowCapacity})
 }
 
 // SetNodeHealthy takes a node out of (or back into) the program's choice
