@@ -18,6 +18,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/datapath/tc"
+	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/metrics"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace"
@@ -41,6 +42,9 @@ type Options struct {
 	Metrics *metrics.Recorder
 	// Instance names this daemon's control socket; "" opens none.
 	Instance string
+	// SplicePool is where the tc datapath's splice links take their
+	// addresses; zero prefixes take the defaults.
+	SplicePool splice.Pool
 	// Restart, when it is closed or receives, shuts the daemon down like
 	// the end of Run's context, except that the kernel datapaths keep
 	// their state (attached programs, pinned maps, splice links) for the
@@ -89,7 +93,7 @@ func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
 		log:  log,
 		datapaths: map[datapath.Kind]datapath.Datapath{
 			datapath.Userspace: us,
-			datapath.TC:        &tc.Datapath{Instance: opts.Instance, Logger: log, Userspace: us},
+			datapath.TC:        &tc.Datapath{Instance: opts.Instance, Logger: log, Userspace: us, SplicePool: opts.SplicePool},
 		},
 		kernel: realKernel,
 	}

@@ -9,6 +9,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -17,6 +18,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/daemon"
+	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/metrics"
 )
 
@@ -198,8 +200,17 @@ func runDaemon(e env, args []string) (code int, restart bool) {
 	instance := fs.String("instance", "", "name of this daemon's control socket (default: the config file's name without extension)")
 	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
 	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM/SIGUSR2")
+	var pool splice.Pool
+	fs.Func("splice-pool4", "IPv4 prefix the tc datapath's splice links take their /30s from (default "+splice.DefaultPool4.String()+")",
+		prefixFlag(&pool.V4))
+	fs.Func("splice-pool6", "IPv6 prefix the tc datapath's splice links take their /126s from (default "+splice.DefaultPool6.String()+")",
+		prefixFlag(&pool.V6))
 	path, ok := parseArgs(e, fs, args)
 	if !ok {
+		return 2, false
+	}
+	if err := pool.Check(); err != nil {
+		fmt.Fprintf(e.stderr, "ebpfwd run: --splice-pool4/--splice-pool6: %v\n", err)
 		return 2, false
 	}
 	if *drain < 0 {
@@ -237,7 +248,7 @@ func runDaemon(e env, args []string) (code int, restart bool) {
 
 	rec := metrics.NewRecorder()
 	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec,
-		Instance: *instance, Restart: restartReq}, logger)
+		Instance: *instance, Restart: restartReq, SplicePool: pool}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1, false
@@ -320,6 +331,18 @@ func serveMetrics(cfg *config.Config, d *daemon.Daemon, rec *metrics.Recorder, l
 	go srv.Serve()
 	logger.Info("serving metrics", "addr", srv.Addr(), "path", mc.Path)
 	return srv, nil
+}
+
+// prefixFlag parses a CIDR flag into p.
+func prefixFlag(p *netip.Prefix) func(string) error {
+	return func(v string) error {
+		pfx, err := netip.ParsePrefix(v)
+		if err != nil {
+			return err
+		}
+		*p = pfx
+		return nil
+	}
 }
 
 func firstLine(err error) string {

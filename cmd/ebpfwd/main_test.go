@@ -52,6 +52,12 @@ func TestDispatch(t *testing.T) {
 		{name: "plan", args: []string{"plan", good}, wantCode: 0, wantStdout: "svc\tuserspace\t"},
 		{name: "run bad flag", args: []string{"run", "--drain-timeout", "soon", good}, wantCode: 2, wantStderr: `invalid value "soon"`},
 		{name: "run bad config", args: []string{"run", bad}, wantCode: 1, wantStderr: `missing port`},
+		{name: "run splice pool not a prefix", args: []string{"run", "--splice-pool4", "10.0.0.1", good}, wantCode: 2,
+			wantStderr: `invalid value "10.0.0.1" for flag -splice-pool4`},
+		{name: "run splice pool too small", args: []string{"run", "--splice-pool4", "169.254.9.0/31", good}, wantCode: 2,
+			wantStderr: `--splice-pool4/--splice-pool6: splice pool 169.254.9.0/31: want an IPv4 prefix of /30 or larger`},
+		{name: "run splice pool of the wrong family", args: []string{"run", "--splice-pool6", "10.9.0.0/16", good}, wantCode: 2,
+			wantStderr: `want an IPv6 prefix`},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

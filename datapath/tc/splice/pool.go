@@ -39,6 +39,13 @@ type Pool struct {
 	V4, V6 netip.Prefix
 }
 
+// Check reports whether p can be used (unset prefixes take the defaults),
+// so that a bad pool is refused at start, naming the prefix.
+func (p Pool) Check() error {
+	_, err := p.withDefaults()
+	return err
+}
+
 // withDefaults fills unset prefixes and checks the rest.
 func (p Pool) withDefaults() (Pool, error) {
 	if !p.V4.IsValid() {

@@ -1,0 +1,23 @@
+package test
+
+import (
+	"testing"
+	"time"
+)
+
+// TestTCSplicePoolFlag: `run --splice-pool4` moves the splice link's
+// addresses, which the node sees as the source of forwarded flows.
+func TestTCSplicePoolFlag(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	tp := newSpliceOutTopo(t, "e2e-splp")
+	d := startDaemon(t, "tc-splice-pool", config(spliceOut, tp.vars),
+		daemonOptions{Args: []string{"--splice-pool4", "169.254.77.0/24"}})
+	if err := exchange(t, tp.client, "10.33.1.1:8000", 64<<10, 15*time.Second); err != nil {
+		t.Fatal(err)
+	}
+	if srcs := tp.target.sources(); len(srcs) != 1 || srcs[0] != "169.254.77.1" {
+		t.Fatalf("target saw %v, want the splice link's listen end 169.254.77.1 from the configured pool", srcs)
+	}
+	requireCleanExit(t, d, tp.a, tp.b)
+}
