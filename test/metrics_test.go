@@ -203,9 +203,11 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 		{`ebpfwd_dial_duration_seconds_count{service="proxy",kind="target",result="error"}`, sent.proxyRefused, sent.proxyRefused},
 		{`ebpfwd_datapath_fallback{service="tcp-svc",from="tc",to="userspace"}`, 1, 1},
 		{`ebpfwd_datapath_fallback{service="udp-svc",from="tc",to="userspace"}`, 1, 1},
-		// tc counts TCP payload in the kernel, so it too is exact.
-		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="up"}`, sent.tcUp, sent.tcUp},
-		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="down"}`, sent.tcDown, sent.tcDown},
+		// tc counts the TCP payload of every packet it translates: exact
+		// unless TCP retransmits (a loaded machine), which adds what was
+		// sent again. Tolerance: 5% plus 64 KiB.
+		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="up"}`, sent.tcUp, retransmitTolerance(sent.tcUp)},
+		{`ebpfwd_bytes_total{service="tc-svc",datapath="tc",direction="down"}`, sent.tcDown, retransmitTolerance(sent.tcDown)},
 		{`ebpfwd_connections_opened_total{service="tc-svc",datapath="tc"}`, sent.tcConns, sent.tcConns},
 		// At least a SYN, the data and a FIN per flow and direction.
 		{`ebpfwd_packets_total{service="tc-svc",direction="up"}`, 3 * sent.tcConns, math.MaxFloat64},
@@ -225,6 +227,10 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 	checkPromtool(t, scrape)
 	checkDashboard(t, prom, dash)
 }
+
+// retransmitTolerance is the most a kernel datapath may count for bytes
+// sent once: TCP retransmissions cross it again.
+func retransmitTolerance(sent float64) float64 { return sent*1.05 + 64<<10 }
 
 // expectedSeries is one series selector and the inclusive range its value
 // must be in.
