@@ -25,6 +25,7 @@ import (
 	"log/slog"
 	"net"
 	"net/netip"
+	"os"
 	"path/filepath"
 	"strings"
 	"sync"
@@ -475,6 +476,7 @@ func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
 	if err != nil {
 		return nil, err
 	}
+	d.warnPortOverlap(ns)
 	ifnames, err := ethernetInterfaces(ns)
 	if err != nil {
 		l.Close()
@@ -499,6 +501,31 @@ func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
 	}
 	d.loaders[nsPath] = nl
 	return nl, nil
+}
+
+// warnPortOverlap warns when the namespace's ip_local_port_range reaches
+// into the SNAT range: a connection the namespace's own sockets open to a
+// node (the listener's dials, node probes) could then get a source port a
+// translated flow holds, and their packets would cross.
+func (d *Datapath) warnPortOverlap(ns netns.NS) {
+	var lo, hi int
+	err := ns.Do(func() error {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Sscan(string(b), &lo, &hi)
+		return err
+	})
+	if err != nil {
+		d.logger().Debug("read ip_local_port_range", "netns", ns.String(), "err", err)
+		return
+	}
+	if lo <= loader.DefaultSNATPortMax && hi >= loader.DefaultSNATPortMin {
+		d.logger().Warn("ip_local_port_range overlaps the tc datapath's SNAT ports: the namespace's own connections to nodes may collide with translated flows",
+			"netns", ns.String(), "ip_local_port_range", fmt.Sprintf("%d-%d", lo, hi),
+			"snat_ports", fmt.Sprintf("%d-%d", loader.DefaultSNATPortMin, loader.DefaultSNATPortMax))
+	}
 }
 
 // pinName is the pin directory of the instance's BPF objects in ns: one per
