@@ -49,7 +49,9 @@ func handle(t *testing.T, ns *topo.NS) netns.NS {
 }
 
 // acceptLog wraps a listener and records the remote address of every
-// connection it accepts, so a test can tell which hop the target saw.
+// connection that sends it data, so a test can tell which hop the target
+// saw. Connections that send nothing (the tc datapath's node probes) are
+// not traffic and are not recorded.
 type acceptLog struct {
 	net.Listener
 	mu      sync.Mutex
@@ -58,12 +60,37 @@ type acceptLog struct {
 
 func (l *acceptLog) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
-	if err == nil {
-		l.mu.Lock()
-		l.remotes = append(l.remotes, c.RemoteAddr().String())
-		l.mu.Unlock()
+	if err != nil {
+		return nil, err
 	}
-	return c, err
+	return &loggedConn{Conn: c, log: l}, nil
+}
+
+// loggedConn records its remote address with its first byte.
+type loggedConn struct {
+	net.Conn
+	log  *acceptLog
+	once sync.Once
+}
+
+func (c *loggedConn) Read(p []byte) (int, error) {
+	n, err := c.Conn.Read(p)
+	if n > 0 {
+		c.once.Do(func() {
+			c.log.mu.Lock()
+			c.log.remotes = append(c.log.remotes, c.RemoteAddr().String())
+			c.log.mu.Unlock()
+		})
+	}
+	return n, err
+}
+
+// CloseWrite keeps the echo server's half-close working through the wrapper.
+func (c *loggedConn) CloseWrite() error {
+	if cw, ok := c.Conn.(interface{ CloseWrite() error }); ok {
+		return cw.CloseWrite()
+	}
+	return nil
 }
 
 // sources returns the distinct IPs connections came from.

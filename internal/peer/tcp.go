@@ -163,16 +163,16 @@ func Exchange(ctx context.Context, c net.Conn, n int) error {
 	}
 	sent := make(chan sendResult, 1)
 	go func() {
+		// A failed send does not cut the reader short: the peer's close or
+		// reset, or ctx's deadline, ends it, and what it received is the
+		// finding to report (a truncation shows in its byte count).
 		sum, err := sendStream(c, hc, seed, n)
-		if err != nil {
-			// Unblock the reader: nothing more will make sense.
-			_ = c.SetDeadline(time.Now())
-		}
 		sent <- sendResult{sum, err}
 	}()
 
 	rr := receiveStream(c, seed, n)
 	var sr sendResult
+	aborted := false
 	select {
 	case sr = <-sent:
 	default:
@@ -180,19 +180,18 @@ func Exchange(ctx context.Context, c net.Conn, n int) error {
 		// never does (it sends its trailer only after our EOF). A sender
 		// blocked on a peer that stopped reading must not hang Exchange.
 		_ = c.SetDeadline(time.Now())
-		sr = <-sent
-		if rr.err == nil {
-			// The send error is the one we just caused; what the echo
-			// lacks is the finding. Only the length and trailer checks
-			// apply: the sent data's digest is incomplete.
-			if err := rr.verify(n, sr.sum); err != nil {
-				return fmt.Errorf("exchange with %s: the echo ended while sending: %w", c.RemoteAddr(), err)
-			}
-		}
+		sr, aborted = <-sent, true
 	}
 	if err := contextDone(ctx); err != nil && (sr.err != nil || rr.err != nil) {
 		return fmt.Errorf("exchange of %d bytes with %s: %w (sent: %v, received %d bytes: %v)",
 			n, c.RemoteAddr(), err, sr.err, rr.total, rr.err)
+	}
+	if (sr.err != nil || aborted) && rr.err == nil {
+		// The receive completed: it says what went wrong. Only its length
+		// and trailer checks apply, the sent digest being incomplete.
+		if err := rr.verify(n, sr.sum); err != nil {
+			return fmt.Errorf("exchange with %s: sending stopped early (%v): %w", c.RemoteAddr(), sr.err, err)
+		}
 	}
 	if sr.err != nil {
 		return fmt.Errorf("exchange of %d bytes with %s: send: %w (received %d bytes)", n, c.RemoteAddr(), sr.err, rr.total)
