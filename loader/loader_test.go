@@ -157,8 +157,10 @@ func TestForwardBetweenNamespaces(t *testing.T) {
 			if err != nil {
 				t.Fatal(err)
 			}
-			if tc.NewFlows != 1 || tc.BytesUp != size || tc.BytesDown != size+peer.TrailerSize {
-				t.Errorf("TCP counters %+v: want 1 flow, %d bytes up, %d down", tc, size, size+peer.TrailerSize)
+			// The program counts the payload of every packet it translates:
+			// exact, unless TCP retransmitted some (a loaded machine).
+			if tc.NewFlows != 1 || !withinRetransmits(tc.BytesUp, size) || !withinRetransmits(tc.BytesDown, size+peer.TrailerSize) {
+				t.Errorf("TCP counters %+v: want 1 flow, %d bytes up, %d down (+5%% for retransmissions)", tc, size, size+peer.TrailerSize)
 			}
 			if tc.RedirectPeer == 0 || tc.PassNoRoute+tc.PassNoFlow+tc.DropRewrite+tc.DropConntrack+tc.SNATFailures != 0 {
 				t.Errorf("TCP counters %+v: want peer redirects and no pass/drop", tc)
@@ -290,3 +292,7 @@ func TestConfigValidation(t *testing.T) {
 		})
 	}
 }
+
+// withinRetransmits: got counts sent bytes, plus at most 5% + 64 KiB that
+// TCP sent again.
+func withinRetransmits(got, sent uint64) bool { return got >= sent && got <= sent+sent/20+64<<10 }

@@ -182,8 +182,8 @@ func (l *Loader) PruneLinks() (int, error) {
 		if !isLinkPin(e.Name()) || inUse[e.Name()] {
 			continue
 		}
-		if err := os.Remove(filepath.Join(l.pinDir, e.Name())); err != nil && !errors.Is(err, os.ErrNotExist) {
-			errs = append(errs, fmt.Errorf("remove stale link pin %s: %w", e.Name(), err))
+		if err := removeLinkPin(filepath.Join(l.pinDir, e.Name())); err != nil {
+			errs = append(errs, err)
 			continue
 		}
 		removed = append(removed, e.Name())
@@ -294,6 +294,23 @@ func (l *Loader) resetCounters(id ServiceID) error {
 		if err := l.objs.EbpfwdCounters.Put(uint32(id)*n+c, zero); err != nil {
 			return fmt.Errorf("reset counter %d of service %d: %w", c, id, err)
 		}
+	}
+	return nil
+}
+
+// removeLinkPin detaches a pinned link and removes its pin. Removing the pin
+// alone would leave the program attached until the kernel releases the link
+// in the background; detaching first makes "removed" mean gone.
+func removeLinkPin(path string) error {
+	if lk, err := link.LoadPinnedLink(path, nil); err == nil {
+		if err := lk.Detach(); err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+			lk.Close()
+			return fmt.Errorf("detach stale link %s: %w", path, err)
+		}
+		lk.Close()
+	}
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("remove stale link pin %s: %w", path, err)
 	}
 	return nil
 }
