@@ -123,6 +123,9 @@ func New[T any](opts Options, nodes ...*Node[T]) *Selector[T] {
 // Nodes returns every node in configuration order.
 func (s *Selector[T]) Nodes() []*Node[T] { return slices.Clone(s.nodes) }
 
+// Len is how many nodes the selector has.
+func (s *Selector[T]) Len() int { return len(s.nodes) }
+
 // Healthy reports whether n is currently a candidate: it has fewer than
 // maxFails consecutive failures, or its last failure is at least failTimeout
 // old. As in GOST, a node coming back after failTimeout keeps its fail count,

@@ -116,10 +116,8 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 	if a.svc.Network != "udp" {
 		return nil
 	}
-	var n uint64
-	if u := a.udp.Load(); u != nil {
-		n = uint64(len(u.Sessions()))
-	}
+	// OnSession keeps active equal to the session table's size.
+	n := uint64(max(a.active.Load(), 0))
 	return []datapath.FlowTable{{Name: "udp_sessions", Entries: n, Capacity: relay.DefaultMaxUDPSessions}}
 }
 

@@ -94,7 +94,7 @@ func (c *Chain) Dial(ctx context.Context, req Request) (net.Conn, error) {
 	}
 	attempts := 1
 	for _, h := range c.Hops {
-		attempts = max(attempts, len(h.Selector.Nodes()))
+		attempts = max(attempts, h.Selector.Len())
 	}
 	attempts = min(attempts, maxAttempts)
 	var errs []error
