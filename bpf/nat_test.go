@@ -13,6 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -89,15 +90,7 @@ func newTestNet(t *testing.T, opts netOptions) *testNet {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates a network namespace and loads BPF programs")
 	}
-	ns, err := topo.CreateUnique("ebpfwd-bpftest")
-	if err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Delete(); err != nil {
-			t.Errorf("delete namespace: %v", err)
-		}
-	})
+	ns, _ := topotest.NewNS(t, "ebpfwd-bpftest")
 	if err := topo.Veth(ns, "nat0", "", ns, "nat1", ""); err != nil {
 		t.Fatal(err)
 	}

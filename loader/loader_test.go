@@ -12,6 +12,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -29,24 +30,6 @@ func uniqueInstance(t *testing.T) string {
 		t.Fatal(err)
 	}
 	return "test-" + hex.EncodeToString(b)
-}
-
-func createNS(t *testing.T, prefix string) (*topo.NS, netns.NS) {
-	t.Helper()
-	ns, err := topo.CreateUnique(prefix)
-	if err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Delete(); err != nil {
-			t.Errorf("delete namespace %s: %v", ns.Name, err)
-		}
-	})
-	h, err := netns.Parse(ns.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ns, h
 }
 
 // load loads an instance and closes it in Cleanup, checking that nothing
@@ -78,9 +61,9 @@ type gatewayTopology struct {
 
 func newGatewayTopology(t *testing.T) gatewayTopology {
 	t.Helper()
-	c, ch := createNS(t, "ebpfwd-tcc")
-	g, gh := createNS(t, "ebpfwd-tcg")
-	s, sh := createNS(t, "ebpfwd-tcs")
+	c, ch := topotest.NewNS(t, "ebpfwd-tcc")
+	g, gh := topotest.NewNS(t, "ebpfwd-tcg")
+	s, sh := topotest.NewNS(t, "ebpfwd-tcs")
 	if err := topo.Veth(c, "c0", "10.20.1.2/24", g, "g0", "10.20.1.1/24"); err != nil {
 		t.Fatal(err)
 	}

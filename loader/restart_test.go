@@ -5,6 +5,7 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"io"
 	"net"
 	"net/netip"
@@ -84,10 +85,10 @@ func TestReleaseAndTakeOver(t *testing.T) {
 	requireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c0, client := createNS(t, "ebpfwd-tcc")
-	g0, gateway := createNS(t, "ebpfwd-tcg")
-	s0, server := createNS(t, "ebpfwd-tcs")
-	x0, _ := createNS(t, "ebpfwd-tcx")
+	c0, client := topotest.NewNS(t, "ebpfwd-tcc")
+	g0, gateway := topotest.NewNS(t, "ebpfwd-tcg")
+	s0, server := topotest.NewNS(t, "ebpfwd-tcs")
+	x0, _ := topotest.NewNS(t, "ebpfwd-tcx")
 	for _, v := range []struct {
 		a, b         *topo.NS
 		aName, aCIDR string

@@ -11,6 +11,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -18,15 +19,7 @@ import (
 // the test ends.
 func newNS(t *testing.T, prefix string) *topo.NS {
 	t.Helper()
-	ns, err := topo.CreateUnique(prefix)
-	if err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Delete(); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
+	ns, _ := topotest.NewNS(t, prefix)
 	return ns
 }
 

@@ -7,22 +7,15 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 )
 
 func TestNodesReachable(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces")
 	}
-	var nss []*topo.NS
-	for _, prefix := range []string{"tc-reach-l", "tc-reach-o"} {
-		ns, err := topo.CreateUnique(prefix)
-		if err != nil {
-			t.Fatal(err)
-		}
-		t.Cleanup(func() { ns.Delete() })
-		nss = append(nss, ns)
-	}
-	listen, out := nss[0], nss[1]
+	listen, _ := topotest.NewNS(t, "tc-reach-l")
+	out, _ := topotest.NewNS(t, "tc-reach-o")
 	if err := topo.Veth(listen, "l0", "10.41.0.1/24", out, "o0", "10.41.0.2/24"); err != nil {
 		t.Fatal(err)
 	}

@@ -15,7 +15,7 @@ import (
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -27,24 +27,6 @@ func requireRoot(t *testing.T) {
 }
 
 // newNS creates a namespace removed (with its links) when the test ends.
-func newNS(t *testing.T, prefix string) (*topo.NS, netns.NS) {
-	t.Helper()
-	ns, err := topo.CreateUnique(prefix)
-	if err != nil {
-		t.Fatalf("create namespace: %v", err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Delete(); err != nil {
-			t.Errorf("delete namespace %s: %v", ns.Name, err)
-		}
-	})
-	h, err := netns.Parse(ns.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return ns, h
-}
-
 func newLinks(t *testing.T, instance string) *Links {
 	t.Helper()
 	if instance == "" {
@@ -92,8 +74,8 @@ func linkIn(t *testing.T, ns netns.NS, name string) (attrs *netlink.LinkAttrs, a
 
 func TestCreateAndDelete(t *testing.T) {
 	requireRoot(t)
-	_, a := newNS(t, "ebpfwd-splice-a")
-	_, b := newNS(t, "ebpfwd-splice-b")
+	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
+	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
 	s := newLinks(t, "")
 	l, err := s.Create(a, b)
 	if err != nil {
@@ -186,9 +168,9 @@ func exchangeOver(t *testing.T, a, b netns.NS, addr string) {
 
 func TestSubnetsAndNamesPerPair(t *testing.T) {
 	requireRoot(t)
-	_, a := newNS(t, "ebpfwd-splice-a")
-	_, b := newNS(t, "ebpfwd-splice-b")
-	_, c := newNS(t, "ebpfwd-splice-c")
+	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
+	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
+	_, c := topotest.NewNS(t, "ebpfwd-splice-c")
 	s := newLinks(t, "")
 	ab, err := s.Create(a, b)
 	if err != nil {
@@ -233,9 +215,9 @@ func TestSubnetsAndNamesPerPair(t *testing.T) {
 // another instance's links.
 func TestRestartAdoptsAndRemovesUnused(t *testing.T) {
 	requireRoot(t)
-	_, a := newNS(t, "ebpfwd-splice-a")
-	_, b := newNS(t, "ebpfwd-splice-b")
-	_, c := newNS(t, "ebpfwd-splice-c")
+	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
+	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
+	_, c := topotest.NewNS(t, "ebpfwd-splice-c")
 	crashed := newLinks(t, "")
 	stale, err := crashed.Create(a, b)
 	if err != nil {
@@ -324,8 +306,8 @@ func TestRestartReplacesBrokenLink(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, a := newNS(t, "ebpfwd-splice-a")
-			_, b := newNS(t, "ebpfwd-splice-b")
+			_, a := topotest.NewNS(t, "ebpfwd-splice-a")
+			_, b := topotest.NewNS(t, "ebpfwd-splice-b")
 			first := newLinks(t, "")
 			old, err := first.Create(a, b)
 			if err != nil {
@@ -357,8 +339,8 @@ func mustDo(t *testing.T, ns netns.NS, f func() error) {
 
 func TestSameNamespace(t *testing.T) {
 	requireRoot(t)
-	topoA, a := newNS(t, "ebpfwd-splice-a")
-	_, b := newNS(t, "ebpfwd-splice-b")
+	topoA, a := topotest.NewNS(t, "ebpfwd-splice-a")
+	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
 	byPath, err := netns.Parse(topoA.Path())
 	if err != nil {
 		t.Fatal(err)
