@@ -2,9 +2,13 @@ package daemon
 
 import (
 	"context"
+	"errors"
+	"fmt"
+	"net"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 // healthSyncInterval is how soon a change of a node's marking (a failure,
@@ -55,28 +59,27 @@ const (
 	probeTimeout = 2 * time.Second
 )
 
-// probeNodes dials every forward node (a TCP connect, closed at once)
-// each probeInterval and feeds the result into the selector's marking,
-// from where syncNodeHealth mirrors it into the datapath.
-func (s *service) probeNodes(ctx context.Context) {
+// probeNodes probes every forward node each probeInterval (probeNode) and
+// feeds the result into the selector's marking, from where syncNodeHealth
+// mirrors it into the datapath.
+func (s *service) probeNodes(ctx context.Context, network string) {
 	t := time.NewTicker(probeInterval)
 	defer t.Stop()
 	for {
 		for _, n := range s.nodes.Nodes() {
 			pctx, cancel := context.WithTimeout(ctx, probeTimeout)
-			conn, err := s.outNS.Dial(pctx, "tcp", n.Value)
+			err := probeNode(pctx, s.outNS, network, n.Value)
 			cancel()
 			switch {
 			case ctx.Err() != nil:
 				return
 			case err != nil:
 				if s.nodes.Healthy(n) {
-					s.log.Warn("node probe failed", "node", n.Name, "addr", n.Value, "err", err)
+					s.log.Warn("node probe failed", "node", n.Name, "addr", n.Value, "network", network, "err", err)
 				}
 				s.errs.Add(reasonOf(err))
 				s.nodes.MarkFailed(n)
 			default:
-				conn.Close()
 				s.nodes.MarkOK(n)
 			}
 		}
@@ -86,4 +89,41 @@ func (s *service) probeNodes(ctx context.Context) {
 		case <-t.C:
 		}
 	}
+}
+
+// udpProbeWait is how long a UDP probe waits for the ICMP error that says
+// the node is not there. Such errors come back within a round trip; a node
+// that stays silent for longer may well be serving (UDP servers do not
+// answer an empty datagram), so silence counts as healthy.
+const udpProbeWait = 250 * time.Millisecond
+
+// probeNode checks that a node takes connections from dialer ns. TCP: a
+// connect, closed at once. UDP has no handshake: an empty datagram is sent
+// on a connected socket, and an ICMP port or host unreachable coming back
+// (ECONNREFUSED, EHOSTUNREACH on the next read) marks the node down; an
+// answer or silence leaves it up. The empty datagram is the least a
+// service can be sent: a DNS or syslog server drops it as malformed.
+func probeNode(ctx context.Context, ns netns.NS, network, addr string) error {
+	conn, err := ns.Dial(ctx, network, addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	if network != "udp" {
+		return nil
+	}
+	if _, err := conn.Write(nil); err != nil {
+		return fmt.Errorf("probe %s: send: %w", addr, err)
+	}
+	wait := time.Now().Add(udpProbeWait)
+	if d, ok := ctx.Deadline(); ok && d.Before(wait) {
+		wait = d
+	}
+	_ = conn.SetReadDeadline(wait)
+	_, err = conn.Read(make([]byte, 1))
+	var nerr net.Error
+	if err == nil || errors.As(err, &nerr) && nerr.Timeout() {
+		return nil
+	}
+	return fmt.Errorf("probe %s: %w", addr, err)
 }

@@ -3,12 +3,14 @@ package daemon
 import (
 	"context"
 	"log/slog"
+	"net"
 	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/selector"
+	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 type healthRecorder struct {
@@ -65,4 +67,84 @@ func TestSyncNodeHealth(t *testing.T) {
 	}
 	now.Add(int64(11 * time.Second)) // failTimeout has passed
 	wait(1, true)
+}
+
+// TestProbeNode: what a probe makes of a node, over loopback in the
+// test's own namespace. UDP nodes that stay silent count as up: only an
+// ICMP error is evidence against them.
+func TestProbeNode(t *testing.T) {
+	tcpUp, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer tcpUp.Close()
+	tcpDown := closedPort(t, "tcp")
+	udpSilent, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udpSilent.Close()
+	udpEcho, err := net.ListenPacket("udp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer udpEcho.Close()
+	go func() {
+		buf := make([]byte, 64)
+		for {
+			n, from, err := udpEcho.ReadFrom(buf)
+			if err != nil {
+				return
+			}
+			_, _ = udpEcho.WriteTo(buf[:n], from)
+		}
+	}()
+	udpDown := closedPort(t, "udp")
+
+	tests := []struct {
+		name, network, addr string
+		wantUp              bool
+	}{
+		{"tcp listening", "tcp", tcpUp.Addr().String(), true},
+		{"tcp refused", "tcp", tcpDown, false},
+		{"udp silent", "udp", udpSilent.LocalAddr().String(), true},
+		{"udp answering", "udp", udpEcho.LocalAddr().String(), true},
+		{"udp port unreachable", "udp", udpDown, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			ctx, cancel := context.WithTimeout(context.Background(), probeTimeout)
+			defer cancel()
+			err := probeNode(ctx, netns.NS{}, tt.network, tt.addr)
+			if (err == nil) != tt.wantUp {
+				t.Errorf("probeNode(%s %s) = %v, want up=%v", tt.network, tt.addr, err, tt.wantUp)
+			}
+			if err != nil && reasonOf(err) != ReasonRefused {
+				t.Errorf("a refused probe counts as %q, want %q", reasonOf(err), ReasonRefused)
+			}
+		})
+	}
+}
+
+// closedPort returns a loopback address on which nothing listens: a port
+// the kernel handed out and that was closed again.
+func closedPort(t *testing.T, network string) string {
+	t.Helper()
+	var addr string
+	if network == "tcp" {
+		l, err := net.Listen("tcp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = l.Addr().String()
+		l.Close()
+	} else {
+		c, err := net.ListenPacket("udp", "127.0.0.1:0")
+		if err != nil {
+			t.Fatal(err)
+		}
+		addr = c.LocalAddr().String()
+		c.Close()
+	}
+	return addr
 }

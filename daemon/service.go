@@ -125,11 +125,11 @@ func (s *service) start(ctx context.Context) error {
 		s.stopHealth, s.healthDone = stop, make(chan struct{})
 		go func() {
 			defer close(s.healthDone)
-			// The kernel's flows never report a dead node, so a TCP
+			// The kernel's flows never report a dead node, so a
 			// service that picks nodes in the kernel also probes them.
 			var probes sync.WaitGroup
-			if s.cfg.Listener.Type == "tcp" {
-				probes.Go(func() { s.probeNodes(hctx) })
+			if network := s.cfg.Listener.Type; network == "tcp" || network == "udp" {
+				probes.Go(func() { s.probeNodes(hctx, network) })
 			}
 			s.syncNodeHealth(hctx, hs)
 			probes.Wait()

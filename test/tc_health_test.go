@@ -1,16 +1,20 @@
 package test
 
 import (
+	"context"
 	"fmt"
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/peer"
 )
 
 // TestTCDeadNodeGetsNoFlows: with one of two nodes down, the kernel must
 // stop sending new flows to it once a probe has marked it, so every
-// connection succeeds. Without probes, round robin would send every other
-// flow to the dead node and those connections would be refused.
+// connection (TCP) or session (UDP) succeeds. Without probes, round robin
+// would send every other flow to the dead node: those connections would be
+// refused, those datagrams lost.
 func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 	requireRoot(t)
 	t.Parallel()
@@ -19,7 +23,9 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 	server := newNS(t, "e2e-tch-s")
 	veth(t, client, "c0", "10.35.1.2/24", gw, "g0", "10.35.1.1/24")
 	veth(t, gw, "g1", "10.35.2.1/24", server, "s0", "10.35.2.2/24")
-	echoIn(t, server, "10.35.2.2:9000") // nothing listens on :9001
+	// Nothing listens on :9001 (TCP) or :9011 (UDP).
+	echoIn(t, server, "10.35.2.2:9000")
+	udpEchoIn(t, server, "10.35.2.2:9010")
 	yaml := config(`services:
 - name: tc-two-nodes
   addr: "10.35.1.1:8000"
@@ -30,23 +36,56 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
     - {name: dead, addr: "10.35.2.2:9001"}
     - {name: live, addr: "10.35.2.2:9000"}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+- name: tc-two-udp-nodes
+  addr: "10.35.1.1:8010"
+  handler: {type: udp}
+  listener: {type: udp}
+  forwarder:
+    selector: {strategy: round, maxFails: 1, failTimeout: 1m}
+    nodes:
+    - {name: dead-udp, addr: "10.35.2.2:9011"}
+    - {name: live-udp, addr: "10.35.2.2:9010"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
 `, map[string]string{"GW": gw.Name})
 	d := startDaemon(t, "tc-health", yaml, daemonOptions{})
-	d.waitLog(t, 10*time.Second, "node health pushed to datapath", "node=dead", "healthy=false")
 
-	const conns = 20
-	var wg sync.WaitGroup
-	errs := make(chan error, conns)
-	for i := range conns {
-		wg.Go(func() {
-			if err := exchange(t, client, "10.35.1.1:8000", 32<<10, 15*time.Second); err != nil {
-				errs <- fmt.Errorf("connection %d: %w", i, err)
+	const flows = 20
+	for _, tt := range []struct {
+		network, deadNode, addr string
+		flow                    func() error
+	}{
+		{"tcp", "dead", "10.35.1.1:8000", func() error {
+			return exchange(t, client, "10.35.1.1:8000", 32<<10, 15*time.Second)
+		}},
+		{"udp", "dead-udp", "10.35.1.1:8010", func() error {
+			// A session is one client socket: it sticks to the node
+			// its first datagram was given.
+			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+			defer cancel()
+			c, err := dialFrom(ctx, t, client, "udp", "10.35.1.1:8010")
+			if err != nil {
+				return err
+			}
+			defer c.Close()
+			return peer.UDPExchange(ctx, c, 4, 512)
+		}},
+	} {
+		t.Run(tt.network, func(t *testing.T) {
+			d.waitLog(t, 10*time.Second, "node health pushed to datapath", "node="+tt.deadNode+" healthy=false")
+			var wg sync.WaitGroup
+			errs := make(chan error, flows)
+			for i := range flows {
+				wg.Go(func() {
+					if err := tt.flow(); err != nil {
+						errs <- fmt.Errorf("%s flow %d: %w", tt.network, i, err)
+					}
+				})
+			}
+			wg.Wait()
+			close(errs)
+			for err := range errs {
+				t.Error(err)
 			}
 		})
-	}
-	wg.Wait()
-	close(errs)
-	for err := range errs {
-		t.Error(err)
 	}
 }
