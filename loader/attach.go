@@ -72,8 +72,7 @@ func (l *Loader) Attach(ns netns.NS, ifname string) (Attachment, error) {
 			return fmt.Errorf("interface type %s: only Ethernet devices are supported", attrs.EncapType)
 		}
 		a.ifindex = attrs.Index
-		_, isVeth := lnk.(*netlink.Veth)
-		peer = isVeth && attrs.NetNsID >= 0
+		peer = PeerElsewhere(lnk)
 		return l.attachHere(a)
 	})
 	if err != nil {
@@ -92,6 +91,43 @@ func (l *Loader) Attach(ns netns.NS, ifname string) (Attachment, error) {
 	}
 	l.attached[ifname] = a
 	return a.describe(l), nil
+}
+
+// PeerElsewhere reports whether lnk is a veth whose peer is in another
+// namespace: packets the program sends out through it may take
+// bpf_redirect_peer, straight into the peer's namespace.
+func PeerElsewhere(lnk netlink.Link) bool {
+	_, isVeth := lnk.(*netlink.Veth)
+	return isVeth && lnk.Attrs().NetNsID >= 0
+}
+
+// SetPeerRedirect updates what Attach recorded about an attached veth: its
+// peer moved to another namespace (or back) after the program was
+// attached, as when a container's end is moved after the host end came
+// up. It reports whether anything changed; an interface that is not
+// attached is no error and no change.
+func (l *Loader) SetPeerRedirect(ifname string, on bool) (bool, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	a, ok := l.attached[ifname]
+	if !ok || l.closed {
+		return false, nil
+	}
+	var flags uint32
+	if err := l.objs.EbpfwdIfaces.Lookup(uint32(a.ifindex), &flags); err != nil {
+		return false, fmt.Errorf("read flags of interface %s (ifindex %d): %w", ifname, a.ifindex, err)
+	}
+	want := flags &^ uint32(bpf.NATIfaceFlagsIFACE_PEER_REDIRECT)
+	if on {
+		want |= uint32(bpf.NATIfaceFlagsIFACE_PEER_REDIRECT)
+	}
+	if want == flags {
+		return false, nil
+	}
+	if err := l.objs.EbpfwdIfaces.Put(uint32(a.ifindex), want); err != nil {
+		return false, fmt.Errorf("update flags of interface %s (ifindex %d): %w", ifname, a.ifindex, err)
+	}
+	return true, nil
 }
 
 // Detach removes the program from interface ifname (attached by Attach),

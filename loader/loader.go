@@ -1,6 +1,6 @@
 // Package loader loads ebpfwd's tc NAT program (package bpf), attaches it to
 // interfaces inside a network namespace, pins it under
-// /sys/fs/bpf/ebpfwd/<instance>/, and gives typed access to its maps:
+// /sys/fs/bpf/ebpfwd/<instance>/<namespace>/, and gives typed access to its maps:
 // services and nodes in, counters and connections out.
 //
 // One Loader serves one network namespace (the one its services listen in):
@@ -74,8 +74,15 @@ const (
 
 // Config says where an instance lives and how the program behaves.
 type Config struct {
-	// Instance names the pin directory /sys/fs/bpf/ebpfwd/<Instance>.
+	// Instance names the daemon: its pins are under
+	// /sys/fs/bpf/ebpfwd/<Instance>/.
 	Instance string
+	// Netns is the namespace the Loader serves as ebpfwd names it: "" for
+	// the daemon's own, an `ip netns` name, or a path. It picks the pin
+	// directory <Instance>/<NetnsDir(Netns)>, so that every namespace has
+	// maps of its own and a later run can tell which namespace a directory
+	// belongs to (PruneNamespaces).
+	Netns string
 	// BPFFS is where bpffs is (or gets) mounted; "" means /sys/fs/bpf.
 	BPFFS string
 	// SNATPortMin and SNATPortMax bound the SNAT source ports (inclusive);
@@ -91,6 +98,9 @@ type Config struct {
 func (c *Config) setDefaults() error {
 	if c.Instance == "" || c.Instance != filepath.Base(c.Instance) || c.Instance == "." || c.Instance == ".." {
 		return fmt.Errorf("instance name %q: must be a single path element", c.Instance)
+	}
+	if NetnsDir(c.Netns) == "" {
+		return fmt.Errorf("netns %q: no pin directory name for it", c.Netns)
 	}
 	if c.BPFFS == "" {
 		c.BPFFS = DefaultBPFFS
@@ -144,7 +154,7 @@ func Load(cfg Config) (*Loader, error) {
 	if err := ensureBPFFS(cfg.BPFFS); err != nil {
 		return nil, err
 	}
-	pinDir := filepath.Join(cfg.BPFFS, "ebpfwd", cfg.Instance)
+	pinDir := cfg.pinDir()
 	lock, err := claimPinDir(pinDir)
 	if err != nil {
 		return nil, err
@@ -158,8 +168,8 @@ func Load(cfg Config) (*Loader, error) {
 	}
 	if err := l.load(); err != nil {
 		// A previous run's pins stay for a run that can load (the
-		// directory goes only if it is empty).
-		_ = os.Remove(pinDir)
+		// directories go only if they are empty).
+		removeEmptyParents(pinDir)
 		lock.Close()
 		return nil, err
 	}
@@ -262,11 +272,22 @@ func (l *Loader) Close() error {
 	if err := os.RemoveAll(l.pinDir); err != nil {
 		errs = append(errs, fmt.Errorf("remove pin directory: %w", err))
 	}
-	// The shared parent goes when the last instance does; while another
-	// instance lives, rmdir fails with ENOTEMPTY, which is fine.
-	_ = os.Remove(filepath.Dir(l.pinDir))
+	removeEmptyParents(l.pinDir)
 	l.lock.Close() // releases the flock
 	return errors.Join(errs...)
+}
+
+// removeEmptyParents removes the pin directory if it is empty, then the
+// instance's directory and the shared ebpfwd directory if they are: each
+// goes when its last user does. While another namespace's Loader or
+// another instance lives, rmdir fails with ENOTEMPTY, which is fine.
+func removeEmptyParents(pinDir string) {
+	instanceDir := filepath.Dir(pinDir)
+	for _, dir := range []string{pinDir, instanceDir, filepath.Dir(instanceDir)} {
+		if err := os.Remove(dir); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return
+		}
+	}
 }
 
 // bpfFSMagic is BPF_FS_MAGIC from linux/magic.h.

@@ -7,6 +7,7 @@ import (
 	"errors"
 	"net/netip"
 	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
@@ -45,8 +46,9 @@ func load(t *testing.T, cfg Config) *Loader {
 		if err := l.Close(); err != nil {
 			t.Errorf("Close: %v", err)
 		}
-		if _, err := os.Stat(l.PinDir()); !errors.Is(err, os.ErrNotExist) {
-			t.Errorf("pin directory %s still there after Close (stat: %v)", l.PinDir(), err)
+		// The instance's directory goes with its last namespace.
+		if _, err := os.Stat(filepath.Dir(l.PinDir())); !errors.Is(err, os.ErrNotExist) {
+			t.Errorf("pin directory %s still there after Close (stat: %v)", filepath.Dir(l.PinDir()), err)
 		}
 	})
 	return l
@@ -191,11 +193,11 @@ func TestPinDirectory(t *testing.T) {
 	// A crashed run leaves pins behind, and nobody holds the lock: a new
 	// Load must clean them and start over.
 	crashed := uniqueInstance(t)
-	stale := l.cfg.BPFFS + "/ebpfwd/" + crashed
+	stale := Config{Instance: crashed}.pinDir()
 	if err := os.MkdirAll(stale+"/leftover", 0o700); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(stale) })
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(stale)) })
 	l2, err := Load(Config{Instance: crashed})
 	if err != nil {
 		t.Fatalf("Load over a stale pin directory: %v", err)

@@ -106,8 +106,8 @@ func TestReleaseAndTakeOver(t *testing.T) {
 	tp := gatewayTopology{client: client, gateway: gateway, server: server}
 
 	instance := uniqueInstance(t)
-	pinDir := filepath.Join(DefaultBPFFS, "ebpfwd", instance)
-	t.Cleanup(func() { os.RemoveAll(pinDir) }) // only if the test failed half way
+	pinDir := Config{Instance: instance}.pinDir()
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(pinDir)) }) // only if the test failed half way
 	first, err := Load(Config{Instance: instance, Attach: AttachTCX})
 	if err != nil {
 		t.Fatal(err)
@@ -235,11 +235,11 @@ func TestReleaseAndTakeOver(t *testing.T) {
 func TestIncompatiblePinsWiped(t *testing.T) {
 	requireRoot(t)
 	instance := uniqueInstance(t)
-	pinDir := filepath.Join(DefaultBPFFS, "ebpfwd", instance)
+	pinDir := Config{Instance: instance}.pinDir()
 	if err := os.MkdirAll(pinDir, 0o700); err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(pinDir) })
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(pinDir)) })
 	old, err := ebpf.NewMap(&ebpf.MapSpec{Name: "ebpfwd_services", Type: ebpf.Hash, KeySize: 4, ValueSize: 4, MaxEntries: 1})
 	if err != nil {
 		t.Fatal(err)
@@ -296,12 +296,12 @@ func TestIncompatiblePinsWiped(t *testing.T) {
 func TestUnknownPinEntriesRemoved(t *testing.T) {
 	requireRoot(t)
 	instance := uniqueInstance(t)
-	pinDir := filepath.Join(DefaultBPFFS, "ebpfwd", instance)
+	pinDir := Config{Instance: instance}.pinDir()
 	first, err := Load(Config{Instance: instance})
 	if err != nil {
 		t.Fatal(err)
 	}
-	t.Cleanup(func() { os.RemoveAll(pinDir) })
+	t.Cleanup(func() { os.RemoveAll(filepath.Dir(pinDir)) })
 	if err := first.Release(); err != nil {
 		t.Fatal(err)
 	}

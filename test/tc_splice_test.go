@@ -8,9 +8,9 @@ import (
 	"net"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"regexp"
 	"slices"
-	"strings"
 	"sync"
 	"syscall"
 	"testing"
@@ -62,17 +62,21 @@ func spliceLinksIn(t *testing.T, ns *topo.NS) []string {
 	return names
 }
 
-// pinDirsOf lists the pin directories of an instance under /sys/fs/bpf/ebpfwd.
+// pinDirsOf lists what an instance has pinned: its namespaces' pin
+// directories under /sys/fs/bpf/ebpfwd/<instance>/ (as "<instance>/<dir>"),
+// or the instance's directory itself if it is there but empty.
 func pinDirsOf(instance string) []string {
-	entries, err := os.ReadDir("/sys/fs/bpf/ebpfwd")
+	root := filepath.Join("/sys/fs/bpf/ebpfwd", instance)
+	entries, err := os.ReadDir(root)
 	if err != nil {
 		return nil
 	}
+	if len(entries) == 0 {
+		return []string{instance}
+	}
 	var dirs []string
 	for _, e := range entries {
-		if e.Name() == instance || strings.HasPrefix(e.Name(), instance+"-") {
-			dirs = append(dirs, e.Name())
-		}
+		dirs = append(dirs, instance+"/"+e.Name())
 	}
 	return dirs
 }
@@ -396,4 +400,71 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 		t.Errorf("%d tcx programs on the new splice end, want 1", n)
 	}
 	requireCleanExit(t, restarted, tp.a, tp.b, tp.client)
+}
+
+// TestTCCrashThenNamespaceDropped: a daemon killed while serving a tc
+// service in namespace A over a splice link to B leaves its program
+// attached, its pins and the link; the next start of the instance, with a
+// configuration that serves nothing in A, removes all of it: the dropped
+// namespace must not go on translating a service nobody runs.
+func TestTCCrashThenNamespaceDropped(t *testing.T) {
+	requireRoot(t)
+	t.Parallel()
+	tp := newSpliceOutTopo(t, "e2e-spld")
+	instance := fmt.Sprintf("e2e-splice-drop-%08x", rand.Uint32())
+	opts := daemonOptions{Args: []string{"--instance", instance}}
+
+	killed := startDaemon(t, "tc-ns-killed", config(spliceOut, tp.vars), opts)
+	killed.instance = instance
+	if err := exchange(t, tp.client, "10.33.1.1:8000", 64<<10, 20*time.Second); err != nil {
+		t.Fatalf("exchange over the splice link: %v", err)
+	}
+	links := spliceLinksIn(t, tp.a)
+	if len(links) != 1 {
+		t.Fatalf("splice links in A: %v, want one", links)
+	}
+	if err := killed.signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := killed.wait(stopTimeout); err != nil {
+		t.Fatal(err)
+	}
+	if n := tcxPrograms(t, handle(t, tp.a), "a0"); n != 1 {
+		t.Fatalf("%d tcx programs on a0 after SIGKILL, want the pinned one: the test would prove nothing", n)
+	}
+
+	// The next configuration has a userspace service in B only.
+	const elsewhere = `services:
+- name: in-b
+  addr: "10.33.9.2:7100"
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "10.33.9.2:9000"}
+  metadata: {netns: $B, netns.out: $B, datapath: userspace}
+`
+	next := startDaemon(t, "tc-ns-next", config(elsewhere, tp.vars), opts)
+	next.instance = instance
+	next.waitLog(t, 5*time.Second, "removed the tc datapath a previous run left in a namespace this run does not serve", tp.a.Name)
+	for _, ns := range []*topo.NS{tp.a, tp.b} {
+		if got := spliceLinksIn(t, ns); len(got) != 0 {
+			t.Errorf("splice links %v left in %s", got, ns.Name)
+		}
+	}
+	if n := tcxPrograms(t, handle(t, tp.a), "a0"); n != 0 {
+		t.Errorf("%d tcx programs left on a0", n)
+	}
+	if dirs := pinDirsOf(instance); len(dirs) != 0 {
+		t.Errorf("pins %v left although no namespace runs the tc datapath", dirs)
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+	defer cancel()
+	if c, err := dialFrom(ctx, t, tp.client, "tcp", "10.33.1.1:8000"); err == nil {
+		c.Close()
+		t.Error("the dropped namespace still forwards the service of the killed run")
+	}
+	if err := exchange(t, tp.b, "10.33.9.2:7100", 64<<10, 10*time.Second); err != nil {
+		t.Fatalf("the next run's own service: %v", err)
+	}
+	requireCleanExit(t, next, tp.a, tp.b)
 }

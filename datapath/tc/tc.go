@@ -93,7 +93,8 @@ func strategy(s string) (loader.Strategy, error) {
 // namespace, the first time a service there is set up, and unloaded when
 // its last service closes.
 type Datapath struct {
-	// Instance names the daemon; pins go to /sys/fs/bpf/ebpfwd/<Instance>-<netns>.
+	// Instance names the daemon; pins go to /sys/fs/bpf/ebpfwd/<Instance>/,
+	// a directory per namespace (loader.NetnsDir).
 	Instance string
 	Logger   *slog.Logger
 	// Userspace serves each service's socket listener.
@@ -138,7 +139,7 @@ type nsLoader struct {
 	refs    int
 	stopGC  context.CancelFunc
 	gcDone  chan struct{}
-	ifnames []string
+	watch   *ifaceWatcher         // attaches to interfaces as they come and go
 	splices map[string]*spliceRef // by netns.out path
 	// services counts the attachments of each service ID in the maps:
 	// FinishSetup prunes every other service a previous run left.
@@ -224,7 +225,7 @@ func (d *Datapath) Setup(ctx context.Context, svc datapath.Service) (datapath.At
 	}
 	a.us = us
 	attrs := []any{"service", svc.Name, "netns", a.nl.ns.String(),
-		"interfaces", strings.Join(a.nl.ifnames, ","), "pins", a.nl.l.PinDir()}
+		"interfaces", strings.Join(a.nl.watch.interfaces(), ","), "pins", a.nl.l.PinDir()}
 	if a.splice != nil {
 		attrs = append(attrs, "splice_link", a.splice.link.Name, "netns_out", outNS.String())
 	}
@@ -285,16 +286,20 @@ func (d *Datapath) keeping() bool {
 // FinishSetup removes what a previous run of the instance left and this
 // run does not need, once every service is set up: in each namespace with
 // services, the services the configuration dropped (their flows expire)
-// and the program's links on interfaces that are gone or unused; splice
-// links of the instance no service uses. It does nothing on a first start.
+// and the program's links on interfaces that are gone or unused; in every
+// namespace the previous run served and this one does not, the program and
+// its pins; splice links of the instance no service uses. It does nothing
+// on a first start.
 // Errors are returned after every cleanup was tried.
 func (d *Datapath) FinishSetup() error {
 	d.mu.Lock()
 	defer d.mu.Unlock()
 	var errs []error
 	var nss []netns.NS
+	serving := make([]string, 0, len(d.loaders))
 	for _, nl := range d.loaders {
 		nss = append(nss, nl.ns)
+		serving = append(serving, nsName(nl.ns))
 		keep := make([]loader.ServiceID, 0, len(nl.services))
 		for id := range nl.services {
 			keep = append(keep, id)
@@ -304,6 +309,18 @@ func (d *Datapath) FinishSetup() error {
 		}
 		if _, err := nl.l.PruneLinks(); err != nil {
 			errs = append(errs, err)
+		}
+	}
+	// Namespaces a previous run served and this one does not: their
+	// program is detached and their pins go, and so do the splice links
+	// that started there.
+	pruned, err := loader.PruneNamespaces(loader.Config{Instance: d.Instance}, serving)
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for _, spec := range pruned {
+		if ns, err := netns.Parse(spec); err == nil && ns.Check() == nil {
+			nss = append(nss, ns)
 		}
 	}
 	if len(nss) > 0 {
@@ -459,8 +476,9 @@ func (d *Datapath) logger() *slog.Logger {
 	return d.Logger
 }
 
-// acquire returns the namespace's BPF instance, loading and attaching it to
-// every Ethernet interface there on first use.
+// acquire returns the namespace's BPF instance, loading it on first use
+// and attaching it to every Ethernet interface that is up there, now and
+// whenever one comes up later (see ifaceWatcher).
 func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
 	d.mu.Lock()
 	defer d.mu.Unlock()
@@ -472,28 +490,25 @@ func (d *Datapath) acquire(nsPath string) (*nsLoader, error) {
 	if err != nil {
 		return nil, err
 	}
-	l, err := loader.Load(loader.Config{Instance: d.pinName(ns)})
+	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: nsName(ns)})
 	if err != nil {
 		return nil, err
 	}
 	d.warnPortOverlap(ns)
-	ifnames, err := ethernetInterfaces(ns)
-	if err != nil {
+	// The watcher attaches to the interfaces there now before start
+	// returns, and to those that come later.
+	watch := newIfaceWatcher(ns, l, d.logger())
+	if err := watch.start(); err != nil {
 		l.Close()
 		return nil, err
 	}
-	for _, ifname := range ifnames {
-		if _, err := l.Attach(ns, ifname); err != nil {
-			l.Close()
-			return nil, err
-		}
-	}
-	if len(ifnames) == 0 {
+	if len(watch.interfaces()) == 0 {
+		watch.close()
 		l.Close()
 		return nil, fmt.Errorf("netns %s has no Ethernet interface to attach to", ns)
 	}
 	gcCtx, stop := context.WithCancel(context.Background())
-	nl := &nsLoader{ns: ns, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), ifnames: ifnames,
+	nl := &nsLoader{ns: ns, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), watch: watch,
 		services: map[loader.ServiceID]int{}}
 	go d.collectGarbage(gcCtx, nl)
 	if d.loaders == nil {
@@ -528,15 +543,6 @@ func (d *Datapath) warnPortOverlap(ns netns.NS) {
 	}
 }
 
-// pinName is the pin directory of the instance's BPF objects in ns: one per
-// namespace, so that two namespaces never share maps.
-func (d *Datapath) pinName(ns netns.NS) string {
-	if ns.IsOwn() {
-		return d.Instance
-	}
-	return d.Instance + "-" + strings.ReplaceAll(strings.Trim(nsName(ns), "/"), "/", "_")
-}
-
 // nsName is a namespace as `ip netns` names it where it has such a name,
 // else its path ("" for the daemon's own).
 func nsName(ns netns.NS) string {
@@ -556,6 +562,10 @@ func (d *Datapath) release(nl *nsLoader) {
 	}
 	nl.stopGC()
 	<-nl.gcDone
+	// Before the loader goes: the watcher must not attach or detach
+	// behind Close or Release. Stopping it detaches nothing, so after
+	// KeepForRestart every attachment stays for the next run.
+	nl.watch.close()
 	if d.keep {
 		if err := nl.l.Release(); err != nil {
 			d.logger().Error("release tc datapath for restart", "netns", nl.ns.String(), "err", err)
@@ -595,33 +605,24 @@ func (d *Datapath) collectGarbage(ctx context.Context, nl *nsLoader) {
 	}
 }
 
-// ethernetInterfaces lists the namespace's interfaces where clients'
-// packets or nodes' replies may arrive: every Ethernet device that is up.
-func ethernetInterfaces(ns netns.NS) ([]string, error) {
-	var names []string
+// listLinks lists the state of every link of the namespace; the interface
+// watcher (watch.go) decides from it which ones carry the program.
+func listLinks(ns netns.NS) ([]linkState, error) {
+	var states []linkState
 	err := ns.Do(func() error {
 		links, err := netlink.LinkList()
 		if err != nil {
 			return err
 		}
 		for _, l := range links {
-			a := l.Attrs()
-			// Splice links are attached to by whoever owns them; one
-			// of another instance is no place for our clients, and
-			// one a crashed run of ours left is about to go.
-			if splice.IsSpliceLink(a) {
-				continue
-			}
-			if a.EncapType == "ether" && a.Flags&net.FlagUp != 0 {
-				names = append(names, a.Name)
-			}
+			states = append(states, linkStateOf(l))
 		}
 		return nil
 	})
 	if err != nil {
 		return nil, fmt.Errorf("list interfaces in netns %s: %w", ns, err)
 	}
-	return names, nil
+	return states, nil
 }
 
 // attachment is one service on the tc datapath.

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
+	"github.com/ebpfwd/ebpfwd/loader"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -55,21 +56,23 @@ func TestApplicable(t *testing.T) {
 	}
 }
 
-func TestPinName(t *testing.T) {
-	d := &Datapath{Instance: "gw"}
+// TestPinDirectoryPerNamespace: a namespace's pins are under the
+// instance's directory, by the name ip netns knows it by where it has one,
+// so "/var/run/netns/ns1" and "ns1" share them.
+func TestPinDirectoryPerNamespace(t *testing.T) {
 	tests := []struct{ spec, want string }{
-		{"", "gw"},
-		{"ns1", "gw-ns1"},
-		{"/var/run/netns/ns1", "gw-ns1"},
-		{"/proc/42/ns/net", "gw-proc_42_ns_net"},
+		{"", "own"},
+		{"ns1", "ns-ns1"},
+		{"/var/run/netns/ns1", "ns-ns1"},
+		{"/proc/42/ns/net", "ns-%2Fproc%2F42%2Fns%2Fnet"},
 	}
 	for _, tt := range tests {
 		ns, err := netns.Parse(tt.spec)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := d.pinName(ns); got != tt.want {
-			t.Errorf("pinName(%q) = %q, want %q", tt.spec, got, tt.want)
+		if got := loader.NetnsDir(nsName(ns)); got != tt.want {
+			t.Errorf("pin directory of %q = %q, want %q", tt.spec, got, tt.want)
 		}
 	}
 }
