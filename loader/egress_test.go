@@ -71,15 +71,8 @@ func TestFixedEgressReachesUnroutedNode(t *testing.T) {
 		t.Fatal(err)
 	}
 
-	ln, err := tp.server.Listen(ctx, "tcp", node.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.ServeEcho(ln)()
-	c, err := tp.client.Dial(ctx, "tcp", vip.String())
-	if err != nil {
-		t.Fatalf("dial the service: %v", err)
-	}
+	tp.serveEcho(ctx, t, node)
+	c := tp.dial(ctx, t, vip)
 	if err := peer.Exchange(ctx, c, 256<<10); err != nil {
 		t.Fatal(err)
 	}

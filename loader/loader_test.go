@@ -5,6 +5,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"errors"
+	"net"
 	"net/netip"
 	"os"
 	"path/filepath"
@@ -181,6 +182,29 @@ func TestForwardBetweenNamespaces(t *testing.T) {
 			}
 		})
 	}
+}
+
+// serveEcho runs a TCP echo server on node in the server namespace until
+// the test ends.
+func (tp gatewayTopology) serveEcho(ctx context.Context, t *testing.T, node netip.AddrPort) {
+	t.Helper()
+	ln, err := tp.server.Listen(ctx, "tcp", node.String())
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(peer.ServeEcho(ln))
+}
+
+// dial connects from the client namespace to addr; the connection is
+// closed when the test ends.
+func (tp gatewayTopology) dial(ctx context.Context, t *testing.T, addr netip.AddrPort) net.Conn {
+	t.Helper()
+	c, err := tp.client.Dial(ctx, "tcp", addr.String())
+	if err != nil {
+		t.Fatalf("dial %s from the client namespace: %v", addr, err)
+	}
+	t.Cleanup(func() { c.Close() })
+	return c
 }
 
 func TestPinDirectory(t *testing.T) {

@@ -13,7 +13,6 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
-	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
@@ -110,15 +109,8 @@ func TestPruneNamespaces(t *testing.T) {
 			if _, err := crashed.PutService(Service{Network: "tcp", VIP: vip, Nodes: []Node{{Addr: node}}}); err != nil {
 				t.Fatal(err)
 			}
-			ln, err := tp.server.Listen(ctx, "tcp", node.String())
-			if err != nil {
-				t.Fatal(err)
-			}
-			defer peer.ServeEcho(ln)()
-			c, err := tp.client.Dial(ctx, "tcp", vip.String())
-			if err != nil {
-				t.Fatal(err)
-			}
+			tp.serveEcho(ctx, t, node)
+			c := tp.dial(ctx, t, vip)
 			echoRound(t, c, "through the run that will crash")
 			c.Close()
 			// A crash: the process is gone, its lock with it, and the
@@ -199,16 +191,8 @@ func TestLegacyReleaseAndTakeOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tp.server.Listen(ctx, "tcp", node.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.ServeEcho(ln)()
-	c, err := tp.client.Dial(ctx, "tcp", vip.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	tp.serveEcho(ctx, t, node)
+	c := tp.dial(ctx, t, vip)
 	echoRound(t, c, "before release")
 	oldProgram := programID(t, first)
 	if err := first.Release(); err != nil {

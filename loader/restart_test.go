@@ -19,7 +19,6 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ebpfwd/ebpfwd/bpf"
-	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
@@ -132,16 +131,8 @@ func TestReleaseAndTakeOver(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	ln, err := tp.server.Listen(ctx, "tcp", node.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer peer.ServeEcho(ln)()
-	c, err := tp.client.Dial(ctx, "tcp", vip.String())
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer c.Close()
+	tp.serveEcho(ctx, t, node)
+	c := tp.dial(ctx, t, vip)
 	echoRound(t, c, "before release")
 	oldProgram := programID(t, first)
 
