@@ -2,12 +2,17 @@ package main
 
 import (
 	"bytes"
+	"context"
+	"errors"
+	"math"
 	"net"
+	"slices"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/config"
+	"github.com/ebpfwd/ebpfwd/daemon"
 	"github.com/ebpfwd/ebpfwd/datapath"
 )
 
@@ -211,6 +216,253 @@ func TestDaemonCapacity(t *testing.T) {
 	}
 }
 
+// runsOf builds results whose contenders have samples for key in the runs
+// given (run → value); a run missing from a map has no sample.
+func runsOf(key metricKey, byName map[string]map[int]float64, cs ...contender) *results {
+	r := &results{contenders: cs, samples: map[string][]sample{}, set: settings{runs: 3, idleConns: 10}}
+	for name, runs := range byName {
+		for run, v := range runs {
+			r.samples[name] = append(r.samples[name], sample{run: run, values: map[metricKey]float64{key: v}})
+		}
+	}
+	return r
+}
+
+func TestPairedRatio(t *testing.T) {
+	const name, base = "ebpfwd tc", directName
+	tests := []struct {
+		desc      string
+		contender map[int]float64
+		baseline  map[int]float64
+		want      float64
+		wantOK    bool
+	}{
+		{"one run", map[int]float64{0: 8}, map[int]float64{0: 10}, 0.8, true},
+		{"odd count: middle ratio", map[int]float64{0: 9, 1: 22, 2: 15}, map[int]float64{0: 10, 1: 20, 2: 15}, 1.0, true},
+		// Medians 25 and 20 would give 1.25; the per-run ratios are 2.5, 0.5 and 35/30.
+		{"not the ratio of medians", map[int]float64{0: 25, 1: 10, 2: 35}, map[int]float64{0: 10, 1: 20, 2: 30}, 35.0 / 30, true},
+		{"even count: mean of middle two", map[int]float64{0: 9, 1: 11}, map[int]float64{0: 10, 1: 10}, 1.0, true},
+		{"baseline missing in a run", map[int]float64{0: 8, 1: 5}, map[int]float64{0: 10}, 0.8, true},
+		{"contender missing runs", map[int]float64{1: 9}, map[int]float64{0: 10, 1: 10, 2: 10}, 0.9, true},
+		{"four runs, one unpaired: odd count left", map[int]float64{0: 7, 1: 8, 2: 9, 3: 1}, map[int]float64{0: 10, 1: 10, 2: 10}, 0.8, true},
+		{"zero baseline left out", map[int]float64{0: 5, 1: 9}, map[int]float64{0: 0, 1: 10}, 0.9, true},
+		{"no common run", map[int]float64{0: 1}, map[int]float64{1: 1}, 0, false},
+		{"baseline only zero", map[int]float64{0: 5}, map[int]float64{0: 0}, 0, false},
+		{"no contender samples", nil, map[int]float64{0: 10}, 0, false},
+		{"no baseline samples", map[int]float64{0: 10}, nil, 0, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.desc, func(t *testing.T) {
+			r := runsOf(tputUp, map[string]map[int]float64{name: tt.contender, base: tt.baseline})
+			got, ok := r.pairedRatio(name, base, tputUp)
+			if ok != tt.wantOK || math.Abs(got-tt.want) > 1e-9 {
+				t.Fatalf("pairedRatio = %v, %v; want %v, %v", got, ok, tt.want, tt.wantOK)
+			}
+		})
+	}
+}
+
+// TestPairedRatioOtherMetric checks that a run whose sample lacks the
+// figure (the metric failed or does not apply) is not paired.
+func TestPairedRatioOtherMetric(t *testing.T) {
+	r := &results{samples: map[string][]sample{
+		directName:  {{run: 0, values: map[metricKey]float64{tputUp: 10}}, {run: 1, values: map[metricKey]float64{tputUp: 10}}},
+		"ebpfwd tc": {{run: 0, values: map[metricKey]float64{tputUp: 7}}, {run: 1, values: map[metricKey]float64{tputDown: 9}}},
+	}}
+	if got, ok := r.pairedRatio("ebpfwd tc", directName, tputUp); !ok || got != 0.7 {
+		t.Fatalf("pairedRatio = %v, %v; want 0.7, true", got, ok)
+	}
+}
+
+func TestRotated(t *testing.T) {
+	xs := []string{"a", "b", "c"}
+	tests := []struct {
+		run  int
+		want []string
+	}{
+		{0, []string{"a", "b", "c"}},
+		{1, []string{"b", "c", "a"}},
+		{2, []string{"c", "a", "b"}},
+		{3, []string{"a", "b", "c"}},
+		{7, []string{"b", "c", "a"}},
+	}
+	for _, tt := range tests {
+		if got := rotated(xs, tt.run); !slices.Equal(got, tt.want) {
+			t.Errorf("rotated(%v, %d) = %v, want %v", xs, tt.run, got, tt.want)
+		}
+	}
+	if !slices.Equal(xs, []string{"a", "b", "c"}) {
+		t.Fatalf("rotated changed its input: %v", xs)
+	}
+	if got := rotated([]string(nil), 3); len(got) != 0 {
+		t.Fatalf("rotated(nil) = %v, want empty", got)
+	}
+	// Over n runs every element goes first once and follows each other
+	// element at most n-1 times: no pair is fixed.
+	first := map[string]int{}
+	follows := map[[2]string]int{}
+	for run := range len(xs) {
+		order := rotated(xs, run)
+		first[order[0]]++
+		for i := 1; i < len(order); i++ {
+			follows[[2]string{order[i-1], order[i]}]++
+		}
+	}
+	for _, x := range xs {
+		if first[x] != 1 {
+			t.Errorf("%s went first %d times in %d runs, want once", x, first[x], len(xs))
+		}
+	}
+	for pair, n := range follows {
+		if n >= len(xs) {
+			t.Errorf("%s followed %s in all %d runs", pair[1], pair[0], n)
+		}
+	}
+}
+
+// TestBenchRunInterleaves runs the step loop with fake contenders: steps go
+// one at a time across all contenders in the rotated order, a contender
+// that fails skips its later steps while the others go on, one that fails
+// its set-up runs no step, and a step is skipped where it does not apply.
+func TestBenchRunInterleaves(t *testing.T) {
+	cs := []contender{{name: "a"}, {name: "b"}, {name: "c"}, {name: "d"}, {name: "e"}}
+	var log []string
+	step := func(name string, failFor string) workloadStep {
+		return workloadStep{name: name, applies: func(p *path) bool { return !p.kernelFlows }, run: func(_ context.Context, st *stage) error {
+			log = append(log, name+":"+st.c.name)
+			if st.c.name == failFor {
+				return errors.New("boom")
+			}
+			st.sample.values[metricKey(name)] = 1
+			return nil
+		}}
+	}
+	steps := []workloadStep{step("s1", ""), step("s2", "b"), step("s3", "")}
+	setUp := func(_ context.Context, st *stage) error {
+		if st.c.name == "d" {
+			return errors.New("no namespace")
+		}
+		// e's path is one the fake steps do not apply to.
+		st.path = &path{kernelFlows: st.c.name == "e", capacity: func(context.Context, float64) string { return "cap " + st.c.name }}
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	stages := benchRun(ctx, 1, cs, steps, setUp)
+
+	wantLog := []string{"s1:b", "s1:c", "s1:a", "s2:b", "s2:c", "s2:a", "s3:c", "s3:a"}
+	if !slices.Equal(log, wantLog) {
+		t.Fatalf("steps ran in order %v, want %v", log, wantLog)
+	}
+	if len(stages) != len(cs) {
+		t.Fatalf("%d stages, want %d", len(stages), len(cs))
+	}
+	for i, st := range stages {
+		if st.c.name != cs[i].name {
+			t.Fatalf("stage %d is %s, want %s (contender order)", i, st.c.name, cs[i].name)
+		}
+		if st.sample.run != 1 {
+			t.Errorf("%s: sample of run %d, want 1", st.c.name, st.sample.run)
+		}
+		if st.path != nil {
+			t.Errorf("%s: path not torn down", st.c.name)
+		}
+	}
+	wantErr := map[string]string{"a": "", "b": "s2: boom", "c": "", "d": "set up: no namespace", "e": ""}
+	for _, st := range stages {
+		got := ""
+		if st.err != nil {
+			got = st.err.Error()
+		}
+		if got != wantErr[st.c.name] {
+			t.Errorf("%s: err %q, want %q", st.c.name, got, wantErr[st.c.name])
+		}
+		wantValues := 3
+		if st.c.name == "e" {
+			wantValues = 0
+		}
+		if st.err == nil && (len(st.sample.values) != wantValues || st.sample.capacity != "cap "+st.c.name) {
+			t.Errorf("%s: sample %+v, want %d step figures and the capacity", st.c.name, st.sample, wantValues)
+		}
+	}
+}
+
+// TestBenchRunStopsOnCancel checks that an interrupted run stops between
+// steps and still tears every contender down.
+func TestBenchRunStopsOnCancel(t *testing.T) {
+	cs := []contender{{name: "a"}, {name: "b"}}
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	ran := 0
+	steps := []workloadStep{{name: "s1", run: func(context.Context, *stage) error {
+		ran++
+		cancel() // as if Ctrl-C came during the first contender's step
+		return nil
+	}}, {name: "s2", run: func(context.Context, *stage) error { ran++; return nil }}}
+	stages := benchRun(ctx, 0, cs, steps, func(_ context.Context, st *stage) error {
+		st.path = &path{capacity: func(context.Context, float64) string { return "" }}
+		return nil
+	})
+	if ran != 1 {
+		t.Fatalf("%d steps ran after the cancel, want only the one that cancelled", ran)
+	}
+	for _, st := range stages {
+		if st.path != nil {
+			t.Errorf("%s: path not torn down after the cancel", st.c.name)
+		}
+	}
+}
+
+func TestCPUChargePerGB(t *testing.T) {
+	tests := []struct {
+		desc        string
+		charge      cpuCharge
+		daemons     int
+		wantMachine float64
+		wantDaemon  float64 // -1: absent
+	}{
+		{"daemon path", cpuCharge{machineSec: 6, daemonSec: 2, bytes: 4e9}, 1, 1.5, 0.5},
+		{"kernel path: no daemon figure", cpuCharge{machineSec: 3, bytes: 3e9}, 0, 1, -1},
+		{"nothing moved: no figures", cpuCharge{machineSec: 3}, 1, -1, -1},
+	}
+	for _, tt := range tests {
+		t.Run(tt.desc, func(t *testing.T) {
+			out := map[metricKey]float64{}
+			tt.charge.perGB(tt.daemons, out)
+			for key, want := range map[metricKey]float64{cpuMachine: tt.wantMachine, cpuDaemon: tt.wantDaemon} {
+				got, ok := out[key]
+				if want < 0 && ok {
+					t.Errorf("%s = %v, want absent", key, got)
+				}
+				if want >= 0 && (!ok || got != want) {
+					t.Errorf("%s = %v (present %v), want %v", key, got, ok, want)
+				}
+			}
+		})
+	}
+}
+
+// TestInstancePrefixes checks that the daemons of different contenders get
+// different instance names (they run side by side), valid for ebpfwd.
+func TestInstancePrefixes(t *testing.T) {
+	seen := map[string]string{}
+	for _, c := range contenders() {
+		p := instancePrefix(c.name)
+		if other, dup := seen[p]; dup {
+			t.Errorf("contenders %q and %q share the instance prefix %q", other, c.name, p)
+		}
+		seen[p] = c.name
+		for _, role := range []string{"gateway", "cross-ns", "hop-proxy", "chained"} {
+			if err := daemon.ValidateInstance(p + "-" + role); err != nil {
+				t.Errorf("contender %q, role %s: %v", c.name, role, err)
+			}
+		}
+	}
+	if got, want := instancePrefix("ebpfwd userspace + HTTP hop"), "bench-ebpfwd-userspace-http-hop"; got != want {
+		t.Errorf("instancePrefix = %q, want %q", got, want)
+	}
+}
+
 // fakeResults builds results with one sample per contender.
 func fakeResults(values map[string]map[metricKey]float64, cs ...contender) *results {
 	r := &results{contenders: cs, samples: map[string][]sample{}, set: settings{runs: 1, idleConns: 10}}
@@ -244,6 +496,30 @@ func TestVerdicts(t *testing.T) {
 		if got[k] != w {
 			t.Errorf("%s: verdict %q, want %q", k, got[k], w)
 		}
+	}
+}
+
+// TestVerdictsPaired: the machine drifts between runs; the verdict must
+// follow the per-run ratios, not the ratio of the medians (19/20 = 0.95
+// would meet the target).
+func TestVerdictsPaired(t *testing.T) {
+	tc := contender{name: "ebpfwd tc", datapath: datapath.TC}
+	r := runsOf(tputUp, map[string]map[int]float64{
+		directName: {0: 10, 1: 20, 2: 30},
+		tc.name:    {0: 9.4, 1: 28.5, 2: 19}, // ratios 0.94, 1.425, 0.633
+	}, contender{name: directName}, tc)
+	tgt := targets[0]
+	if tgt.text != "tc throughput ≥ 0.95× direct" {
+		t.Fatalf("targets[0] is %q; update the test", tgt.text)
+	}
+	v := r.check(tgt, tc, tputUp)
+	if v.result != "not met" || v.measured != "0.940× "+directName {
+		t.Fatalf("verdict %q, measured %q; want not met at 0.940×", v.result, v.measured)
+	}
+	var b bytes.Buffer
+	r.writeTable(&b)
+	if want := "| 20.00 | 19.00 (0.94×) |"; !strings.Contains(b.String(), want) {
+		t.Fatalf("table lacks %q (median figures, paired ratio):\n%s", want, b.String())
 	}
 }
 

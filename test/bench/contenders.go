@@ -86,6 +86,29 @@ func contenders() []contender {
 	return cs
 }
 
+// instancePrefix is where the instance names of a contender's daemons
+// start: "bench-" and the contender's name in lower case with every run of
+// other characters made one '-' ("ebpfwd userspace + HTTP hop" →
+// "bench-ebpfwd-userspace-http-hop"). Contender names differ in letters
+// and digits, so the prefixes differ too (a test checks it).
+func instancePrefix(contenderName string) string {
+	var b strings.Builder
+	b.WriteString("bench")
+	dash := true
+	for _, r := range strings.ToLower(contenderName) {
+		if r >= 'a' && r <= 'z' || r >= '0' && r <= '9' {
+			if dash {
+				b.WriteByte('-')
+				dash = false
+			}
+			b.WriteRune(r)
+			continue
+		}
+		dash = true
+	}
+	return b.String()
+}
+
 // directName is the column every ratio is taken against.
 const directName = "direct (kernel routing)"
 
@@ -189,7 +212,7 @@ const chainConfig = `chains:
 // port-forwarding router would run it.
 func startGatewayDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
 	cfg := forwardConfig(kind, serviceSpec{target: serverIP})
-	d, err := startDaemon(ctx, e.topo.gateway, e.dir, "gateway", e.ebpfwd, cfg)
+	d, err := startDaemon(ctx, e.topo.gateway, e, "gateway", cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -214,7 +237,7 @@ func kernelPath(d *process) *path {
 // stream are made in namespaces it does not run in.
 func startCrossNSDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
 	cfg := forwardConfig(kind, serviceSpec{listenNS: e.topo.gateway.Name, outNS: e.topo.out.Name, target: serverOutIP})
-	d, err := startDaemon(ctx, e.topo.control, e.dir, "cross-ns", e.ebpfwd, cfg)
+	d, err := startDaemon(ctx, e.topo.control, e, "cross-ns", cfg)
 	if err != nil {
 		return nil, err
 	}
@@ -225,12 +248,12 @@ func startCrossNSDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*pa
 // one-hop chain whose hop is a second ebpfwd running the `http` proxy
 // handler. Both daemons are charged to the path.
 func startChainedDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*path, error) {
-	hop, err := startDaemon(ctx, e.topo.gateway, e.dir, "hop-proxy", e.ebpfwd, fmt.Sprintf(hopProxyConfig, hopAddr))
+	hop, err := startDaemon(ctx, e.topo.gateway, e, "hop-proxy", fmt.Sprintf(hopProxyConfig, hopAddr))
 	if err != nil {
 		return nil, err
 	}
 	cfg := forwardConfig(kind, serviceSpec{target: serverIP, chain: "bench-chain"}) + fmt.Sprintf(chainConfig, hopAddr)
-	d, err := startDaemon(ctx, e.topo.gateway, e.dir, "chained", e.ebpfwd, cfg)
+	d, err := startDaemon(ctx, e.topo.gateway, e, "chained", cfg)
 	if err != nil {
 		_ = hop.stop()
 		return nil, err

@@ -1,7 +1,10 @@
 // Command bench is `make bench`: a side-by-side benchmark of every ebpfwd
 // datapath against the kernel's own paths (plain routing and iptables
-// DNAT+SNAT) over throwaway network namespaces. It prints a Markdown table
-// of medians with every figure's ratio to the direct path, and with -write
+// DNAT+SNAT) over throwaway network namespaces. Every run sets up all
+// contenders and measures them interleaved, one workload step at a time
+// (interleave.go), so that drift of the machine's speed hits them alike.
+// It prints a Markdown table of medians with every figure's paired ratio
+// to the direct path (the median of the per-run ratios), and with -write
 // puts the same report into docs/BENCHMARKS.md. It never asserts timings.
 //
 // It needs root, iperf3, iptables, nsenter and ip. The same binary also
@@ -46,7 +49,7 @@ func main() {
 func runDriver() int {
 	ebpfwdBin := flag.String("ebpfwd", "bin/ebpfwd", "the ebpfwd binary to benchmark")
 	quick := flag.Bool("quick", os.Getenv("BENCH_QUICK") == "1", "one short run per contender (default from BENCH_QUICK=1)")
-	runs := flag.Int("runs", 0, "runs per contender; the table shows medians (default 3, quick 1)")
+	runs := flag.Int("runs", 0, "runs; each measures every contender, interleaved step by step (default 3, quick 1)")
 	write := flag.String("write", "", "also write the report to this file (e.g. docs/BENCHMARKS.md); full mode only")
 	idle := flag.Int("idle-conns", 0, "idle connections for the memory figure (default 10000, fewer if the open-file limit is lower)")
 	only := flag.String("only", "", "run only contenders whose name contains this (the direct path always runs)")
@@ -112,23 +115,23 @@ func runDriver() int {
 			set.idleConns, limit, fdsPerIdleFlow))
 	}
 	start := time.Now()
-	for run := 1; run <= set.runs && ctx.Err() == nil; run++ {
-		for _, c := range res.contenders {
-			if ctx.Err() != nil {
-				break
-			}
-			slog.Info("benchmarking", "run", fmt.Sprintf("%d/%d", run, set.runs), "contender", c.name,
-				"elapsed", time.Since(start).Round(time.Second))
-			s, err := runContender(ctx, c, &runEnv{self: self, ebpfwd: bin, dir: dir, set: set})
-			if err != nil {
-				if ctx.Err() != nil {
-					break
-				}
-				slog.Error("contender run failed", "contender", c.name, "run", run, "err", err)
-				res.failures = append(res.failures, fmt.Sprintf("run %d, %s: %v", run, c.name, err))
+	base := runEnv{self: self, ebpfwd: bin, dir: dir, set: set}
+	steps := workloadSteps()
+	for run := 0; run < set.runs && ctx.Err() == nil; run++ {
+		slog.Info("run starts", "run", fmt.Sprintf("%d/%d", run+1, set.runs),
+			"first", rotated(res.contenders, run)[0].name, "elapsed", time.Since(start).Round(time.Second))
+		stages := benchRun(ctx, run, res.contenders, steps, func(ctx context.Context, st *stage) error {
+			return st.setUp(ctx, base)
+		})
+		if ctx.Err() != nil {
+			break
+		}
+		for _, st := range stages {
+			if st.err != nil {
+				res.failures = append(res.failures, fmt.Sprintf("run %d, %s: %v", run+1, st.c.name, st.err))
 				continue
 			}
-			res.samples[c.name] = append(res.samples[c.name], s)
+			res.samples[st.c.name] = append(res.samples[st.c.name], st.sample)
 		}
 	}
 	res.took = time.Since(start)
@@ -164,38 +167,6 @@ func selectContenders(only string) []contender {
 		}
 	}
 	return out
-}
-
-// runContender runs all workloads against one contender on a fresh
-// topology and removes everything before it returns.
-func runContender(ctx context.Context, c contender, e *runEnv) (s sample, err error) {
-	t, err := buildTopology()
-	if err != nil {
-		return s, err
-	}
-	defer t.teardown()
-	e.topo = t
-	servers, err := startServers(ctx, t.server, e.self)
-	if err != nil {
-		return s, err
-	}
-	defer func() {
-		for _, p := range servers {
-			if stopErr := p.stop(); stopErr != nil {
-				slog.Warn("stop server", "err", stopErr)
-			}
-		}
-	}()
-	p, err := c.start(ctx, e)
-	if err != nil {
-		return s, fmt.Errorf("start %s: %w", c.name, err)
-	}
-	defer func() {
-		if stopErr := p.stop(); stopErr != nil && err == nil {
-			err = fmt.Errorf("stop %s: %w", c.name, stopErr)
-		}
-	}()
-	return measure(ctx, e, p)
 }
 
 // preflight checks that the benchmark can run: root and the tools.

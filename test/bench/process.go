@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"os"
 	"os/exec"
@@ -21,7 +22,7 @@ const (
 )
 
 // process is a long-running child (a server or an ebpfwd daemon) living
-// inside a namespace for the length of one contender run.
+// inside a namespace for the length of one run.
 type process struct {
 	name string
 	cmd  *exec.Cmd
@@ -113,16 +114,21 @@ func (p *process) stop() error {
 	}
 }
 
-// startDaemon runs `ebpfwd run` with config inside ns and waits for its
-// ready file.
-func startDaemon(ctx context.Context, ns *topo.NS, dir, label, bin, config string) (*process, error) {
-	cfgPath := filepath.Join(dir, label+".yaml")
+// startDaemon runs `ebpfwd run` with config inside ns as the contender's
+// daemon for role, and waits for its ready file. The instance name is the
+// contender's prefix plus role, given explicitly rather than left to the
+// config file's name, so that it is unique among all the daemons of a run.
+func startDaemon(ctx context.Context, ns *topo.NS, e *runEnv, role, config string) (*process, error) {
+	instance := e.instance + "-" + role
+	cfgPath := filepath.Join(e.dir, role+".yaml")
 	if err := os.WriteFile(cfgPath, []byte(config), 0o644); err != nil {
-		return nil, fmt.Errorf("write config of %s: %w", label, err)
+		return nil, fmt.Errorf("write config of ebpfwd %s: %w", instance, err)
 	}
-	ready := filepath.Join(dir, label+".ready")
-	_ = os.Remove(ready)
-	p, err := startIn(ns, "ebpfwd "+label, bin, "run", "--ready-file", ready, cfgPath)
+	ready := filepath.Join(e.dir, role+".ready")
+	if err := os.Remove(ready); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale ready file of ebpfwd %s: %w", instance, err)
+	}
+	p, err := startIn(ns, "ebpfwd "+instance, e.ebpfwd, "run", "--instance", instance, "--ready-file", ready, cfgPath)
 	if err != nil {
 		return nil, err
 	}

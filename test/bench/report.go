@@ -79,6 +79,32 @@ func (r *results) median(name string, key metricKey) (float64, bool) {
 	return median(vs), true
 }
 
+// pairedRatio is the median over runs of name's figure divided by base's
+// figure of the same run, over the runs where both have the figure (and
+// base's is not 0); ok is false when there is no such run. Pairing by run
+// cancels the machine's drift between runs, which a ratio of the two
+// medians would keep: each median may come from a different run.
+func (r *results) pairedRatio(name, base string, key metricKey) (float64, bool) {
+	baseByRun := map[int]float64{}
+	for _, s := range r.samples[base] {
+		if v, ok := s.values[key]; ok && v != 0 {
+			baseByRun[s.run] = v
+		}
+	}
+	var ratios []float64
+	for _, s := range r.samples[name] {
+		v, ok := s.values[key]
+		b, paired := baseByRun[s.run]
+		if ok && paired {
+			ratios = append(ratios, v/b)
+		}
+	}
+	if len(ratios) == 0 {
+		return 0, false
+	}
+	return median(ratios), true
+}
+
 func median(vs []float64) float64 {
 	s := slices.Clone(vs)
 	slices.Sort(s)
@@ -100,7 +126,8 @@ func (r *results) capacity(name string) string {
 	return "—"
 }
 
-// cell formats one figure with its ratio to the direct path.
+// cell formats one figure, the median over runs, with its paired ratio to
+// the direct path.
 func (r *results) cell(c contender, rw row) string {
 	v, ok := r.median(c.name, rw.key)
 	if !ok {
@@ -110,8 +137,8 @@ func (r *results) cell(c contender, rw row) string {
 	if !rw.ratio || c.name == directName {
 		return s
 	}
-	if d, ok := r.median(directName, rw.key); ok && d != 0 {
-		s += fmt.Sprintf(" (%.2f×)", v/d)
+	if ratio, ok := r.pairedRatio(c.name, directName, rw.key); ok {
+		s += fmt.Sprintf(" (%.2f×)", ratio)
 	}
 	return s
 }
@@ -175,13 +202,11 @@ func (r *results) verdicts() []verdict {
 
 func (r *results) check(t target, c contender, key metricKey) verdict {
 	v := verdict{target: t.text, contender: c.name, figure: rowTitle(key)}
-	got, ok1 := r.median(c.name, key)
-	base, ok2 := r.median(t.baseline, key)
-	if !ok1 || !ok2 || base == 0 {
+	ratio, ok := r.pairedRatio(c.name, t.baseline, key)
+	if !ok {
 		v.measured, v.result = "—", "no data"
 		return v
 	}
-	ratio := got / base
 	// Three decimals: a ratio printed as 0.75 must not read as meeting a
 	// 0.75 target it missed by a hair.
 	v.measured = fmt.Sprintf("%.3f× %s", ratio, t.baseline)
@@ -223,7 +248,8 @@ func (r *results) writeReport(w io.Writer) {
 	}
 	fmt.Fprint(w, docIntro)
 	fmt.Fprintf(w, "## Latest results\n\n")
-	fmt.Fprintf(w, "Command: `%s` (`make bench BENCH_WRITE=1`), mode %s: medians of %d run(s) per contender; "+
+	fmt.Fprintf(w, "Command: `%s` (`make bench BENCH_WRITE=1`), mode %s: medians of %d run(s); "+
+		"ratios are medians of per-run ratios; "+
 		"iperf3 %d s per throughput run, %v per connection-rate and latency run, %d idle connections; "+
 		"the whole benchmark took %v.\n\n",
 		r.command, mode, r.set.runs, r.set.tputSeconds, r.set.shortRun, r.set.idleConns, r.took.Round(time.Second))
@@ -235,9 +261,10 @@ func (r *results) writeReport(w io.Writer) {
 	}
 	fmt.Fprintln(w)
 	r.writeTable(w)
-	fmt.Fprintf(w, "\nRatios in parentheses are to the direct path of the same run set.\n")
+	fmt.Fprintf(w, "\nFigures are medians over runs. Ratios in parentheses are the median over runs of the figure divided by "+
+		"the direct path's figure of the same run (runs where either failed are left out).\n")
 	if len(r.failures) > 0 {
-		fmt.Fprintf(w, "\nFailed runs (their figures are missing from the medians):\n\n")
+		fmt.Fprintf(w, "\nFailed runs (their figures are missing from the medians and the ratios):\n\n")
 		for _, f := range r.failures {
 			fmt.Fprintf(w, "- %s\n", f)
 		}
@@ -253,16 +280,24 @@ Every performance figure about ebpfwd comes from this file, and this file comes 
 (` + "`test/bench/`" + `). Nothing here is asserted by a test: the benchmark measures and prints.
 
 ` + "`make bench`" + ` builds a throwaway topology of network namespaces (client → gateway → server over veth,
-plus an "out" namespace with a second link to the server and a "control" namespace for the cross-namespace form),
-runs every contender in turn on the same workloads, and removes everything again, on Ctrl-C too. Each contender run
-gets a fresh topology, so no conntrack entry, TIME_WAIT socket or NAT table of one contender is seen by the next.
+plus an "out" namespace with a second link to the server and a "control" namespace for the cross-namespace form)
+for every contender, runs the same workloads on all of them, and removes everything again, on Ctrl-C too. Each run
+sets up every contender on a fresh topology of its own, so no conntrack entry, TIME_WAIT socket or NAT table of one
+contender is seen by another or by a later run. Within a run the workloads go step by step (iperf3 up, iperf3 down,
+iperf3 8 streams, connection rate, latency, idle memory), each step measuring every contender back to back before
+the next step starts; each run starts the steps at the next contender, so none always follows the same one.
 ` + "`BENCH_QUICK=1 make bench`" + ` is a one-run smoke version; ` + "`make bench BENCH_WRITE=1`" + ` (full mode only)
 rewrites this file.
 
 ## How to read it
 
-- The machine is shared and noisy (other work runs on it), so absolute figures move from run to run. Only the
-  **ratios** within one run set mean something: every contender ran in the same minutes, interleaved run by run.
+- The machine is shared and noisy (other work runs on it, and its speed drifts by tens of percent over tens of
+  seconds), so absolute figures move from run to run. The **ratios** are what to read: each is the median over
+  runs of the contender's figure divided by the baseline's figure *of the same run*, taken seconds apart in the
+  same workload step, so drift between runs cancels out. The absolute figures are medians over runs, and a ratio
+  is therefore not always the quotient of the two medians shown. The targets below use the same paired ratios.
+- While one contender is measured, the others stay set up: their daemons sit idle in their own namespaces. They
+  carry no traffic then, so they cost the machine next to nothing.
 - **direct** is the ceiling: the gateway namespace only routes. **iptables** is the kernel's own port forward (DNAT to
   the server, SNAT to the gateway) with conntrack. The **ebpfwd** columns run the daemon in the gateway namespace
   (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and

@@ -33,6 +33,9 @@ const (
 // sample is what one run of one contender measured. A metric that does not
 // apply to the contender (daemon CPU on a kernel path) is absent.
 type sample struct {
+	// run is the index (from 0) of the run that measured it: ratios pair
+	// a contender's sample with the baseline's sample of the same run.
+	run      int
 	values   map[metricKey]float64
 	capacity string
 	// fdsPerFlow is the most descriptors any daemon held per idle
@@ -49,37 +52,20 @@ type settings struct {
 	connWorkers int
 }
 
-// runEnv is what a contender run needs: the fresh topology, the binaries
-// and a directory for configs.
+// runEnv is what one contender needs in one run: its own topology, the
+// binaries, a directory for its configs and the prefix of its daemons'
+// instance names.
 type runEnv struct {
 	topo   *topology
 	self   string // this driver, re-executed for the load programs
 	ebpfwd string
-	dir    string
-	set    settings
-}
-
-// measure runs every workload against a started path.
-func measure(ctx context.Context, e *runEnv, p *path) (sample, error) {
-	s := sample{values: map[metricKey]float64{}}
-	if err := measureThroughput(ctx, e, p, s.values); err != nil {
-		return s, err
-	}
-	if err := measureConnRate(ctx, e, p, s.values); err != nil {
-		return s, err
-	}
-	if err := measureLatency(ctx, e, p, s.values); err != nil {
-		return s, err
-	}
-	if len(p.daemons) > 0 {
-		fds, err := measureIdleRSS(ctx, e, p, s.values)
-		if err != nil {
-			return s, err
-		}
-		s.fdsPerFlow = fds
-	}
-	s.capacity = p.capacity(ctx, s.fdsPerFlow)
-	return s, nil
+	dir    string // the contender's own: config and ready files
+	// instance starts the instance name of every daemon the contender
+	// starts. All contenders are up at once, so each needs names of its
+	// own: an instance name picks the control socket and the bpffs pin
+	// directory, and two daemons with one name cannot run side by side.
+	instance string
+	set      settings
 }
 
 // cpuMeter takes CPU readings of the machine and the daemons around the
@@ -104,39 +90,47 @@ func readCPU(daemons []*process) (cpuMeter, error) {
 	return c, nil
 }
 
-// measureThroughput runs iperf3 one stream up, one stream down and eight
-// streams up, and charges the CPU used during all three to the bytes they
-// moved.
-func measureThroughput(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
-	runs := []struct {
-		key     metricKey
-		reverse bool
-		streams int
-	}{{tputUp, false, 1}, {tputDown, true, 1}, {tputP8, false, 8}}
-	var cpuMachineSec, cpuDaemonSec, bytes float64
-	for _, r := range runs {
-		before, err := readCPU(p.daemons)
-		if err != nil {
-			return err
-		}
-		moved, bps, err := iperf(ctx, e, p.front, r.reverse, r.streams)
-		if err != nil {
-			return err
-		}
-		after, err := readCPU(p.daemons)
-		if err != nil {
-			return err
-		}
-		out[r.key] = bps / 1e9
-		bytes += moved
-		cpuMachineSec += after.machine - before.machine
-		cpuDaemonSec += after.daemon - before.daemon
+// cpuCharge adds up the CPU a contender's own iperf3 runs used and the
+// bytes they moved. The runs of one contender are interleaved with other
+// contenders' runs, so only the time inside its own runs is charged to it.
+type cpuCharge struct {
+	machineSec, daemonSec, bytes float64
+}
+
+// perGB sets the CPU-per-GB figures from what was charged; nothing when no
+// bytes moved (no throughput run completed).
+func (c cpuCharge) perGB(daemons int, out map[metricKey]float64) {
+	if c.bytes <= 0 {
+		return
 	}
-	gb := bytes / 1e9
-	out[cpuMachine] = cpuMachineSec / gb
-	if len(p.daemons) > 0 {
-		out[cpuDaemon] = cpuDaemonSec / gb
+	gb := c.bytes / 1e9
+	out[cpuMachine] = c.machineSec / gb
+	if daemons > 0 {
+		out[cpuDaemon] = c.daemonSec / gb
 	}
+}
+
+// measureThroughput runs one iperf3 client (streams streams, reverse for
+// server → client), stores its rate under key and charges the CPU the
+// machine and the daemons used meanwhile to charge.
+func measureThroughput(ctx context.Context, e *runEnv, p *path, key metricKey, reverse bool, streams int,
+	out map[metricKey]float64, charge *cpuCharge) error {
+	before, err := readCPU(p.daemons)
+	if err != nil {
+		return err
+	}
+	moved, bps, err := iperf(ctx, e, p.front, reverse, streams)
+	if err != nil {
+		return err
+	}
+	after, err := readCPU(p.daemons)
+	if err != nil {
+		return err
+	}
+	out[key] = bps / 1e9
+	charge.bytes += moved
+	charge.machineSec += after.machine - before.machine
+	charge.daemonSec += after.daemon - before.daemon
 	return nil
 }
 
