@@ -12,6 +12,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+
+	"github.com/ebpfwd/ebpfwd/bpf"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
@@ -305,3 +308,57 @@ func TestConfigValidation(t *testing.T) {
 // withinRetransmits: got counts sent bytes, plus at most 5% + 64 KiB that
 // TCP sent again.
 func withinRetransmits(got, sent uint64) bool { return got >= sent && got <= sent+sent/20+64<<10 }
+
+// TestGarbageCollectionSparesReusedPort: between the walk that finds a
+// flow expired and its deletion, the program may give the flow's SNAT port
+// to a new flow. Collection must then remove the expired flow only, not
+// the reverse entry the new flow's replies need.
+func TestGarbageCollectionSparesReusedPort(t *testing.T) {
+	requireRoot(t)
+	l := load(t, Config{})
+	tuple := func(src, dst string) bpf.NATTuple {
+		s, d := netip.MustParseAddrPort(src), netip.MustParseAddrPort(dst)
+		return bpf.NATTuple{Src: bpf.Addr(s.Addr()), Dst: bpf.Addr(d.Addr()), Sport: bpf.Port(s.Port()),
+			Dport: bpf.Port(d.Port()), Proto: protoTCP, Family: bpf.Family(s.Addr())}
+	}
+	expired := tuple("10.0.0.1:1111", "10.0.0.9:80")
+	reused := tuple("10.0.0.2:2222", "10.0.0.9:80")
+	reply := tuple("10.0.1.1:80", "10.0.1.9:5000") // node -> SNAT port both flows had
+	now, err := monotonicNow()
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The state the program leaves after reclaim_if_stale gave the port
+	// to the new flow while the old one's conntrack entry lingers (as
+	// when the walk saw it before the program reclaimed the port).
+	entries := []struct {
+		key bpf.NATTuple
+		ct  bpf.NATCtEntry
+	}{
+		{expired, bpf.NATCtEntry{Reply: reply, State: uint8(TCPClosing), LastSeenNs: now - uint64(time.Hour)}},
+		{reused, bpf.NATCtEntry{Reply: reply, State: uint8(TCPEstablished), LastSeenNs: now, IdleTimeoutNs: uint64(time.Hour)}},
+	}
+	for _, e := range entries {
+		if err := l.objs.EbpfwdConntrack.Put(e.key, e.ct); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := l.objs.EbpfwdReverse.Put(reply, reused); err != nil {
+		t.Fatal(err)
+	}
+
+	if n, err := l.CollectGarbage(); err != nil || n != 1 {
+		t.Fatalf("CollectGarbage = %d, %v; want the expired flow removed", n, err)
+	}
+	var ct bpf.NATCtEntry
+	if err := l.objs.EbpfwdConntrack.Lookup(expired, &ct); !errors.Is(err, ebpf.ErrKeyNotExist) {
+		t.Errorf("the expired flow is still there (%v)", err)
+	}
+	if err := l.objs.EbpfwdConntrack.Lookup(reused, &ct); err != nil {
+		t.Errorf("the live flow went: %v", err)
+	}
+	var orig bpf.NATTuple
+	if err := l.objs.EbpfwdReverse.Lookup(reply, &orig); err != nil || orig != reused {
+		t.Errorf("reverse entry of the live flow = %+v, %v; want it kept, pointing to the live flow", orig, err)
+	}
+}

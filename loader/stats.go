@@ -176,13 +176,11 @@ func (l *Loader) CollectGarbage() (int, error) {
 		key     bpf.NATTuple
 		ct      bpf.NATCtEntry
 		expired []bpf.NATTuple
-		replies []bpf.NATTuple
 	)
 	it := l.objs.EbpfwdConntrack.Iterate()
 	for it.Next(&key, &ct) {
 		if l.conn(key, ct, now).Expired {
 			expired = append(expired, key)
-			replies = append(replies, ct.Reply)
 		}
 	}
 	if err := it.Err(); err != nil {
@@ -190,17 +188,14 @@ func (l *Loader) CollectGarbage() (int, error) {
 	}
 	var errs []error
 	removed := 0
-	for i := range expired {
-		// Delete the reply side first so that the SNAT port is never
-		// free while the flow still appears alive.
-		if err := l.objs.EbpfwdReverse.Delete(replies[i]); err != nil && !isNotExist(err) {
+	for _, k := range expired {
+		gone, err := l.deleteExpired(k, now)
+		if err != nil {
 			errs = append(errs, err)
 		}
-		if err := l.objs.EbpfwdConntrack.Delete(expired[i]); err != nil && !isNotExist(err) {
-			errs = append(errs, err)
-			continue
+		if gone {
+			removed++
 		}
-		removed++
 	}
 
 	var reply, orig bpf.NATTuple
@@ -231,6 +226,42 @@ func (l *Loader) CollectGarbage() (int, error) {
 		return removed, fmt.Errorf("collect garbage: %w", err)
 	}
 	return removed, nil
+}
+
+// deleteExpired deletes the flow key if it is still expired, and its
+// reverse entry if that still belongs to it. The walk that found the flow
+// expired may be long over: meanwhile the program may have replaced it (its
+// client reused the tuple) or given its SNAT port to a new flow
+// (reclaim_if_stale). Deleting blindly what the walk saw would then cut
+// the new flow: its node's replies would find no reverse entry. Each entry
+// is therefore checked right before it goes, which leaves a window of one
+// syscall instead of the whole walk.
+func (l *Loader) deleteExpired(key bpf.NATTuple, now uint64) (bool, error) {
+	var ct bpf.NATCtEntry
+	if err := l.objs.EbpfwdConntrack.Lookup(key, &ct); err != nil {
+		if isNotExist(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("look up expired flow: %w", err)
+	}
+	if !l.conn(key, ct, now).Expired {
+		return false, nil // a new flow on the same tuple
+	}
+	if err := l.objs.EbpfwdConntrack.Delete(key); err != nil {
+		if isNotExist(err) {
+			return false, nil
+		}
+		return false, fmt.Errorf("delete expired flow: %w", err)
+	}
+	// An orphan reverse entry is harmless (the program reclaims it), so
+	// a failed check below only delays freeing the port.
+	var orig bpf.NATTuple
+	if err := l.objs.EbpfwdReverse.Lookup(ct.Reply, &orig); err == nil && orig == key {
+		if err := l.objs.EbpfwdReverse.Delete(ct.Reply); err != nil && !isNotExist(err) {
+			return true, fmt.Errorf("delete reverse entry of expired flow: %w", err)
+		}
+	}
+	return true, nil
 }
 
 func isNotExist(err error) bool { return errors.Is(err, ebpf.ErrKeyNotExist) }
