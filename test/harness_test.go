@@ -217,6 +217,18 @@ func (d *daemon) stop() (int, error) {
 	return d.wait(stopTimeout)
 }
 
+// crash kills the daemon with SIGKILL, as a crash or the OOM killer would:
+// nothing it attached, pinned or created is cleaned up.
+func (d *daemon) crash(t *testing.T) {
+	t.Helper()
+	if err := d.signal(syscall.SIGKILL); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := d.wait(stopTimeout); err != nil {
+		t.Fatal(err)
+	}
+}
+
 // wait waits up to timeout for the daemon to exit on its own, killing it
 // after that.
 func (d *daemon) wait(timeout time.Duration) (int, error) {

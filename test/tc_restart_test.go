@@ -273,12 +273,7 @@ func TestTCCrashKeepsFlowsAndPrunes(t *testing.T) {
 		t.Fatalf("service to be dropped: %v", err)
 	}
 	local, done := pacedExchange(t, tp.client, "10.34.1.1:8000")
-	if err := killed.signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := killed.wait(stopTimeout); err != nil {
-		t.Fatal(err)
-	}
+	killed.crash(t)
 	if err := tp.gw.IP("link", "del", "g2"); err != nil {
 		t.Fatal(err)
 	}

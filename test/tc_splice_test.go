@@ -12,7 +12,6 @@ import (
 	"regexp"
 	"slices"
 	"sync"
-	"syscall"
 	"testing"
 	"time"
 
@@ -368,12 +367,7 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	if len(links) != 1 {
 		t.Fatalf("splice links in A: %v, want one", links)
 	}
-	if err := killed.signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := killed.wait(stopTimeout); err != nil {
-		t.Fatal(err)
-	}
+	killed.crash(t)
 	// Nobody cleaned up: the link (with the program still attached
 	// through its pinned tcx link) and the pins are still there.
 	if got := spliceLinksIn(t, tp.a); !slices.Equal(got, links) {
@@ -423,12 +417,7 @@ func TestTCCrashThenNamespaceDropped(t *testing.T) {
 	if len(links) != 1 {
 		t.Fatalf("splice links in A: %v, want one", links)
 	}
-	if err := killed.signal(syscall.SIGKILL); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := killed.wait(stopTimeout); err != nil {
-		t.Fatal(err)
-	}
+	killed.crash(t)
 	if n := tcxPrograms(t, handle(t, tp.a), "a0"); n != 1 {
 		t.Fatalf("%d tcx programs on a0 after SIGKILL, want the pinned one: the test would prove nothing", n)
 	}
