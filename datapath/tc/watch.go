@@ -401,6 +401,12 @@ func (w *ifaceWatcher) resync() (*linkSubscription, error) {
 		return nil, err
 	}
 	w.apply(reconcileActions(w.attached, links))
+	// A veth peer may also have moved while notifications were lost.
+	for _, s := range links {
+		if s.wanted() && w.attached[s.Index] == s.Name {
+			w.refreshPeer(s)
+		}
+	}
 	return sub, nil
 }
 
