@@ -15,11 +15,11 @@ import (
 	"path/filepath"
 	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -85,30 +85,12 @@ func requireRoot(t *testing.T) {
 	}
 }
 
-// syncBuffer collects a daemon's output while the test reads it.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // daemon is one running ebpfwd process.
 type daemon struct {
 	name     string
 	instance string // for `ebpfwd conns --instance`
 	cmd      *exec.Cmd
-	output   *syncBuffer // stdout and stderr, interleaved
+	output   *syncbuf.Buffer // stdout and stderr, interleaved
 	exited   chan struct{}
 	// waitErr is cmd.Wait's result, valid once exited is closed.
 	waitErr error
@@ -146,7 +128,7 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.
 		cmd = exec.Command("nsenter", append([]string{"--net=" + opts.In.Path(), ebpfwdBin}, args...)...)
 	}
-	d := &daemon{name: name, instance: instance, cmd: cmd, output: &syncBuffer{}, exited: make(chan struct{})}
+	d := &daemon{name: name, instance: instance, cmd: cmd, output: &syncbuf.Buffer{}, exited: make(chan struct{})}
 	cmd.Stdout = d.output
 	cmd.Stderr = d.output
 	if err := cmd.Start(); err != nil {

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -155,7 +156,7 @@ func TestCheckBadConfig(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
 			cmd := exec.CommandContext(ctx, ebpfwdBin, "check", cfg)
-			var stderr syncBuffer
+			var stderr syncbuf.Buffer
 			cmd.Stderr = &stderr
 			err := cmd.Run()
 			if ctx.Err() != nil {

@@ -27,6 +27,7 @@ import (
 	"gopkg.in/yaml.v3"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -662,7 +663,7 @@ func udpTraffic(t *testing.T, conn net.Conn, sizes []int) udpResult {
 // prometheus is a running Debian prometheus server.
 type prometheus struct {
 	api    string // http://127.0.0.1:PORT
-	output *syncBuffer
+	output *syncbuf.Buffer
 }
 
 // startPrometheus runs prometheus scraping target every second with the
@@ -689,7 +690,7 @@ scrape_configs:
 		t.Fatalf("write prometheus config: %v", err)
 	}
 	listen := net.JoinHostPort("127.0.0.1", strconv.Itoa(freeLoopbackPort(t)))
-	p := &prometheus{api: "http://" + listen, output: &syncBuffer{}}
+	p := &prometheus{api: "http://" + listen, output: &syncbuf.Buffer{}}
 	cmd := exec.Command(prometheusBin,
 		"--config.file="+cfg,
 		"--storage.tsdb.path="+filepath.Join(dir, "tsdb"),

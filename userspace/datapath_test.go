@@ -1,18 +1,17 @@
 package userspace
 
 import (
-	"bytes"
 	"context"
 	"log/slog"
 	"net"
 	"regexp"
 	"strconv"
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 )
 
 // loopbackPair returns both ends of one loopback TCP connection.
@@ -33,29 +32,11 @@ func loopbackPair(t *testing.T) (dialed, accepted net.Conn) {
 	return dialed, accepted
 }
 
-// syncBuffer is a log sink safe for the relay's goroutines.
-type syncBuffer struct {
-	mu  sync.Mutex
-	buf bytes.Buffer
-}
-
-func (b *syncBuffer) Write(p []byte) (int, error) {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.Write(p)
-}
-
-func (b *syncBuffer) String() string {
-	b.mu.Lock()
-	defer b.mu.Unlock()
-	return b.buf.String()
-}
-
 // TestSpliceCountsPerConnectionAndService pushes two streams through one
 // attachment: the service counters add both up, and each stream's own
 // byte counts are logged when it ends.
 func TestSpliceCountsPerConnectionAndService(t *testing.T) {
-	var logs syncBuffer
+	var logs syncbuf.Buffer
 	dp := Datapath{Logger: slog.New(slog.NewTextHandler(&logs, &slog.HandlerOptions{Level: slog.LevelDebug}))}
 	att, err := dp.Setup(t.Context(), datapath.Service{Name: "svc", Network: "tcp"})
 	if err != nil {
