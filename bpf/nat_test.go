@@ -14,7 +14,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // These tests run the NAT program with BPF_PROG_TEST_RUN on hand-built

@@ -17,14 +17,14 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/datapath/tc"
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/metrics"
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
+	"github.com/ebpfwd/ebpfwd/tc"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 	"github.com/ebpfwd/ebpfwd/userspace"
 	"github.com/ebpfwd/ebpfwd/userspace/chain"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 // dialTimeout bounds one attempt to reach one node (through its chain, if

@@ -10,8 +10,8 @@ import (
 	"sync/atomic"
 	"syscall"
 
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/relay"
 )
 

@@ -8,7 +8,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // healthSyncInterval is how soon a change of a node's marking (a failure,

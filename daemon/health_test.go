@@ -9,8 +9,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 type healthRecorder struct {

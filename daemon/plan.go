@@ -5,7 +5,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/datapath/tc"
+	"github.com/ebpfwd/ebpfwd/tc"
 )
 
 // Plan is the datapath chosen for one service and the reason for it.

@@ -13,8 +13,8 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/relay"
 )
 

@@ -12,11 +12,11 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/chain"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 // service is one configured service at run time.

@@ -13,7 +13,7 @@ import (
 	"golang.org/x/sys/unix"
 
 	"github.com/ebpfwd/ebpfwd/bpf"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // legacyFilterPriority is the cls_bpf filter priority of a legacy

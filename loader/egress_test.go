@@ -15,7 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // interfaceIn returns ifindex and MAC of ifname in ns.

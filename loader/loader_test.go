@@ -18,7 +18,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 func requireRoot(t *testing.T) {

@@ -20,7 +20,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/bpf"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // echoRound writes a random chunk on c and reads it back from the echo

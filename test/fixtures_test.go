@@ -12,7 +12,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // newNS creates a uniquely named namespace removed (with its links) when

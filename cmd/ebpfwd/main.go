@@ -18,8 +18,8 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/daemon"
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/metrics"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
 // version is set at build time with -ldflags "-X main.version=...".

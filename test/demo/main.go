@@ -25,7 +25,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // hostNS plays the seed's default namespace: the target at 10.0.1.11:8000

@@ -11,9 +11,9 @@ import (
 	"net"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
 )
 
 // Node is one proxy of a hop.

@@ -6,7 +6,7 @@ import (
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // NewNS creates a namespace named prefix-<random>, with lo up, deleted in

@@ -6,8 +6,8 @@ import (
 	"net/netip"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
 // NodesReachable checks what Applicable cannot without entering

@@ -8,9 +8,9 @@ import (
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/loader"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
 func TestApplicable(t *testing.T) {

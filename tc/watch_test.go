@@ -17,7 +17,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/loader"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 func up(index int, name string) linkState {

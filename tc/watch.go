@@ -13,9 +13,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/loader"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
 // The NAT program must be on every interface where clients' packets or the

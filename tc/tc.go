@@ -34,9 +34,9 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/datapath/tc/splice"
 	"github.com/ebpfwd/ebpfwd/loader"
-	"github.com/ebpfwd/ebpfwd/userspace/netns"
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
 // gcInterval is how often expired flows are removed from the conntrack
