@@ -6,6 +6,8 @@ import (
 	"slices"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ebpfwd/ebpfwd/selector"
 )
 
 func defaultSelector() Selector {
@@ -209,7 +211,7 @@ func (d *decoder) node(f field, i int, inHop bool) *Node {
 		}
 	}
 	if af, ok := fs["addr"]; ok {
-		n.Addr, _ = d.addr(af, dialAddr)
+		n.Addr, n.IP, _ = d.addr(af, dialAddr)
 	} else {
 		d.errorf(f.value, join(f.path, "addr"), "is required (host:port)")
 	}
@@ -317,7 +319,7 @@ func (d *decoder) selector(f field) Selector {
 				v = alias
 			}
 			if slices.Contains(selectorStrategies, v) {
-				s.Strategy = v
+				s.Strategy = selector.Strategy(v)
 			} else {
 				d.errorf(sf.pos(), sf.path, "%s", oneOf(v, selectorStrategies))
 			}

@@ -18,6 +18,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"regexp"
 	"sort"
@@ -26,6 +27,9 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/selector"
 )
 
 // Config is a validated ebpfwd configuration with all defaults applied.
@@ -43,24 +47,29 @@ type Pos struct{ Line, Column int }
 
 // Service is one listening address and what is done with its traffic.
 type Service struct {
-	Name      string
+	Name string
+	// Addr is the listen address as written; Listen is the same address
+	// when its host is an IP literal (the zero AddrPort otherwise).
 	Addr      string
+	Listen    netip.AddrPort
 	Handler   Handler
 	Listener  Listener
 	Forwarder *Forwarder // nil when absent
 	Metadata  map[string]any
 	// NetNS is the effective listen namespace: metadata "netns", else the
-	// deprecated service-level `netns` field; "" is the daemon's own.
-	NetNS string
+	// deprecated service-level `netns` field; the zero NS is the daemon's
+	// own.
+	NetNS netns.NS
 	// NetNSOut is metadata "netns.out": the namespace nodes are dialed from;
-	// "" is the daemon's own.
-	NetNSOut string
+	// the zero NS is the daemon's own.
+	NetNSOut netns.NS
 	// Datapath is ebpfwd's own metadata key "datapath":
 	// "auto" (default), "tc", "sockmap" or "userspace".
 	Datapath string
 	// IdleTimeout is ebpfwd's own metadata key "idleTimeout": how long a TCP
-	// relay may stay silent in both directions before it is closed; 0 (the
-	// default) means never.
+	// stream may stay silent in both directions before it is closed (the
+	// relay) or forgotten (a kernel flow); 0, the default, means never, on
+	// every datapath.
 	IdleTimeout time.Duration
 	Pos         Pos
 }
@@ -92,9 +101,9 @@ type Forwarder struct {
 // Selector chooses among nodes (or hops) and takes failing ones out of the
 // rotation for a while.
 type Selector struct {
-	Strategy    string        // round, rand, fifo or hash; default round
-	MaxFails    int           // failures before a node is skipped; default 1
-	FailTimeout time.Duration // how long a failed node is skipped; default 10s
+	Strategy    selector.Strategy // round, rand, fifo or hash; default round
+	MaxFails    int               // failures before a node is skipped; default 1
+	FailTimeout time.Duration     // how long a failed node is skipped; default 10s
 }
 
 // Chain is a named sequence of proxy hops traffic passes through.
@@ -108,7 +117,7 @@ type Chain struct {
 type Hop struct {
 	Name     string
 	Selector Selector
-	NetNS    string // metadata "netns": namespace the hop's nodes are dialed from
+	NetNS    netns.NS // metadata "netns": namespace the hop's nodes are dialed from
 	Nodes    []*Node
 	Metadata map[string]any
 	Pos      Pos
@@ -119,11 +128,14 @@ type Hop struct {
 // Connector and Dialer are set only for nodes of a hop: GOST's forward
 // targets have neither, so they are left zero there.
 type Node struct {
-	Name      string
+	Name string
+	// Addr is host:port as written (the host may be a name); IP is the
+	// same address when its host is an IP literal (zero otherwise).
 	Addr      string
+	IP        netip.AddrPort
 	Connector Connector // type defaults to "http" (GOST's default) in hops
 	Dialer    Dialer    // type defaults to "tcp" in hops
-	NetNS     string    // node metadata "netns" (overrides the hop's)
+	NetNS     netns.NS  // node metadata "netns" (overrides the hop's)
 	Metadata  map[string]any
 	Pos       Pos
 }
@@ -162,7 +174,7 @@ type Metrics struct {
 
 // Defaults that GOST applies when a key is absent.
 const (
-	defaultStrategy    = "round"
+	defaultStrategy    = selector.Round
 	defaultMaxFails    = 1
 	defaultFailTimeout = 10 * time.Second
 	defaultUDPTTL      = 5 * time.Second

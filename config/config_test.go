@@ -34,7 +34,7 @@ func TestSeedConfig(t *testing.T) {
 		t.Fatalf("got %d services, want 1", len(cfg.Services))
 	}
 	svc := cfg.Services[0]
-	if svc.Name != "service-0" || svc.Addr != "10.0.0.1:8000" || svc.NetNS != "ns1" || svc.NetNSOut != "" {
+	if svc.Name != "service-0" || svc.Addr != "10.0.0.1:8000" || svc.NetNS.Spec() != "ns1" || svc.NetNSOut.Spec() != "" {
 		t.Errorf("service = %q at %q in netns %q out %q, want service-0 at 10.0.0.1:8000 in ns1",
 			svc.Name, svc.Addr, svc.NetNS, svc.NetNSOut)
 	}
@@ -48,7 +48,7 @@ func TestSeedConfig(t *testing.T) {
 		t.Fatalf("forwarder = %+v, want one node", svc.Forwarder)
 	}
 	target := svc.Forwarder.Nodes[0]
-	if target.Name != "target-0" || target.Addr != "10.0.1.11:8000" || target.NetNS != "" {
+	if target.Name != "target-0" || target.Addr != "10.0.1.11:8000" || target.NetNS.Spec() != "" {
 		t.Errorf("target = %+v, want target-0 10.0.1.11:8000", target)
 	}
 
@@ -56,14 +56,14 @@ func TestSeedConfig(t *testing.T) {
 		t.Fatalf("chains = %+v, want chain-0 with one hop", cfg.Chains)
 	}
 	hop := cfg.Chains[0].Hops[0]
-	if hop.Name != "hop-0" || hop.NetNS != "ns2" || len(hop.Nodes) != 1 {
+	if hop.Name != "hop-0" || hop.NetNS.Spec() != "ns2" || len(hop.Nodes) != 1 {
 		t.Fatalf("hop = %+v, want hop-0 in ns2 with one node", hop)
 	}
 	node := hop.Nodes[0]
 	if node.Name != "node-0" || node.Addr != "10.0.1.1:8080" || node.Connector.Type != "http" || node.Dialer.Type != "tcp" {
 		t.Errorf("hop node = %+v, want node-0 10.0.1.1:8080 http/tcp", node)
 	}
-	if node.NetNS != "" {
+	if node.NetNS.Spec() != "" {
 		t.Errorf("hop node NetNS = %q, want \"\" (the hop's ns2 applies)", node.NetNS)
 	}
 	if len(cfg.Hops) != 0 {
@@ -83,7 +83,7 @@ func TestNetNSExamples(t *testing.T) {
 	for _, tt := range tests {
 		t.Run(filepath.Base(tt.file), func(t *testing.T) {
 			svc := mustLoad(t, tt.file).Services[0]
-			if svc.Addr != ":8000" || svc.NetNS != tt.netns || svc.NetNSOut != tt.out {
+			if svc.Addr != ":8000" || svc.NetNS.Spec() != tt.netns || svc.NetNSOut.Spec() != tt.out {
 				t.Errorf("service at %q netns %q out %q, want :8000 %q %q", svc.Addr, svc.NetNS, svc.NetNSOut, tt.netns, tt.out)
 			}
 			if got := svc.Forwarder.Nodes[0].Addr; got != ":8000" {
@@ -107,7 +107,7 @@ func TestHopsByNameAndValues(t *testing.T) {
 		t.Error("chain hop \"edge\" is not the top-level hop it names")
 	}
 	edge := chain.Hops[0]
-	if edge.NetNS != "ns-edge" || edge.Selector != (Selector{Strategy: "rand", MaxFails: 1, FailTimeout: time.Minute}) {
+	if edge.NetNS.Spec() != "ns-edge" || edge.Selector != (Selector{Strategy: "rand", MaxFails: 1, FailTimeout: time.Minute}) {
 		t.Errorf("edge = netns %q selector %+v", edge.NetNS, edge.Selector)
 	}
 	if len(edge.Nodes) != 2 {
@@ -119,7 +119,7 @@ func TestHopsByNameAndValues(t *testing.T) {
 	}{{"edge-0", "10.9.0.1:3128", ""}, {"edge-1", "10.9.0.2:3128", "ns-other"}}
 	for i, w := range want {
 		n := edge.Nodes[i]
-		if n.Name != w.name || n.Addr != w.addr || n.NetNS != w.netns {
+		if n.Name != w.name || n.Addr != w.addr || n.NetNS.Spec() != w.netns {
 			t.Errorf("edge node %d = %s %s %q, want %s %s %q", i, n.Name, n.Addr, n.NetNS, w.name, w.addr, w.netns)
 		}
 		if n.Connector.Type != "http" || n.Connector.Auth == nil || *n.Connector.Auth != (Auth{Username: "hop", Password: "secret"}) {
@@ -147,7 +147,7 @@ func TestHopsByNameAndValues(t *testing.T) {
 	if proxy.Handler.Auth == nil || *proxy.Handler.Auth != (Auth{Username: "user", Password: "1234"}) {
 		t.Errorf("proxy auth = %+v, want user/1234 (number read as a string)", proxy.Handler.Auth)
 	}
-	if proxy.NetNS != "/proc/1/ns/net" || proxy.IdleTimeout != 5*time.Minute || proxy.Forwarder != nil {
+	if proxy.NetNS.Spec() != "/proc/1/ns/net" || proxy.IdleTimeout != 5*time.Minute || proxy.Forwarder != nil {
 		t.Errorf("proxy netns %q idle %v forwarder %v", proxy.NetNS, proxy.IdleTimeout, proxy.Forwarder)
 	}
 	wantMeta := map[string]any{"netns": "/proc/1/ns/net", "idletimeout": "5m"}
@@ -196,7 +196,7 @@ chains:
 		t.Errorf("http listener = %+v, want tcp", http.Listener)
 	}
 	for _, svc := range cfg.Services {
-		if svc.Datapath != "auto" || svc.IdleTimeout != 0 || svc.NetNS != "" || svc.NetNSOut != "" {
+		if svc.Datapath != "auto" || svc.IdleTimeout != 0 || svc.NetNS.Spec() != "" || svc.NetNSOut.Spec() != "" {
 			t.Errorf("%s: datapath %q idle %v netns %q/%q, want auto, 0 and the daemon's namespace",
 				svc.Name, svc.Datapath, svc.IdleTimeout, svc.NetNS, svc.NetNSOut)
 		}
@@ -264,7 +264,7 @@ func TestKeysAreCaseInsensitive(t *testing.T) {
 		t.Fatalf("Parse: %v (warnings %v)", err, warns)
 	}
 	svc := cfg.Services[0]
-	if svc.Name != "s" || svc.Addr != ":80" || svc.NetNS != "ns1" || svc.IdleTimeout != 3*time.Second {
+	if svc.Name != "s" || svc.Addr != ":80" || svc.NetNS.Spec() != "ns1" || svc.IdleTimeout != 3*time.Second {
 		t.Errorf("service = %+v", svc)
 	}
 }

@@ -32,7 +32,7 @@ func TestInspectReturnsPartialConfig(t *testing.T) {
 	if cfg == nil || len(cfg.Services) != 1 {
 		t.Fatalf("Inspect returned no partial config: %+v", cfg)
 	}
-	if s := cfg.Services[0]; s.NetNS != "ns-a" || s.NetNSOut != "ns-b" || cfg.Path != path {
+	if s := cfg.Services[0]; s.NetNS.Spec() != "ns-a" || s.NetNSOut.Spec() != "ns-b" || cfg.Path != path {
 		t.Fatalf("partial service = %+v (path %q), want its namespaces", s, cfg.Path)
 	}
 }

@@ -47,7 +47,7 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 		}
 	}
 	if af, ok := fs["addr"]; ok {
-		svc.Addr, _ = d.addr(af, listenAddr)
+		svc.Addr, svc.Listen, _ = d.addr(af, listenAddr)
 	} else {
 		d.errorf(f.value, join(f.path, "addr"), "is required (the host:port to listen on, e.g. \":8080\")")
 	}
@@ -94,8 +94,8 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, hasLegacyNS bool) {
 	if nf, ok := known["netns"]; ok {
 		if ns, ok := d.netns(nf); ok {
-			if hasLegacyNS && svc.NetNS != "" && svc.NetNS != ns {
-				d.errorf(nf.pos(), nf.path, "conflicts with the service-level netns %q at line %d; set the namespace once", svc.NetNS, legacyNS.value.Line)
+			if hasLegacyNS && !svc.NetNS.IsOwn() && svc.NetNS != ns {
+				d.errorf(nf.pos(), nf.path, "conflicts with the service-level netns %q at line %d; set the namespace once", svc.NetNS.String(), legacyNS.value.Line)
 			}
 			svc.NetNS = ns
 		}

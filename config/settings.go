@@ -50,7 +50,7 @@ func (d *decoder) metrics(f field) Metrics {
 		return m
 	}
 	if af, ok := fs["addr"]; ok {
-		m.Addr, _ = d.addr(af, listenAddr)
+		m.Addr, _, _ = d.addr(af, listenAddr)
 	} else {
 		d.errorf(f.pos(), join(f.path, "addr"), "is required to serve metrics (e.g. \":9000\")")
 	}

@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"gopkg.in/yaml.v3"
+
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // addrRole says what an address is used for, which decides what its host
@@ -29,21 +31,24 @@ const (
 
 // addr decodes a host:port value. Bare numbers are rejected with a hint,
 // because `addr: 8080` is a common slip for `addr: ":8080"`.
-func (d *decoder) addr(f field, role addrRole) (string, bool) {
+func (d *decoder) addr(f field, role addrRole) (string, netip.AddrPort, bool) {
 	n := f.value
 	if n.Kind == yaml.ScalarNode && (n.ShortTag() == "!!int" || n.ShortTag() == "!!float") {
 		d.errorf(f.pos(), f.path, "must be host:port (for example \":%s\"), not a number", n.Value)
-		return "", false
+		return "", netip.AddrPort{}, false
 	}
 	s, ok := d.str(f)
 	if !ok {
-		return "", false
+		return "", netip.AddrPort{}, false
 	}
 	if err := checkAddr(s, role); err != nil {
 		d.errorf(f.pos(), f.path, "%v", err)
-		return "", false
+		return "", netip.AddrPort{}, false
 	}
-	return s, true
+	// An IP-literal host gives the address as a value too; a name or an
+	// empty host does not (the zero AddrPort).
+	ip, _ := netip.ParseAddrPort(s)
+	return s, ip, true
 }
 
 // checkAddr validates a host:port address for role.
@@ -119,37 +124,21 @@ func checkHostname(host string) error {
 }
 
 // netns decodes a network namespace reference: a name as `ip netns` shows it
-// (a file under /run/netns) or an absolute path such as /proc/1/ns/net.
-// Names must be YAML strings: `netns: 1` is rejected rather than guessed.
-func (d *decoder) netns(f field) (string, bool) {
+// (a file under /run/netns) or an absolute path such as /proc/1/ns/net,
+// checked by the one parser of namespace specs (netns.Parse). Names must be
+// YAML strings: `netns: 1` is rejected rather than guessed.
+func (d *decoder) netns(f field) (netns.NS, bool) {
 	n := f.value
-	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!str" {
+	if n.Kind != yaml.ScalarNode || n.ShortTag() != "!!str" || n.Value == "" {
 		d.errorf(f.pos(), f.path, "must be a non-empty string naming a network namespace, not %s (quote names that look like numbers)", describe(n))
-		return "", false
+		return netns.NS{}, false
 	}
-	if err := checkNetNS(n.Value); err != nil {
+	ns, err := netns.Parse(n.Value)
+	if err != nil {
 		d.errorf(f.pos(), f.path, "%v", err)
-		return "", false
+		return netns.NS{}, false
 	}
-	return n.Value, true
-}
-
-func checkNetNS(ns string) error {
-	switch {
-	case ns == "":
-		return errors.New("must be a non-empty string naming a network namespace")
-	case strings.ContainsRune(ns, 0):
-		return fmt.Errorf("network namespace %q contains a NUL byte", ns)
-	case strings.HasPrefix(ns, "/"):
-		return nil
-	case strings.Contains(ns, "/"):
-		return fmt.Errorf("network namespace %q is a relative path: use a name (as `ip netns` lists it) or an absolute path", ns)
-	case ns == "." || ns == "..":
-		return fmt.Errorf("network namespace name %q is not valid", ns)
-	case len(ns) > 255:
-		return fmt.Errorf("network namespace name %q is longer than 255 bytes", ns)
-	}
-	return nil
+	return ns, true
 }
 
 // duration decodes a duration the way GOST's metadata helpers do: a Go

@@ -20,8 +20,6 @@ import (
 	"github.com/ebpfwd/ebpfwd/metrics"
 	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
-	"github.com/ebpfwd/ebpfwd/tc"
-	"github.com/ebpfwd/ebpfwd/tc/splice"
 	"github.com/ebpfwd/ebpfwd/userspace"
 	"github.com/ebpfwd/ebpfwd/userspace/chain"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
@@ -42,9 +40,9 @@ type Options struct {
 	Metrics *metrics.Recorder
 	// Instance names this daemon's control socket; "" opens none.
 	Instance string
-	// SplicePool is where the tc datapath's splice links take their
-	// addresses; zero prefixes take the defaults.
-	SplicePool splice.Pool
+	// Datapaths are the datapaths services may be planned on; nil offers
+	// only the userspace relay. The CLI registers the kernel ones.
+	Datapaths *datapath.Set
 	// Restart, when it is closed or receives, shuts the daemon down like
 	// the end of Run's context, except that the kernel datapaths keep
 	// their state (attached programs, pinned maps, splice links) for the
@@ -78,33 +76,21 @@ type Daemon struct {
 	log       *slog.Logger
 	services  []*service
 	chains    []*chain.Chain
-	datapaths map[datapath.Kind]datapath.Datapath
-	kernel    kernel
+	datapaths *datapath.Set
 }
 
 // New builds the daemon's services from cfg without opening anything: it
-// parses every namespace reference and wires chains and selectors. Errors
+// wires chains and selectors and plans each service's datapath. Errors
 // name the config file, line and field.
 func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
-	us := userspace.Datapath{Logger: log}
-	d := &Daemon{
-		cfg:  cfg,
-		opts: opts,
-		log:  log,
-		datapaths: map[datapath.Kind]datapath.Datapath{
-			datapath.Userspace: us,
-			datapath.TC:        &tc.Datapath{Instance: opts.Instance, Logger: log, Userspace: us, SplicePool: opts.SplicePool},
-		},
-		kernel: realKernel,
+	d := &Daemon{cfg: cfg, opts: opts, log: log, datapaths: opts.Datapaths}
+	if d.datapaths == nil {
+		d.datapaths = datapath.NewSet(userspace.Datapath{Logger: log})
 	}
 	var errs []error
 	chains := map[string]*chain.Chain{}
 	for _, cc := range cfg.Chains {
-		c, err := buildChain(cfg, cc)
-		if err != nil {
-			errs = append(errs, err)
-			continue
-		}
+		c := buildChain(cc)
 		chains[cc.Name] = c
 		d.chains = append(d.chains, c)
 	}
@@ -127,50 +113,24 @@ func located(cfg *config.Config, pos config.Pos, field string, err error) error 
 	return fmt.Errorf("%s:%d:%d: %s: %w", cfg.Path, pos.Line, pos.Column, field, err)
 }
 
-func parseNS(cfg *config.Config, pos config.Pos, field, spec string) (netns.NS, error) {
-	ns, err := netns.Parse(spec)
-	if err != nil {
-		return ns, located(cfg, pos, field, err)
-	}
-	return ns, nil
+func selectorOptions(s config.Selector) selector.Options {
+	return selector.Options{Strategy: s.Strategy, MaxFails: s.MaxFails, FailTimeout: s.FailTimeout}
 }
 
-func selectorOptions(s config.Selector) (selector.Options, error) {
-	strategy, err := selector.ParseStrategy(s.Strategy)
-	if err != nil {
-		return selector.Options{}, err
-	}
-	return selector.Options{Strategy: strategy, MaxFails: s.MaxFails, FailTimeout: s.FailTimeout}, nil
-}
-
-func buildChain(cfg *config.Config, cc *config.Chain) (*chain.Chain, error) {
+func buildChain(cc *config.Chain) *chain.Chain {
 	c := &chain.Chain{Name: cc.Name}
-	var errs []error
-	for hi, hc := range cc.Hops {
-		field := fmt.Sprintf("chains[%s].hops[%d]", cc.Name, hi)
-		hopNS, err := parseNS(cfg, hc.Pos, field+".metadata.netns", hc.NetNS)
-		if err != nil {
-			errs = append(errs, err)
-		}
-		opts, err := selectorOptions(hc.Selector)
-		if err != nil {
-			errs = append(errs, located(cfg, hc.Pos, field+".selector", err))
-		}
+	for _, hc := range cc.Hops {
 		var nodes []*selector.Node[*chain.Node]
-		for ni, nc := range hc.Nodes {
-			nodeNS, err := parseNS(cfg, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni), nc.NetNS)
-			if err != nil {
-				errs = append(errs, err)
-			}
-			n := &chain.Node{Name: nc.Name, Addr: nc.Addr, NS: nodeNS}
+		for _, nc := range hc.Nodes {
+			n := &chain.Node{Name: nc.Name, Addr: nc.Addr, NS: nc.NetNS}
 			if a := nc.Connector.Auth; a != nil {
 				n.Auth = &httpconnect.Auth{Username: a.Username, Password: a.Password}
 			}
 			nodes = append(nodes, &selector.Node[*chain.Node]{Name: nc.Name, Value: n})
 		}
-		c.Hops = append(c.Hops, &chain.Hop{Name: hc.Name, NS: hopNS, Selector: selector.New(opts, nodes...)})
+		c.Hops = append(c.Hops, &chain.Hop{Name: hc.Name, NS: hc.NetNS, Selector: selector.New(selectorOptions(hc.Selector), nodes...)})
 	}
-	return c, errors.Join(errs...)
+	return c
 }
 
 // Check opens every namespace the configuration names, so a missing one is
@@ -183,15 +143,11 @@ func (d *Daemon) Check() error { return CheckNamespaces(d.cfg) }
 // errors: `ebpfwd check` reports a missing namespace next to a bad address.
 func CheckNamespaces(cfg *config.Config) error {
 	var errs []error
-	check := func(spec string, pos config.Pos, field string) {
-		if spec == "" {
+	check := func(ns netns.NS, pos config.Pos, field string) {
+		if ns.IsOwn() {
 			return
 		}
-		ns, err := netns.Parse(spec)
-		if err == nil {
-			err = ns.Check()
-		}
-		if err != nil {
+		if err := ns.Check(); err != nil {
 			errs = append(errs, located(cfg, pos, field, err))
 		}
 	}
@@ -223,11 +179,14 @@ func CheckNamespaces(cfg *config.Config) error {
 	return errors.Join(errs...)
 }
 
+// Plan is the datapath chosen for one service and why.
+type Plan = datapath.Plan
+
 // Plans describes the datapath chosen for each service and why.
 func (d *Daemon) Plans() []Plan {
-	var plans []Plan
+	plans := make([]Plan, 0, len(d.services))
 	for _, s := range d.services {
-		plans = append(plans, Plan{Service: s.cfg.Name, Datapath: s.plan.Datapath, Reason: s.plan.Reason})
+		plans = append(plans, s.plan)
 	}
 	return plans
 }
@@ -260,12 +219,12 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.closeAll()
 		return err
 	}
-	for kind, dp := range d.datapaths {
+	for _, dp := range d.datapaths.Datapaths() {
 		if f, ok := dp.(setupFinisher); ok {
 			// Leftovers cost map slots and interfaces, not correctness:
 			// they are no reason to refuse to serve.
 			if err := f.FinishSetup(); err != nil {
-				d.log.Warn("could not remove everything a previous run left", "datapath", kind, "err", err)
+				d.log.Warn("could not remove everything a previous run left", "datapath", dp.Kind(), "err", err)
 			}
 		}
 	}
@@ -321,7 +280,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 		d.log.Info("stop requested during the restart: stopping instead, removing the kernel state")
 	}
 	if restart {
-		for _, dp := range d.datapaths {
+		for _, dp := range d.datapaths.Datapaths() {
 			if k, ok := dp.(stateKeeper); ok {
 				k.KeepForRestart()
 			}

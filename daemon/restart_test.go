@@ -14,6 +14,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/userspace"
 )
 
 // recordingDatapath stands in for tc: it counts the calls the daemon makes
@@ -23,6 +24,11 @@ type recordingDatapath struct {
 }
 
 func (*recordingDatapath) Kind() datapath.Kind { return datapath.TC }
+func (*recordingDatapath) Rank() int           { return 10 }
+func (*recordingDatapath) Applies(datapath.Service) error {
+	return errors.New("carries nothing")
+}
+func (*recordingDatapath) Probe() error { return nil }
 func (*recordingDatapath) Setup(context.Context, datapath.Service) (datapath.Attachment, error) {
 	return nil, errors.New("not used")
 }
@@ -87,13 +93,13 @@ func TestRunRestart(t *testing.T) {
 			}
 			ready := filepath.Join(t.TempDir(), "ready")
 			restart := make(chan struct{})
-			d, err := New(cfg, Options{DrainTimeout: 5 * time.Second, ReadyFile: ready, Restart: restart},
-				slog.New(slog.NewTextHandler(io.Discard, nil)))
+			logger := slog.New(slog.NewTextHandler(io.Discard, nil))
+			rec := &recordingDatapath{}
+			d, err := New(cfg, Options{DrainTimeout: 5 * time.Second, ReadyFile: ready, Restart: restart,
+				Datapaths: datapath.NewSet(userspace.Datapath{Logger: logger}, rec)}, logger)
 			if err != nil {
 				t.Fatal(err)
 			}
-			rec := &recordingDatapath{}
-			d.datapaths[datapath.TC] = rec
 
 			ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 			defer cancel()

@@ -33,9 +33,10 @@ type service struct {
 	errs     *Errors
 	proxy    *httpproxy.Server // handler http only
 
-	att datapath.Attachment
-	ln  listener
-	wg  sync.WaitGroup // accept loop and in-flight connections
+	att     datapath.Attachment
+	splicer datapath.Splicer // att's way of moving streams
+	ln      listener
+	wg      sync.WaitGroup // accept loop and in-flight connections
 
 	stopHealth context.CancelFunc // stops syncNodeHealth; nil when not running
 	healthDone chan struct{}
@@ -50,14 +51,9 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 		log:   d.log.With("service", sc.Name),
 		errs:  &Errors{},
 	}
+	s.listenNS, s.outNS = sc.NetNS, sc.NetNSOut
 	var errs []error
 	var err error
-	if s.listenNS, err = parseNS(d.cfg, sc.Pos, field+".metadata.netns", sc.NetNS); err != nil {
-		errs = append(errs, err)
-	}
-	if s.outNS, err = parseNS(d.cfg, sc.Pos, field+".metadata.netns.out", sc.NetNSOut); err != nil {
-		errs = append(errs, err)
-	}
 	if sc.Handler.Chain != "" {
 		if s.chain = chains[sc.Handler.Chain]; s.chain == nil {
 			// config validates chain names, so the chain failed to build
@@ -68,17 +64,13 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 		}
 	}
 	if sc.Forwarder != nil && sc.Handler.Type != "http" {
-		opts, err := selectorOptions(sc.Forwarder.Selector)
-		if err != nil {
-			errs = append(errs, located(d.cfg, sc.Pos, field+".forwarder.selector", err))
-		}
 		var nodes []*selector.Node[string]
 		for _, n := range sc.Forwarder.Nodes {
 			nodes = append(nodes, &selector.Node[string]{Name: n.Name, Value: n.Addr})
 		}
-		s.nodes = selector.New(opts, nodes...)
+		s.nodes = selector.New(selectorOptions(sc.Forwarder.Selector), nodes...)
 	}
-	if s.plan, err = d.kernel.planDatapath(sc, s.spec()); err != nil {
+	if s.plan, err = d.datapaths.Plan(s.spec(), datapath.Kind(sc.Datapath)); err != nil {
 		errs = append(errs, located(d.cfg, sc.Pos, field+".metadata.datapath", err))
 	}
 	if sc.Handler.Type == "http" {
@@ -97,16 +89,18 @@ func (s *service) spec() datapath.Service {
 		Name:        s.cfg.Name,
 		Network:     s.cfg.Listener.Type,
 		Addr:        s.cfg.Addr,
-		ListenNS:    s.listenNS.Path(),
-		OutNS:       s.outNS.Path(),
+		Listen:      s.cfg.Listen,
+		ListenNS:    s.listenNS,
+		OutNS:       s.outNS,
 		Chained:     s.chain != nil,
+		Proxy:       s.cfg.Handler.Type == "http",
 		IdleTimeout: s.cfg.IdleTimeout,
 		PacketTTL:   s.cfg.Listener.TTL,
 	}
-	if s.cfg.Forwarder != nil {
+	if s.cfg.Forwarder != nil && !svc.Proxy {
 		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
 		for _, n := range s.cfg.Forwarder.Nodes {
-			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr})
+			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr, IP: n.IP})
 		}
 	}
 	return svc
@@ -114,13 +108,23 @@ func (s *service) spec() datapath.Service {
 
 // start sets up the datapath and opens the listening socket.
 func (s *service) start(ctx context.Context) error {
-	dp := s.d.datapaths[s.plan.Datapath]
-	att, err := dp.Setup(ctx, s.spec())
+	configured := s.cfg.Datapath != "" && datapath.Kind(s.cfg.Datapath) != datapath.Auto
+	att, plan, err := s.d.datapaths.Setup(ctx, s.plan, configured, s.spec(), s.log)
 	if err != nil {
-		return fmt.Errorf("service %s: set up datapath %s: %w", s.cfg.Name, s.plan.Datapath, err)
+		return fmt.Errorf("service %s: %w", s.cfg.Name, err)
+	}
+	if plan != s.plan {
+		s.plan = plan
+		s.log = s.log.With("datapath", plan.Datapath)
 	}
 	s.att = att
-	if hs, ok := att.(datapath.NodeHealthSetter); ok && s.nodes != nil {
+	splicer, ok := att.(datapath.Splicer)
+	if !ok && s.cfg.Listener.Type == "tcp" {
+		att.Close()
+		return fmt.Errorf("service %s: datapath %s cannot carry TCP streams", s.cfg.Name, s.plan.Datapath)
+	}
+	s.splicer = splicer
+	if hs, ok := att.(datapath.NodeHealthSetter); ok && datapath.PicksNodes(att) && s.nodes != nil {
 		hctx, stop := context.WithCancel(context.WithoutCancel(ctx))
 		s.stopHealth, s.healthDone = stop, make(chan struct{})
 		go func() {
@@ -217,7 +221,7 @@ func (s *service) forward(ctx context.Context, client net.Conn) {
 		return
 	}
 	// The datapath logs how the stream ended; the daemon counts why.
-	err = s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node})
+	err = s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node})
 	if err != nil && !errors.Is(err, context.Canceled) {
 		s.errs.Add(reasonOf(err))
 	}
@@ -322,7 +326,7 @@ func (s *service) newProxy() *httpproxy.Server {
 			return conn, err
 		},
 		Relay: func(ctx context.Context, client, upstream net.Conn) error {
-			return s.att.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peerOf(client)})
+			return s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peerOf(client)})
 		},
 		OnResult: func(r httpproxy.Result) {
 			if r.Err != nil && !errors.Is(r.Err, context.Canceled) {

@@ -67,7 +67,7 @@ func (d *Daemon) Fallbacks() []metrics.Fallback {
 // Programs reads the kernel's accounting of every datapath's BPF programs.
 func (d *Daemon) Programs() []datapath.ProgramStats {
 	var out []datapath.ProgramStats
-	for _, dp := range d.datapaths {
+	for _, dp := range d.datapaths.Datapaths() {
 		if pr, ok := dp.(datapath.ProgramReporter); ok {
 			out = append(out, pr.Programs()...)
 		}

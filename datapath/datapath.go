@@ -1,11 +1,17 @@
-// Package datapath defines the one interface every ebpfwd datapath implements.
+// Package datapath is the contract every ebpfwd datapath implements, and
+// nothing else: what a service is to a datapath (Service), what a datapath
+// answers the planner (Datapath: does it apply, does the kernel allow it,
+// how fast is it), what it returns once set up (Attachment), and the
+// optional abilities an attachment may have (listing flows, forwarding
+// packets, reporting BPF programs...).
 //
-// A datapath moves the bytes of a service between clients and the nodes they
-// are forwarded to. The daemon plans a datapath per service, calls Setup once,
-// hands it every stream it accepts and dials (Splice), reads its Counters for
-// metrics, and calls Close on shutdown. The userspace relay is the first
-// implementation; the tc and sockmap datapaths plug in here without touching
-// config or CLI code.
+// The daemon plans each service with a Set: the registered datapaths are
+// asked in rank order (tc, sockmap, userspace) and the first that applies
+// carries the service. Kernel datapaths never carry a socket themselves:
+// a Set gives each of their attachments the relay's (WithRelay), which
+// serves what the kernel leaves to a socket, so fallback to the userspace
+// relay is one mechanism every kernel datapath gets. Adding a datapath is
+// registering it in the Set; no daemon code changes.
 package datapath
 
 import (
@@ -13,6 +19,9 @@ import (
 	"net"
 	"net/netip"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/selector"
 )
 
 // Kind names a datapath as it is written in configuration (`datapath:` metadata).
@@ -29,28 +38,80 @@ const (
 	Auto Kind = "auto"
 )
 
-// Service is what a datapath needs to know about one service, free of any
-// configuration syntax.
+// Service is what a datapath needs to know about one service: typed values,
+// parsed once from configuration, free of any configuration syntax.
 type Service struct {
-	Name     string
-	Network  string // "tcp" or "udp"
-	Addr     string // listen address as configured
-	ListenNS string // namespace the service listens in ("" = the daemon's own)
-	OutNS    string // namespace nodes are dialed from ("" = the daemon's own)
-	Nodes    []Node // forward targets (empty for proxy services)
-	Strategy string // node selection: round, rand, fifo or hash
-	Chained  bool   // traffic leaves through a chain of proxy hops
-	// IdleTimeout closes a stream when no byte moved either way for this
-	// long (0: never).
+	Name    string
+	Network string // "tcp" or "udp"
+	// Addr is the listen address as configured (host:port, the host
+	// possibly empty); Listen is the same address when its host is an IP
+	// literal, and the zero AddrPort otherwise.
+	Addr     string
+	Listen   netip.AddrPort
+	ListenNS netns.NS // namespace the service listens in
+	OutNS    netns.NS // namespace nodes (or the first hop) are dialed from
+	Nodes    []Node   // forward targets (empty for proxy services)
+	Strategy selector.Strategy
+	// Chained: traffic leaves through a chain of proxy hops.
+	Chained bool
+	// Proxy: an HTTP proxy service; each client names its own target.
+	Proxy bool
+	// IdleTimeout closes a TCP stream (or forgets a kernel TCP flow) when
+	// no byte moved either way for this long. 0 means never, on every
+	// datapath.
 	IdleTimeout time.Duration
-	// PacketTTL expires a datagram session after this long without traffic.
+	// PacketTTL expires a UDP session (or kernel UDP flow) after this
+	// long without traffic.
 	PacketTTL time.Duration
 }
 
 // Node is one forward target of a service.
 type Node struct {
 	Name string
+	// Addr is host:port as configured, what userspace dials (the host may
+	// be a name, resolved in the dialing namespace); IP is the same
+	// address when its host is an IP literal, the zero AddrPort otherwise.
 	Addr string
+	IP   netip.AddrPort
+}
+
+// Datapath is the interface tc, sockmap and userspace implement: what the
+// planner asks, and how a service is set up.
+type Datapath interface {
+	// Kind names the datapath.
+	Kind() Kind
+	// Rank orders datapaths for `auto`: lower is faster, tried first.
+	Rank() int
+	// Applies says why the datapath cannot carry svc, or nil when it can.
+	// It may look into the service's namespaces but changes nothing.
+	Applies(svc Service) error
+	// Probe says why this kernel (or these privileges) cannot run the
+	// datapath at all, or nil.
+	Probe() error
+	// Setup prepares the datapath for one service. It returns an Attachment
+	// that owns everything set up for it.
+	Setup(ctx context.Context, svc Service) (Attachment, error)
+}
+
+// Attachment is a datapath prepared for one service.
+type Attachment interface {
+	// Counters returns the service's figures so far.
+	Counters() Counters
+	// Close removes whatever Setup attached. Streams in flight end.
+	Close() error
+}
+
+// Splicer is an attachment that moves the bytes of accepted-and-dialed
+// stream pairs: the relay always, a kernel datapath that takes sockets
+// (sockmap) when it can.
+type Splicer interface {
+	// Splice takes ownership of both connections of s and moves bytes
+	// between them until both directions are done, propagating half-close.
+	// It closes both connections before it returns. The returned error is
+	// nil for a clean end. A kernel attachment that cannot take s returns
+	// an error wrapping ErrFallback before it touched either connection,
+	// and the relay carries s instead.
+	Splice(ctx context.Context, s Stream) error
 }
 
 // Counters are cumulative figures for one service on one datapath.
@@ -72,28 +133,6 @@ type Stream struct {
 	Upstream net.Conn       // dialed to the node (possibly through hops)
 	Peer     netip.AddrPort // the client's address, for logs
 	Node     string         // the node name, for logs
-}
-
-// Datapath is the interface tc, sockmap and userspace implement.
-type Datapath interface {
-	// Kind names the datapath.
-	Kind() Kind
-	// Setup prepares the datapath for one service. It returns an Attachment
-	// that owns everything set up for it.
-	Setup(ctx context.Context, svc Service) (Attachment, error)
-}
-
-// Attachment is a datapath prepared for one service.
-type Attachment interface {
-	// Splice takes ownership of both connections of s and moves bytes
-	// between them until both directions are done, propagating half-close.
-	// It closes both connections before it returns. The returned error is
-	// nil for a clean end.
-	Splice(ctx context.Context, s Stream) error
-	// Counters returns the service's figures so far.
-	Counters() Counters
-	// Close removes whatever Setup attached. Streams in flight end.
-	Close() error
 }
 
 // PacketDialer opens the upstream socket of a new datagram session for the

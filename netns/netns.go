@@ -71,15 +71,15 @@ func Parse(spec string) (NS, error) {
 	case spec == "":
 		return NS{}, nil
 	case strings.ContainsRune(spec, 0):
-		return NS{}, fmt.Errorf("netns %q: contains a NUL byte", spec)
+		return NS{}, fmt.Errorf("network namespace %q contains a NUL byte", spec)
 	case filepath.IsAbs(spec):
 		return NS{spec: spec, path: filepath.Clean(spec)}, nil
 	case strings.Contains(spec, "/"):
-		return NS{}, fmt.Errorf("netns %q: relative path; give a namespace name without '/' or an absolute path", spec)
+		return NS{}, fmt.Errorf("network namespace %q is a relative path: use a name (as `ip netns` lists it) or an absolute path", spec)
 	case spec == "." || spec == "..":
-		return NS{}, fmt.Errorf("netns %q: not a valid namespace name", spec)
+		return NS{}, fmt.Errorf("network namespace name %q is not valid", spec)
 	case len(spec) > unix.NAME_MAX:
-		return NS{}, fmt.Errorf("netns %q: name longer than %d bytes", spec, unix.NAME_MAX)
+		return NS{}, fmt.Errorf("network namespace name %q is longer than %d bytes", spec, unix.NAME_MAX)
 	default:
 		return NS{spec: spec, path: filepath.Join(runDir, spec), name: spec}, nil
 	}
@@ -178,4 +178,111 @@ func (e *nsError) Unwrap() []error {
 		return []error{e.err, ErrGone}
 	}
 	return []error{e.err}
+}
+
+// ID identifies a network namespace: the device and inode of its nsfs file.
+// Two specs name one namespace exactly when their IDs are equal, however
+// they are spelled (`blue`, /var/run/netns/blue, /proc/PID/ns/net of a
+// process in it). An ID stays valid while the namespace lives.
+type ID struct{ Dev, Ino uint64 }
+
+// String formats the ID as `ip netns identify`-style tools print inodes,
+// with the device: "DEV:INO".
+func (id ID) String() string { return fmt.Sprintf("%d:%d", id.Dev, id.Ino) }
+
+// ID returns the namespace's identity. For a path it opens the file and
+// checks that it is a network namespace, so a spec that names anything
+// else is an error rather than an ID of some other file.
+func (n NS) ID() (ID, error) {
+	if n.IsOwn() {
+		if original.err != nil {
+			return ID{}, original.err
+		}
+		return fdID(original.fd)
+	}
+	fd, err := n.open()
+	if err != nil {
+		return ID{}, err
+	}
+	defer unix.Close(fd)
+	if err := n.verify(fd); err != nil {
+		return ID{}, err
+	}
+	id, err := fdID(fd)
+	if err != nil {
+		return ID{}, &nsError{ns: n, err: err}
+	}
+	return id, nil
+}
+
+func fdID(fd int) (ID, error) {
+	var st unix.Stat_t
+	if err := unix.Fstat(fd, &st); err != nil {
+		return ID{}, os.NewSyscallError("fstat", err)
+	}
+	return ID{Dev: uint64(st.Dev), Ino: st.Ino}, nil
+}
+
+// Same reports whether n and o are one namespace, by identity.
+func (n NS) Same(o NS) (bool, error) {
+	if n.path == o.path {
+		return true, nil
+	}
+	a, err := n.ID()
+	if err != nil {
+		return false, err
+	}
+	b, err := o.ID()
+	if err != nil {
+		return false, err
+	}
+	return a == b, nil
+}
+
+// Spec is the namespace as ebpfwd writes it where one string must stand
+// for it (a metric label, a log field): its `ip netns` name when its path is
+// in iproute2's directory, else its path; "" for the daemon's own.
+func (n NS) Spec() string {
+	if n.name != "" {
+		return n.name
+	}
+	if dir, base := filepath.Split(n.path); dir == runDir+"/" || dir == "/run/netns/" {
+		return base
+	}
+	return n.path
+}
+
+// Find returns a namespace whose identity is id, looking where namespaces
+// have names or paths: the daemon's own, iproute2's named namespaces, then
+// every process's /proc/PID/ns/net. ok is false when none is found (the
+// namespace is gone, or only an fd or a mount elsewhere holds it).
+func Find(id ID) (ns NS, ok bool) {
+	if own, err := (NS{}).ID(); err == nil && own == id {
+		return NS{}, true
+	}
+	candidates := func(dir string, sub string) []string {
+		entries, err := os.ReadDir(dir)
+		if err != nil {
+			return nil
+		}
+		paths := make([]string, 0, len(entries))
+		for _, e := range entries {
+			paths = append(paths, filepath.Join(dir, e.Name(), sub))
+		}
+		return paths
+	}
+	for _, p := range append(candidates(runDir, ""), candidates("/proc", "ns/net")...) {
+		var st unix.Stat_t
+		if unix.Stat(p, &st) != nil || uint64(st.Dev) != id.Dev || st.Ino != id.Ino {
+			continue
+		}
+		spec := p
+		if filepath.Dir(p) == runDir {
+			spec = filepath.Base(p)
+		}
+		if found, err := Parse(spec); err == nil {
+			return found, true
+		}
+	}
+	return NS{}, false
 }

@@ -27,8 +27,8 @@ func TestParse(t *testing.T) {
 		{spec: "/var/run/docker/netns//abc/", wantString: "/var/run/docker/netns/abc", wantP: "/var/run/docker/netns/abc"},
 		{spec: "a/b", wantErr: "relative path"},
 		{spec: "./ns1", wantErr: "relative path"},
-		{spec: ".", wantErr: "not a valid namespace name"},
-		{spec: "..", wantErr: "not a valid namespace name"},
+		{spec: ".", wantErr: "is not valid"},
+		{spec: "..", wantErr: "is not valid"},
 		{spec: "bad\x00name", wantErr: "NUL"},
 		{spec: strings.Repeat("n", 256), wantErr: "longer than 255"},
 	}

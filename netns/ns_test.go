@@ -525,3 +525,79 @@ func probeThreadsAvoid(t *testing.T, bad int) {
 		}
 	}
 }
+
+// TestIdentityOverSpelling: a namespace written as its `ip netns` name, as
+// its path under /var/run/netns, and as /proc/PID/ns/net of a process in
+// it is one namespace (same ID, Same), and Find gives it back from its ID;
+// another namespace and the daemon's own are not it.
+func TestIdentityOverSpelling(t *testing.T) {
+	blue := newTestNS(t)
+	other := newTestNS(t)
+	// A process living in blue gives the namespace a third spelling.
+	cmd := exec.Command("nsenter", "--net="+blue.Path(), "sleep", "30")
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { cmd.Process.Kill(); cmd.Wait() })
+	byProc, err := Parse(fmt.Sprintf("/proc/%d/ns/net", cmd.Process.Pid))
+	if err != nil {
+		t.Fatal(err)
+	}
+	// nsenter enters the namespace after it starts: wait (bounded) until
+	// the process is in it before reading its /proc entry as a spelling.
+	blueID, err := blue.ID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		if id, err := byProc.ID(); err == nil && id == blueID {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the process never entered the test namespace")
+		}
+	}
+	byPath, err := Parse(blue.Path())
+	if err != nil {
+		t.Fatal(err)
+	}
+	tests := []struct {
+		name string
+		x, y NS
+		want bool
+	}{
+		{"name and itself", blue, blue, true},
+		{"name and path", blue, byPath, true},
+		{"name and /proc/PID/ns/net", blue, byProc, true},
+		{"path and /proc/PID/ns/net", byPath, byProc, true},
+		{"two namespaces", blue, other, false},
+		{"own and another", NS{}, blue, false},
+		{"own and own", NS{}, NS{}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			same, err := tt.x.Same(tt.y)
+			if err != nil || same != tt.want {
+				t.Fatalf("Same = %v, %v; want %v", same, err, tt.want)
+			}
+			idX, errX := tt.x.ID()
+			idY, errY := tt.y.ID()
+			if errX != nil || errY != nil || (idX == idY) != tt.want {
+				t.Fatalf("IDs %v (%v) and %v (%v): equal should be %v", idX, errX, idY, errY, tt.want)
+			}
+		})
+	}
+	id, err := byProc.ID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	found, ok := Find(id)
+	if !ok || found.Spec() != blue.Spec() {
+		t.Fatalf("Find(%v) = %v, %v; want %s (its ip netns name comes before any /proc path)", id, found, ok, blue)
+	}
+	if _, err := Parse("/etc/hostname"); err == nil {
+		if _, err := (NS{path: "/etc/hostname"}).ID(); err == nil {
+			t.Fatal("ID of a file that is not a namespace: no error")
+		}
+	}
+}

@@ -9,10 +9,8 @@
 package selector
 
 import (
-	"fmt"
 	"math/rand/v2"
 	"slices"
-	"strings"
 	"sync/atomic"
 	"time"
 )
@@ -43,23 +41,6 @@ const (
 	// rotation.
 	DefaultFailTimeout = 10 * time.Second
 )
-
-// ParseStrategy validates a strategy name from configuration. The empty string
-// means GOST's default (round); "random" is accepted as GOST's alias of rand.
-func ParseStrategy(s string) (Strategy, error) {
-	switch strings.ToLower(strings.TrimSpace(s)) {
-	case "", string(Round):
-		return Round, nil
-	case string(Rand), "random":
-		return Rand, nil
-	case string(FIFO):
-		return FIFO, nil
-	case string(Hash):
-		return Hash, nil
-	default:
-		return "", fmt.Errorf("unknown selector strategy %q (want round, rand, fifo or hash)", s)
-	}
-}
 
 // Options configure a Selector. Zero values take GOST's defaults.
 type Options struct {

@@ -36,35 +36,6 @@ func names(ns []*Node[string]) []string {
 	return out
 }
 
-func TestParseStrategy(t *testing.T) {
-	tests := []struct {
-		in      string
-		want    Strategy
-		wantErr bool
-	}{
-		{"", Round, false},
-		{"round", Round, false},
-		{"rand", Rand, false},
-		{"random", Rand, false},
-		{"fifo", FIFO, false},
-		{"hash", Hash, false},
-		{" Round ", Round, false},
-		{"least-conn", "", true},
-		{"weighted", "", true},
-	}
-	for _, tt := range tests {
-		t.Run(fmt.Sprintf("%q", tt.in), func(t *testing.T) {
-			got, err := ParseStrategy(tt.in)
-			if (err != nil) != tt.wantErr {
-				t.Fatalf("ParseStrategy(%q) error = %v, wantErr %v", tt.in, err, tt.wantErr)
-			}
-			if got != tt.want {
-				t.Fatalf("ParseStrategy(%q) = %q, want %q", tt.in, got, tt.want)
-			}
-		})
-	}
-}
-
 func TestDistribution(t *testing.T) {
 	const calls = 3000
 	tests := []struct {

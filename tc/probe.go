@@ -9,6 +9,7 @@ import (
 	"github.com/cilium/ebpf/features"
 )
 
+// probe checks, once, what the tc datapath needs of the kernel.
 var probe = sync.OnceValue(func() error {
 	if err := features.HaveProgramType(ebpf.SchedCLS); err != nil {
 		return fmt.Errorf("the kernel cannot run tc programs: %w", err)
@@ -23,7 +24,3 @@ var probe = sync.OnceValue(func() error {
 	}
 	return nil
 })
-
-// Probe reports whether this kernel (and this process's privileges) can
-// run the tc datapath, with the first reason it cannot. It probes once.
-func Probe() error { return probe() }

@@ -13,11 +13,22 @@ import (
 	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
+// testNode is a node as config gives it: the address as written, and as a
+// value when it is an IP literal.
+func testNode(name, addr string) datapath.Node {
+	ip, _ := netip.ParseAddrPort(addr)
+	return datapath.Node{Name: name, Addr: addr, IP: ip}
+}
+
+// listenAt sets a service's listen address as config does.
+func listenAt(s *datapath.Service, addr string) {
+	s.Addr = addr
+	s.Listen, _ = netip.ParseAddrPort(addr)
+}
+
 func TestApplicable(t *testing.T) {
-	base := datapath.Service{
-		Name: "s", Network: "tcp", Addr: "10.0.0.1:80", ListenNS: "/var/run/netns/gw", OutNS: "/var/run/netns/gw",
-		Nodes: []datapath.Node{{Name: "n", Addr: "10.0.1.2:8080"}},
-	}
+	base := datapath.Service{Name: "s", Network: "tcp", Nodes: []datapath.Node{testNode("n", "10.0.1.2:8080")}}
+	listenAt(&base, "10.0.0.1:80")
 	tests := []struct {
 		name    string
 		mutate  func(*datapath.Service)
@@ -26,17 +37,17 @@ func TestApplicable(t *testing.T) {
 		{name: "direct tcp", mutate: func(*datapath.Service) {}},
 		{name: "udp", mutate: func(s *datapath.Service) { s.Network = "udp" }},
 		{name: "ipv6", mutate: func(s *datapath.Service) {
-			s.Addr, s.Nodes[0].Addr = "[fd00::1]:80", "[fd00:1::2]:8080"
+			listenAt(s, "[fd00::1]:80")
+			s.Nodes[0] = testNode("n", "[fd00:1::2]:8080")
 		}},
 		{name: "hash", mutate: func(s *datapath.Service) { s.Strategy = "hash" }},
 		{name: "chained", mutate: func(s *datapath.Service) { s.Chained = true }, wantErr: "proxy hops"},
-		// A splice link crosses to netns.out.
-		{name: "netns.out elsewhere", mutate: func(s *datapath.Service) { s.OutNS = "" }},
-		{name: "wildcard listen", mutate: func(s *datapath.Service) { s.Addr = ":80" }, wantErr: "not a single IP"},
-		{name: "unspecified listen", mutate: func(s *datapath.Service) { s.Addr = "0.0.0.0:80" }, wantErr: "never crosses an interface"},
-		{name: "loopback listen", mutate: func(s *datapath.Service) { s.Addr = "127.0.0.1:80" }, wantErr: "never crosses an interface"},
-		{name: "hostname node", mutate: func(s *datapath.Service) { s.Nodes[0].Addr = "db.internal:5432" }, wantErr: "not an IP address"},
-		{name: "mixed families", mutate: func(s *datapath.Service) { s.Nodes[0].Addr = "[fd00::2]:8080" }, wantErr: "IP version"},
+		{name: "http proxy", mutate: func(s *datapath.Service) { s.Proxy = true }, wantErr: "http proxy"},
+		{name: "wildcard listen", mutate: func(s *datapath.Service) { listenAt(s, ":80") }, wantErr: "not a single IP"},
+		{name: "unspecified listen", mutate: func(s *datapath.Service) { listenAt(s, "0.0.0.0:80") }, wantErr: "never crosses an interface"},
+		{name: "loopback listen", mutate: func(s *datapath.Service) { listenAt(s, "127.0.0.1:80") }, wantErr: "never crosses an interface"},
+		{name: "hostname node", mutate: func(s *datapath.Service) { s.Nodes[0] = testNode("n", "db.internal:5432") }, wantErr: "not an IP address"},
+		{name: "mixed families", mutate: func(s *datapath.Service) { s.Nodes[0] = testNode("n", "[fd00::2]:8080") }, wantErr: "IP version"},
 		{name: "fifo", mutate: func(s *datapath.Service) { s.Strategy = "fifo" }, wantErr: `"fifo" is not implemented in BPF`},
 		{name: "no nodes", mutate: func(s *datapath.Service) { s.Nodes = nil }, wantErr: "no forward nodes"},
 	}
@@ -45,7 +56,7 @@ func TestApplicable(t *testing.T) {
 			svc := base
 			svc.Nodes = append([]datapath.Node(nil), base.Nodes...)
 			tt.mutate(&svc)
-			err := Applicable(svc)
+			err := applicable(svc)
 			switch {
 			case tt.wantErr == "" && err != nil:
 				t.Fatalf("not applicable: %v", err)
@@ -71,7 +82,7 @@ func TestPinDirectoryPerNamespace(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		if got := loader.NetnsDir(nsName(ns)); got != tt.want {
+		if got := loader.NetnsDir(ns.Spec()); got != tt.want {
 			t.Errorf("pin directory of %q = %q, want %q", tt.spec, got, tt.want)
 		}
 	}
@@ -104,7 +115,8 @@ func TestLoaderServiceOverSpliceLink(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			svc := datapath.Service{Name: "s", Network: "tcp", Addr: tt.addr, Nodes: []datapath.Node{{Name: "n", Addr: tt.node}}}
+			svc := datapath.Service{Name: "s", Network: "tcp", Nodes: []datapath.Node{testNode("n", tt.node)}}
+			listenAt(&svc, tt.addr)
 			got, err := loaderService(svc, tt.link)
 			if tt.wantErr != "" {
 				if err == nil || !strings.Contains(err.Error(), tt.wantErr) {

@@ -27,6 +27,16 @@ var _ datapath.Datapath = Datapath{}
 // Kind reports datapath.Userspace.
 func (Datapath) Kind() datapath.Kind { return datapath.Userspace }
 
+// Rank puts the relay last: it always applies, so `auto` takes it only when
+// no kernel datapath does.
+func (Datapath) Rank() int { return 100 }
+
+// Applies: the relay carries every service.
+func (Datapath) Applies(datapath.Service) error { return nil }
+
+// Probe: the relay needs nothing from the kernel beyond sockets.
+func (Datapath) Probe() error { return nil }
+
 // Setup needs nothing from the kernel: it only prepares the counters.
 func (d Datapath) Setup(_ context.Context, svc datapath.Service) (datapath.Attachment, error) {
 	logger := d.Logger

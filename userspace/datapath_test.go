@@ -59,7 +59,7 @@ func TestSpliceCountsPerConnectionAndService(t *testing.T) {
 		}
 		done := make(chan error, 1)
 		go func() {
-			done <- att.Splice(t.Context(), datapath.Stream{Client: client, Upstream: upstream, Node: "n"})
+			done <- att.(datapath.Splicer).Splice(t.Context(), datapath.Stream{Client: client, Upstream: upstream, Node: "n"})
 		}()
 		ctx, cancel := context.WithTimeout(t.Context(), 10*time.Second)
 		if err := peer.Exchange(ctx, app, size); err != nil {

@@ -131,7 +131,7 @@ func cmdCheck(e env, args []string) int {
 	}
 	report(cfgErr)
 	if cfgErr == nil {
-		_, err := daemon.New(cfg, daemon.Options{}, discardLogger())
+		_, err := daemon.New(cfg, daemon.Options{Datapaths: planningDatapaths()}, discardLogger())
 		report(err)
 	}
 	if err := missingPrivileges(cfg); err != nil {
@@ -155,7 +155,7 @@ func cmdPlan(e env, args []string) int {
 	if !ok {
 		return 1
 	}
-	d, err := daemon.New(cfg, daemon.Options{}, discardLogger())
+	d, err := daemon.New(cfg, daemon.Options{Datapaths: planningDatapaths()}, discardLogger())
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1
@@ -248,7 +248,7 @@ func runDaemon(e env, args []string) (code int, restart bool) {
 
 	rec := metrics.NewRecorder()
 	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec,
-		Instance: *instance, Restart: restartReq, SplicePool: pool}, logger)
+		Instance: *instance, Restart: restartReq, Datapaths: datapaths(*instance, pool, logger)}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1, false
@@ -306,7 +306,7 @@ func validConfig(path string) error {
 	if err != nil {
 		return err
 	}
-	_, err = daemon.New(cfg, daemon.Options{}, discardLogger())
+	_, err = daemon.New(cfg, daemon.Options{Datapaths: planningDatapaths()}, discardLogger())
 	return err
 }
 

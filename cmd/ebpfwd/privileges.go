@@ -57,17 +57,17 @@ func missingPrivileges(cfg *config.Config) error {
 
 func usesNamespaces(cfg *config.Config) bool {
 	for _, s := range cfg.Services {
-		if s.NetNS != "" || s.NetNSOut != "" {
+		if !s.NetNS.IsOwn() || !s.NetNSOut.IsOwn() {
 			return true
 		}
 	}
 	for _, c := range cfg.Chains {
 		for _, h := range c.Hops {
-			if h.NetNS != "" {
+			if !h.NetNS.IsOwn() {
 				return true
 			}
 			for _, n := range h.Nodes {
-				if n.NetNS != "" {
+				if !n.NetNS.IsOwn() {
 					return true
 				}
 			}

@@ -124,7 +124,7 @@ func (s *Links) name(listen, out netns.NS) string {
 // Create builds the link between listen and out, or adopts the one a
 // previous run of this instance left between them when both its ends and
 // their addresses are as Create makes them (a link that is not is
-// replaced). The two must be different namespaces (see SameNamespace).
+// replaced). The two must be different namespaces (netns.NS.Same).
 func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
@@ -392,23 +392,6 @@ func openNS(ns netns.NS) (int, error) {
 		return -1, fmt.Errorf("open netns %s: %w", ns, err)
 	}
 	return fd, nil
-}
-
-// SameNamespace reports whether a and b are the same network namespace,
-// however they are named (e.g. "" for the daemon's own and the path of the
-// namespace it runs in).
-func SameNamespace(a, b netns.NS) (bool, error) {
-	if a.Path() == b.Path() {
-		return true, nil
-	}
-	var ids [2]unix.Stat_t
-	for i, ns := range []netns.NS{a, b} {
-		err := ns.Do(func() error { return unix.Stat("/proc/thread-self/ns/net", &ids[i]) })
-		if err != nil {
-			return false, fmt.Errorf("identify netns %s: %w", ns, err)
-		}
-	}
-	return ids[0].Dev == ids[1].Dev && ids[0].Ino == ids[1].Ino, nil
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {

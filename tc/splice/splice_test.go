@@ -337,33 +337,6 @@ func mustDo(t *testing.T, ns netns.NS, f func() error) {
 	}
 }
 
-func TestSameNamespace(t *testing.T) {
-	requireRoot(t)
-	topoA, a := topotest.NewNS(t, "ebpfwd-splice-a")
-	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
-	byPath, err := netns.Parse(topoA.Path())
-	if err != nil {
-		t.Fatal(err)
-	}
-	tests := []struct {
-		name string
-		x, y netns.NS
-		want bool
-	}{
-		{"same name", a, a, true},
-		{"name and path", a, byPath, true},
-		{"different namespaces", a, b, false},
-		{"own and another", netns.NS{}, a, false},
-		{"own and own", netns.NS{}, netns.NS{}, true},
-	}
-	for _, tt := range tests {
-		got, err := SameNamespace(tt.x, tt.y)
-		if err != nil || got != tt.want {
-			t.Errorf("%s: SameNamespace = %v, %v; want %v", tt.name, got, err, tt.want)
-		}
-	}
-}
-
 func equalSets(a, b []string) bool {
 	if len(a) != len(b) {
 		return false

@@ -8,32 +8,33 @@ import (
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 func TestNodesReachable(t *testing.T) {
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces")
 	}
-	listen, _ := topotest.NewNS(t, "tc-reach-l")
-	out, _ := topotest.NewNS(t, "tc-reach-o")
-	if err := topo.Veth(listen, "l0", "10.41.0.1/24", out, "o0", "10.41.0.2/24"); err != nil {
+	listenTopo, listen := topotest.NewNS(t, "tc-reach-l")
+	outTopo, out := topotest.NewNS(t, "tc-reach-o")
+	if err := topo.Veth(listenTopo, "l0", "10.41.0.1/24", outTopo, "o0", "10.41.0.2/24"); err != nil {
 		t.Fatal(err)
 	}
 	tests := []struct {
 		name    string
-		outNS   string
+		outNS   netns.NS
 		node    string
 		wantErr string
 	}{
-		{name: "same namespace needs no check", outNS: listen.Path(), node: "10.99.0.1:80"},
-		{name: "node is an address of netns.out", outNS: out.Path(), node: "10.41.0.2:80"},
-		{name: "node beyond netns.out", outNS: out.Path(), node: "10.99.0.1:80", wantErr: "is not an address of netns.out"},
+		{name: "same namespace needs no check", outNS: listen, node: "10.99.0.1:80"},
+		{name: "node is an address of netns.out", outNS: out, node: "10.41.0.2:80"},
+		{name: "node beyond netns.out", outNS: out, node: "10.99.0.1:80", wantErr: "is not an address of netns.out"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			err := NodesReachable(datapath.Service{
-				Name: "s", ListenNS: listen.Path(), OutNS: tt.outNS,
-				Nodes: []datapath.Node{{Name: "n", Addr: tt.node}},
+			err := nodesReachable(datapath.Service{
+				Name: "s", ListenNS: listen, OutNS: tt.outNS,
+				Nodes: []datapath.Node{testNode("n", tt.node)},
 			})
 			switch {
 			case tt.wantErr == "" && err != nil:

@@ -1,0 +1,56 @@
+package daemon
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"syscall"
+	"testing"
+
+	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/relay"
+)
+
+func TestReasonOf(t *testing.T) {
+	wrap := func(err error) error { return fmt.Errorf("node n (1.2.3.4:5): %w", err) }
+	tests := []struct {
+		err  error
+		want Reason
+	}{
+		{wrap(&net.OpError{Op: "dial", Err: os.NewSyscallError("connect", syscall.ECONNREFUSED)}), ReasonRefused},
+		{wrap(os.NewSyscallError("connect", syscall.EHOSTUNREACH)), ReasonUnreachable},
+		{wrap(os.NewSyscallError("read", syscall.ECONNRESET)), ReasonReset},
+		{wrap(context.DeadlineExceeded), ReasonTimeout},
+		{wrap(os.ErrDeadlineExceeded), ReasonTimeout},
+		{wrap(netns.ErrGone), ReasonNetnsGone},
+		{wrap(relay.ErrIdleTimeout), ReasonIdle},
+		{wrap(&httpconnect.StatusError{Code: 407, Status: "407 Proxy Authentication Required"}), ReasonHopAuth},
+		{wrap(&httpconnect.StatusError{Code: 502, Status: "502 Bad Gateway"}), ReasonHopGateway},
+		{wrap(&httpconnect.StatusError{Code: 403, Status: "403 Forbidden"}), ReasonHopStatus},
+		{wrap(httpconnect.ErrMalformedResponse), ReasonHopProtocol},
+		{wrap(io.ErrUnexpectedEOF), ReasonHopClosed},
+		{wrap(&net.DNSError{Err: "no such host", Name: "x", IsNotFound: true}), ReasonResolve},
+		{errors.New("something else"), ReasonOther},
+	}
+	for _, tt := range tests {
+		if got := reasonOf(tt.err); got != tt.want {
+			t.Errorf("reasonOf(%v) = %s, want %s", tt.err, got, tt.want)
+		}
+	}
+}
+
+func TestErrorsCount(t *testing.T) {
+	var e Errors
+	for range 3 {
+		e.Add(ReasonRefused)
+	}
+	e.Add(ReasonTimeout)
+	got := e.Snapshot()
+	if got[ReasonRefused] != 3 || got[ReasonTimeout] != 1 || len(got) != 2 {
+		t.Fatalf("snapshot = %v", got)
+	}
+}

@@ -1,0 +1,216 @@
+package tc
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"sync"
+	"time"
+
+	"github.com/vishvananda/netlink"
+
+	"github.com/ebpfwd/ebpfwd/loader"
+	"github.com/ebpfwd/ebpfwd/netns"
+)
+
+// gcInterval is how often expired flows are removed from the conntrack
+// maps: the program ignores them already, this frees their SNAT ports and
+// map slots before LRU eviction would.
+const gcInterval = 10 * time.Second
+
+// nsLoader is one namespace's BPF instance and the services using it.
+type nsLoader struct {
+	ns      netns.NS
+	id      netns.ID
+	l       *loader.Loader
+	refs    int
+	stopGC  context.CancelFunc
+	gcDone  chan struct{}
+	watch   *ifaceWatcher           // attaches to interfaces as they come and go
+	splices map[netns.ID]*spliceRef // by netns.out's identity
+	// services counts the attachments of each service ID in the maps:
+	// FinishSetup prunes every other service a previous run left.
+	services map[loader.ServiceID]int
+
+	counts flowCountCache
+}
+
+// flowCountsTTL is how long one walk of the conntrack map answers for. A
+// metrics scrape asks every service of the namespace for its counters and
+// its flow table; the walk costs a syscall per entry (up to FlowCapacity),
+// so it is done once per scrape, not once per question.
+const flowCountsTTL = time.Second
+
+// flowCounts are one service's kernel flows: open ones and table entries
+// (closed flows stay in the table for the closing timeout).
+type flowCounts struct{ active, entries uint64 }
+
+type flowCountCache struct {
+	mu     sync.Mutex
+	at     time.Time
+	counts map[loader.ServiceID]flowCounts
+}
+
+// flowCounts counts the namespace's kernel flows per service, walking the
+// conntrack map at most once per flowCountsTTL.
+func (nl *nsLoader) flowCounts() (map[loader.ServiceID]flowCounts, error) {
+	c := &nl.counts
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.counts != nil && time.Since(c.at) < flowCountsTTL {
+		return c.counts, nil
+	}
+	conns, err := nl.l.Conns()
+	if err != nil {
+		return nil, err
+	}
+	counts := map[loader.ServiceID]flowCounts{}
+	for _, f := range conns {
+		if f.Expired {
+			continue
+		}
+		fc := counts[f.Service]
+		fc.entries++
+		if f.State != loader.TCPClosing && f.State != loader.TCPReset {
+			fc.active++
+		}
+		counts[f.Service] = fc
+	}
+	c.counts, c.at = counts, time.Now()
+	return counts, nil
+}
+
+// acquire returns the namespace's BPF instance, loading it on first use
+// and attaching it to every Ethernet interface that is up there, now and
+// whenever one comes up later (see ifaceWatcher).
+func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
+	id, err := ns.ID()
+	if err != nil {
+		return nil, err
+	}
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	if nl, ok := d.loaders[id]; ok {
+		nl.refs++
+		return nl, nil
+	}
+	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: ns.Spec()})
+	if err != nil {
+		return nil, err
+	}
+	d.warnPortOverlap(ns)
+	// The watcher attaches to the interfaces there now before start
+	// returns, and to those that come later.
+	watch := newIfaceWatcher(ns, l, d.logger())
+	if err := watch.start(); err != nil {
+		l.Close()
+		return nil, err
+	}
+	if len(watch.interfaces()) == 0 {
+		watch.close()
+		l.Close()
+		return nil, fmt.Errorf("netns %s has no Ethernet interface to attach to", ns)
+	}
+	gcCtx, stop := context.WithCancel(context.Background())
+	nl := &nsLoader{ns: ns, id: id, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), watch: watch,
+		services: map[loader.ServiceID]int{}}
+	go d.collectGarbage(gcCtx, nl)
+	if d.loaders == nil {
+		d.loaders = map[netns.ID]*nsLoader{}
+	}
+	d.loaders[id] = nl
+	return nl, nil
+}
+
+// warnPortOverlap warns when the namespace's ip_local_port_range reaches
+// into the SNAT range: a connection the namespace's own sockets open to a
+// node (the listener's dials, node probes) could then get a source port a
+// translated flow holds, and their packets would cross.
+func (d *Datapath) warnPortOverlap(ns netns.NS) {
+	var lo, hi int
+	err := ns.Do(func() error {
+		b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
+		if err != nil {
+			return err
+		}
+		_, err = fmt.Sscan(string(b), &lo, &hi)
+		return err
+	})
+	if err != nil {
+		d.logger().Debug("read ip_local_port_range", "netns", ns.String(), "err", err)
+		return
+	}
+	if lo <= loader.DefaultSNATPortMax && hi >= loader.DefaultSNATPortMin {
+		d.logger().Warn("ip_local_port_range overlaps the tc datapath's SNAT ports: the namespace's own connections to nodes may collide with translated flows",
+			"netns", ns.String(), "ip_local_port_range", fmt.Sprintf("%d-%d", lo, hi),
+			"snat_ports", fmt.Sprintf("%d-%d", loader.DefaultSNATPortMin, loader.DefaultSNATPortMax))
+	}
+}
+
+func (d *Datapath) release(nl *nsLoader) {
+	d.mu.Lock()
+	defer d.mu.Unlock()
+	nl.refs--
+	if nl.refs > 0 {
+		return
+	}
+	nl.stopGC()
+	<-nl.gcDone
+	// Before the loader goes: the watcher must not attach or detach
+	// behind Close or Release. Stopping it detaches nothing, so after
+	// KeepForRestart every attachment stays for the next run.
+	nl.watch.close()
+	if d.keep {
+		if err := nl.l.Release(); err != nil {
+			d.logger().Error("release tc datapath for restart", "netns", nl.ns.String(), "err", err)
+		}
+	} else {
+		// Every splice user is a loader user too, so none should be
+		// left; should one be, it must not outlive the loader.
+		for _, r := range nl.splices {
+			d.removeSplice(nl, r)
+		}
+		if err := nl.l.Close(); err != nil {
+			d.logger().Error("detach tc datapath", "netns", nl.ns.String(), "err", err)
+		}
+	}
+	delete(d.loaders, nl.id)
+}
+
+func (d *Datapath) collectGarbage(ctx context.Context, nl *nsLoader) {
+	defer close(nl.gcDone)
+	t := time.NewTicker(gcInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+			if n, err := nl.l.CollectGarbage(); err != nil {
+				d.logger().Warn("tc conntrack garbage collection", "netns", nl.ns.String(), "err", err)
+			} else if n > 0 {
+				d.logger().Debug("tc conntrack garbage collection", "netns", nl.ns.String(), "removed", n)
+			}
+		}
+	}
+}
+
+// listLinks lists the state of every link of the namespace; the interface
+// watcher (watch.go) decides from it which ones carry the program.
+func listLinks(ns netns.NS) ([]linkState, error) {
+	var states []linkState
+	err := ns.Do(func() error {
+		links, err := netlink.LinkList()
+		if err != nil {
+			return err
+		}
+		for _, l := range links {
+			states = append(states, linkStateOf(l))
+		}
+		return nil
+	})
+	if err != nil {
+		return nil, fmt.Errorf("list interfaces in netns %s: %w", ns, err)
+	}
+	return states, nil
+}
