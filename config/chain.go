@@ -85,18 +85,14 @@ func (d *decoder) chains(f field, topHops map[string]*Hop) ([]*Chain, map[string
 			}
 			d.errorf(at, path, "a chain needs at least one hop")
 		}
-		names := map[string]Pos{}
-		for i, hopItem := range items {
-			h := d.chainHop(hopItem, i, topHops)
-			if h == nil {
-				continue
-			}
-			if first, dup := names[h.Name]; dup {
-				d.errorf(hopItem.value, join(hopItem.path, "name"), "duplicate hop name %q in chain (first at line %d)", h.Name, first.Line)
-			} else {
-				names[h.Name] = posOf(hopItem.value)
-			}
-			c.Hops = append(c.Hops, h)
+		if len(items) > 0 { // d.sequence reported anything else already
+			c.Hops = decodeUnique(d, hf, "hop", func(item field, i int) (*Hop, string) {
+				h := d.chainHop(item, i, topHops)
+				if h == nil {
+					return nil, ""
+				}
+				return h, h.Name
+			})
 		}
 		chains = append(chains, c)
 	}
@@ -178,21 +174,13 @@ func (d *decoder) hopBody(f field, fs fields, name string) *Hop {
 // nodes decodes a list of nodes, of a hop (proxies) or of a forwarder
 // (targets). Names default to node-<i> and must be unique in the list.
 func (d *decoder) nodes(f field, inHop bool) []*Node {
-	var nodes []*Node
-	names := map[string]Pos{}
-	for i, item := range d.sequence(f) {
+	return decodeUnique(d, f, "node", func(item field, i int) (*Node, string) {
 		n := d.node(item, i, inHop)
 		if n == nil {
-			continue
+			return nil, ""
 		}
-		if first, dup := names[n.Name]; dup {
-			d.errorf(item.value, join(item.path, "name"), "duplicate node name %q (first at line %d)", n.Name, first.Line)
-		} else {
-			names[n.Name] = n.Pos
-		}
-		nodes = append(nodes, n)
-	}
-	return nodes
+		return n, n.Name
+	})
 }
 
 func (d *decoder) node(f field, i int, inHop bool) *Node {

@@ -18,19 +18,32 @@ func (d *decoder) services(f field, chains map[string]*Chain) []*Service {
 		d.errorf(f.pos(), f.path, "no services: the list is empty")
 		return nil
 	}
-	var out []*Service
-	names := map[string]Pos{}
-	for i, item := range d.sequence(f) {
+	return decodeUnique(d, f, "service", func(item field, i int) (*Service, string) {
 		svc := d.service(item, i, chains)
 		if svc == nil {
+			return nil, ""
+		}
+		return svc, svc.Name
+	})
+}
+
+// decodeUnique decodes every item of a list with decode, which returns nil
+// for an item it could not decode (having reported why), and reports a name
+// used twice at the later item: "duplicate KIND name".
+func decodeUnique[T any](d *decoder, f field, kind string, decode func(item field, i int) (*T, string)) []*T {
+	var out []*T
+	first := map[string]int{} // name -> line of its first item
+	for i, item := range d.sequence(f) {
+		v, name := decode(item, i)
+		if v == nil {
 			continue
 		}
-		if first, dup := names[svc.Name]; dup {
-			d.errorf(item.value, join(item.path, "name"), "duplicate service name %q (first at line %d)", svc.Name, first.Line)
+		if line, dup := first[name]; dup {
+			d.errorf(item.value, join(item.path, "name"), "duplicate %s name %q (first at line %d)", kind, name, line)
 		} else {
-			names[svc.Name] = svc.Pos
+			first[name] = item.value.Line
 		}
-		out = append(out, svc)
+		out = append(out, v)
 	}
 	return out
 }
