@@ -22,10 +22,19 @@
 // Size limits of the maps. MAX_SERVICES bounds service ids (id 0 holds the
 // counters of packets that match no service). MAX_NODES bounds the nodes of
 // one service and therefore the node-selection loop. MAX_FLOWS sizes both
-// conntrack maps; LRU eviction beyond it drops the oldest flows.
-#define MAX_SERVICES 1024
-#define MAX_NODES 64
-#define MAX_FLOWS 262144
-#define MAX_IFACES 256
+// conntrack maps; LRU eviction beyond it drops the oldest flows. MAX_IFACES
+// bounds the interfaces of one namespace the program redirects to.
+//
+// An enum, not #defines, so that the values are in the object's BTF: the
+// loader reads them from there (bpf.ReadLimits) instead of repeating them.
+enum limits {
+	MAX_SERVICES = 1024,
+	MAX_NODES = 64,
+	MAX_FLOWS = 262144,
+	MAX_IFACES = 256,
+};
+
+// Puts enum limits in BTF (see btf_counter in counters.h).
+volatile const enum limits btf_limits;
 
 #endif // EBPFWD_LIB_MAPS_H
