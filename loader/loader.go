@@ -89,7 +89,9 @@ type Config struct {
 	// both 0 means 1024-32767.
 	SNATPortMin, SNATPortMax uint16
 	// Timeouts of TCP flows that are opening, closing (FIN both ways) or
-	// reset; 0 means the default.
+	// reset; 0 means the default. A TCPClosingTimeout of 2s or less (the
+	// program's tcp_closed_reuse_ns) is known to make the verifier give up
+	// on the program (1M instructions): Load then fails.
 	TCPSynTimeout, TCPClosingTimeout, TCPResetTimeout time.Duration
 	// Attach chooses tcx or the legacy tc attachment.
 	Attach AttachMode
