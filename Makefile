@@ -2,14 +2,13 @@
 # (they create network namespaces).
 
 GO      ?= go
-CLANG   ?= clang-19
 BIN     := bin/ebpfwd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # How long each fuzz target runs in `make test`: enough to catch a shallow
 # panic on every change, short enough for CI.
 FUZZTIME ?= 10s
 
-.PHONY: build test unit e2e fuzz demo generate lint clean need-root bench
+.PHONY: build test unit e2e fuzz demo generate check-generate lint clean need-root bench
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
@@ -43,9 +42,21 @@ bench: need-root build
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq iperf3 iptables; }
 	$(GO) run ./test/bench -ebpfwd $(BIN) $(if $(filter 1,$(BENCH_QUICK)),-quick) $(if $(filter 1,$(BENCH_WRITE)),-write docs/BENCHMARKS.md)
 
-# BPF objects and bindings are committed; this regenerates them (needs clang-19).
+# BPF objects and bindings are committed; this regenerates them. It needs
+# clang-19 and llvm-19 (llvm-strip-19) from Debian bookworm; the compiler is
+# pinned in bpf/gen.go, the headers are vendored in bpf/headers/, so the
+# output is the same bit for bit on any machine and in any checkout
+# directory (bpf/README.md).
 generate:
+	@command -v clang-19 >/dev/null && command -v llvm-strip-19 >/dev/null || \
+	  { echo "make generate needs clang-19 and llvm-strip-19: apt-get install clang-19 llvm-19"; exit 1; }
 	$(GO) generate ./...
+
+# The committed BPF objects and bindings must be what the committed sources
+# make: regenerate, and fail if that changed them (CI runs this).
+check-generate: generate
+	@git diff --exit-code --stat -- 'bpf/*_bpfel.go' 'bpf/*_bpfel.o' || \
+	  { echo "the generated BPF files differ from bpf/*.c: run make generate and commit the result"; exit 1; }
 
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \

@@ -74,6 +74,15 @@ type NATL2Path struct {
 	OurMac  [6]uint8
 }
 
+type NATLimits uint32
+
+const (
+	NATLimitsMAX_SERVICES NATLimits = 1024
+	NATLimitsMAX_NODES    NATLimits = 64
+	NATLimitsMAX_FLOWS    NATLimits = 262144
+	NATLimitsMAX_IFACES   NATLimits = 256
+)
+
 type NATNode struct {
 	_        structs.HostLayout
 	Addr     [4]uint32
@@ -141,6 +150,7 @@ const (
 	NATVarBtfCounter          = "btf_counter"
 	NATVarBtfCtState          = "btf_ct_state"
 	NATVarBtfIfaceFlags       = "btf_iface_flags"
+	NATVarBtfLimits           = "btf_limits"
 	NATVarBtfStrategy         = "btf_strategy"
 	NATVarSnatPortMax         = "snat_port_max"
 	NATVarSnatPortMin         = "snat_port_min"
@@ -214,6 +224,7 @@ type NATVariableSpecs struct {
 	BtfCounter          *ebpf.VariableSpec `ebpf:"btf_counter"`
 	BtfCtState          *ebpf.VariableSpec `ebpf:"btf_ct_state"`
 	BtfIfaceFlags       *ebpf.VariableSpec `ebpf:"btf_iface_flags"`
+	BtfLimits           *ebpf.VariableSpec `ebpf:"btf_limits"`
 	BtfStrategy         *ebpf.VariableSpec `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.VariableSpec `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.VariableSpec `ebpf:"snat_port_min"`
@@ -269,6 +280,7 @@ type NATVariables struct {
 	BtfCounter          *ebpf.Variable `ebpf:"btf_counter"`
 	BtfCtState          *ebpf.Variable `ebpf:"btf_ct_state"`
 	BtfIfaceFlags       *ebpf.Variable `ebpf:"btf_iface_flags"`
+	BtfLimits           *ebpf.Variable `ebpf:"btf_limits"`
 	BtfStrategy         *ebpf.Variable `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.Variable `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.Variable `ebpf:"snat_port_min"`

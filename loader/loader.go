@@ -89,10 +89,25 @@ type Config struct {
 	// both 0 means 1024-32767.
 	SNATPortMin, SNATPortMax uint16
 	// Timeouts of TCP flows that are opening, closing (FIN both ways) or
-	// reset; 0 means the default.
+	// reset; 0 means the default. A TCPClosingTimeout of 2s or less (the
+	// program's tcp_closed_reuse_ns) is known to make the verifier give up
+	// on the program (1M instructions): Load then fails.
 	TCPSynTimeout, TCPClosingTimeout, TCPResetTimeout time.Duration
 	// Attach chooses tcx or the legacy tc attachment.
 	Attach AttachMode
+	// Logger receives what the loader does on its own: taking over or
+	// wiping a previous run's pins, mounting bpffs, adopting links. nil
+	// means slog.Default(), looked up at each message: the warnings that
+	// flows were cut must not vanish because a caller left it unset.
+	Logger *slog.Logger
+}
+
+// logger is Logger, or slog.Default() when it is nil.
+func (c Config) logger() *slog.Logger {
+	if c.Logger != nil {
+		return c.Logger
+	}
+	return slog.Default()
 }
 
 func (c *Config) setDefaults() error {
@@ -151,11 +166,11 @@ func Load(cfg Config) (*Loader, error) {
 	if err := cfg.setDefaults(); err != nil {
 		return nil, fmt.Errorf("load tc datapath: %w", err)
 	}
-	if err := ensureBPFFS(cfg.BPFFS); err != nil {
+	if err := ensureBPFFS(cfg.BPFFS, cfg.logger()); err != nil {
 		return nil, err
 	}
 	pinDir := cfg.pinDir()
-	lock, err := claimPinDir(pinDir)
+	lock, err := claimPinDir(pinDir, cfg.logger())
 	if err != nil {
 		return nil, err
 	}
@@ -185,7 +200,7 @@ func (l *Loader) load() error {
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
 		// A binary whose maps changed shape cannot read the old ones:
 		// start over. The old flows end here, which is logged loudly.
-		slog.Warn("pinned maps of a previous run do not fit this program: removing every pin of the instance and starting fresh; flows in progress are cut",
+		l.cfg.logger().Warn("pinned maps of a previous run do not fit this program: removing every pin of the instance and starting fresh; flows in progress are cut",
 			"dir", l.pinDir, "err", err)
 		if err := emptyDir(l.pinDir); err != nil {
 			return err
@@ -198,7 +213,7 @@ func (l *Loader) load() error {
 	}
 	l.reused = pinned
 	if pinned {
-		slog.Info("reusing the pinned maps of a previous run: its flows keep going", "dir", l.pinDir)
+		l.cfg.logger().Info("reusing the pinned maps of a previous run: its flows keep going", "dir", l.pinDir)
 	}
 	return nil
 }
@@ -295,7 +310,7 @@ const bpfFSMagic = 0xcafe4a11
 
 // ensureBPFFS mounts bpffs at dir unless it already is one: pins need it,
 // and some machines boot without it.
-func ensureBPFFS(dir string) error {
+func ensureBPFFS(dir string, log *slog.Logger) error {
 	var st unix.Statfs_t
 	if err := unix.Statfs(dir, &st); err == nil && st.Type == bpfFSMagic {
 		return nil
@@ -306,14 +321,14 @@ func ensureBPFFS(dir string) error {
 	if err := unix.Mount("bpf", dir, "bpf", 0, "mode=0700"); err != nil {
 		return fmt.Errorf("mount bpffs at %s: %w", dir, err)
 	}
-	slog.Info("mounted bpffs", "dir", dir)
+	log.Info("mounted bpffs", "dir", dir)
 	return nil
 }
 
 // claimPinDir creates and flocks the pin directory. What a previous run
 // left there is kept for Load to take over, except entries that are none
 // of ours (neither a map nor a link pin), which are removed.
-func claimPinDir(dir string) (*os.File, error) {
+func claimPinDir(dir string, log *slog.Logger) (*os.File, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, fmt.Errorf("create pin directory %s: %w", dir, err)
 	}
@@ -347,7 +362,7 @@ func claimPinDir(dir string) (*os.File, error) {
 		removed = append(removed, e.Name())
 	}
 	if len(removed) > 0 {
-		slog.Warn("removed unknown entries from the pin directory", "dir", dir, "entries", removed)
+		log.Warn("removed unknown entries from the pin directory", "dir", dir, "entries", removed)
 	}
 	return f, nil
 }

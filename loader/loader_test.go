@@ -328,6 +328,14 @@ func TestGarbageCollectionSparesReusedPort(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// The expired flow's last packet lies an hour back, or at boot on a
+	// machine up for less (CLOCK_MONOTONIC starts near 0: now - 1h would
+	// wrap around to the far future, and the flow would never expire).
+	// Either way it is older than the closing timeout once the machine
+	// has been up that long.
+	if now <= uint64(DefaultTCPClosingTimeout) {
+		t.Skipf("up for %v only: no timestamp lies a closing timeout (%v) back", time.Duration(now), DefaultTCPClosingTimeout)
+	}
 	// The state the program leaves after reclaim_if_stale gave the port
 	// to the new flow while the old one's conntrack entry lingers (as
 	// when the walk saw it before the program reclaimed the port).
@@ -335,7 +343,7 @@ func TestGarbageCollectionSparesReusedPort(t *testing.T) {
 		key bpf.NATTuple
 		ct  bpf.NATCtEntry
 	}{
-		{expired, bpf.NATCtEntry{Reply: reply, State: uint8(TCPClosing), LastSeenNs: now - uint64(time.Hour)}},
+		{expired, bpf.NATCtEntry{Reply: reply, State: uint8(TCPClosing), LastSeenNs: monotonicAgo(now, time.Hour)}},
 		{reused, bpf.NATCtEntry{Reply: reply, State: uint8(TCPEstablished), LastSeenNs: now, IdleTimeoutNs: uint64(time.Hour)}},
 	}
 	for _, e := range entries {
@@ -360,5 +368,32 @@ func TestGarbageCollectionSparesReusedPort(t *testing.T) {
 	var orig bpf.NATTuple
 	if err := l.objs.EbpfwdReverse.Lookup(reply, &orig); err != nil || orig != reused {
 		t.Errorf("reverse entry of the live flow = %+v, %v; want it kept, pointing to the live flow", orig, err)
+	}
+}
+
+// monotonicAgo is the CLOCK_MONOTONIC timestamp d before now, or 0 (boot)
+// when the machine has been up for less than d: a timestamp made by
+// subtraction must not wrap around to the far future on a fresh machine.
+func monotonicAgo(now uint64, d time.Duration) uint64 {
+	if uint64(d) > now {
+		return 0
+	}
+	return now - uint64(d)
+}
+
+func TestMonotonicAgo(t *testing.T) {
+	tests := []struct {
+		now  uint64
+		d    time.Duration
+		want uint64
+	}{
+		{now: uint64(2 * time.Hour), d: time.Hour, want: uint64(time.Hour)},
+		{now: uint64(time.Minute), d: time.Hour, want: 0}, // booted a minute ago
+		{now: 5, d: 5, want: 0},
+	}
+	for _, tt := range tests {
+		if got := monotonicAgo(tt.now, tt.d); got != tt.want {
+			t.Errorf("monotonicAgo(%d, %v) = %d, want %d", tt.now, tt.d, got, tt.want)
+		}
 	}
 }

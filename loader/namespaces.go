@@ -117,13 +117,13 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 			if err != nil {
 				errs = append(errs, fmt.Errorf("remove unknown pin %s: %w", path, err))
 			} else {
-				slog.Warn("removed an unknown entry from the instance's pin directory", "path", path)
+				cfg.logger().Warn("removed an unknown entry from the instance's pin directory", "path", path)
 			}
 			continue
 		}
-		switch err := pruneNamespaceDir(path, spec); {
+		switch err := pruneNamespaceDir(path, spec, cfg.logger()); {
 		case errors.Is(err, errPinDirBusy):
-			slog.Warn("pins of a namespace this run does not serve are in use by another process: left alone",
+			cfg.logger().Warn("pins of a namespace this run does not serve are in use by another process: left alone",
 				"netns", spec, "dir", path)
 		case err != nil:
 			errs = append(errs, fmt.Errorf("netns %q: %w", spec, err))
@@ -140,7 +140,7 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 }
 
 // pruneNamespaceDir detaches and removes one namespace's leftovers.
-func pruneNamespaceDir(dir, spec string) error {
+func pruneNamespaceDir(dir, spec string, log *slog.Logger) error {
 	f, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", dir, err)
@@ -173,7 +173,7 @@ func pruneNamespaceDir(dir, spec string) error {
 	if err := os.RemoveAll(dir); err != nil {
 		return fmt.Errorf("remove %s: %w", dir, err)
 	}
-	slog.Info("removed the tc datapath a previous run left in a namespace this run does not serve",
+	log.Info("removed the tc datapath a previous run left in a namespace this run does not serve",
 		"netns", spec, "dir", dir, "tcx_links", links, "cls_bpf_filters", filters)
 	return nil
 }

@@ -3,7 +3,6 @@ package loader
 import (
 	"errors"
 	"fmt"
-	"log/slog"
 	"os"
 	"path/filepath"
 	"slices"
@@ -101,7 +100,7 @@ func (l *Loader) Release() error {
 		errs = append(errs, fmt.Errorf("close NAT objects: %w", err))
 	}
 	l.lock.Close() // releases the flock for the next run
-	slog.Info("tc datapath released for restart: program stays attached, maps stay pinned", "dir", l.pinDir)
+	l.cfg.logger().Info("tc datapath released for restart: program stays attached, maps stay pinned", "dir", l.pinDir)
 	return errors.Join(errs...)
 }
 
@@ -122,14 +121,14 @@ func (l *Loader) adoptLink(a *attachment) (bool, error) {
 			// program, and a new binary's program replaces the old.
 			if err = lnk.Update(l.objs.EbpfwdNat); err == nil {
 				a.link, a.pinPath = lnk, pin
-				slog.Info("adopted the pinned tcx link of a previous run", "interface", a.ifname, "ifindex", a.ifindex)
+				l.cfg.logger().Info("adopted the pinned tcx link of a previous run", "interface", a.ifname, "ifindex", a.ifindex)
 				return true, nil
 			}
 			err = fmt.Errorf("update its program: %w", err)
 		}
 		lnk.Close()
 	}
-	slog.Warn("cannot adopt pinned tcx link: removing it and attaching anew", "pin", pin, "err", err)
+	l.cfg.logger().Warn("cannot adopt pinned tcx link: removing it and attaching anew", "pin", pin, "err", err)
 	if err := os.Remove(pin); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return false, fmt.Errorf("remove unusable link pin %s: %w", pin, err)
 	}
@@ -205,7 +204,7 @@ func (l *Loader) PruneLinks() (int, error) {
 		}
 	}
 	if len(removed) > 0 {
-		slog.Info("removed tcx links of a previous run that this run does not use", "dir", l.pinDir, "pins", removed)
+		l.cfg.logger().Info("removed tcx links of a previous run that this run does not use", "dir", l.pinDir, "pins", removed)
 	}
 	if err := errors.Join(errs...); err != nil {
 		return len(removed), fmt.Errorf("prune links in %s: %w", l.pinDir, err)
@@ -276,7 +275,7 @@ func (l *Loader) PruneServices(keep []ServiceID) (int, error) {
 		}
 	}
 	if len(stale) > 0 {
-		slog.Info("removed services of a previous run that the configuration no longer has; their flows expire",
+		l.cfg.logger().Info("removed services of a previous run that the configuration no longer has; their flows expire",
 			"dir", l.pinDir, "services", len(stale), "ids", staleIDs)
 	}
 	if err := errors.Join(errs...); err != nil {

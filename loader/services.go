@@ -13,12 +13,6 @@ import (
 	"github.com/ebpfwd/ebpfwd/bpf"
 )
 
-// maxServices and maxNodes mirror MAX_SERVICES and MAX_NODES in nat.c.
-const (
-	maxServices = 1024
-	maxNodes    = 64
-)
-
 // IP protocol numbers as the BPF structs hold them.
 const (
 	protoTCP = 6
@@ -120,14 +114,14 @@ func (l *Loader) PutService(s Service) (ServiceID, error) {
 		if err != nil {
 			return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
 		}
-		for id := ServiceID(1); id < maxServices; id++ {
+		for id := ServiceID(1); id < ServiceID(natLimits.Services); id++ {
 			if !used[id] {
 				svc.Id = uint32(id)
 				break
 			}
 		}
 		if svc.Id == 0 {
-			return 0, fmt.Errorf("put service %s/%s: all %d service slots in use", s.Network, s.VIP, maxServices-1)
+			return 0, fmt.Errorf("put service %s/%s: all %d service slots in use", s.Network, s.VIP, natLimits.Services-1)
 		}
 	}
 	id := ServiceID(svc.Id)
@@ -169,8 +163,10 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 	if !vip.IsValid() || vip.IsUnspecified() || s.VIP.Port() == 0 {
 		return bpf.NATServiceKey{}, bpf.NATService{}, nil, errors.New("the tc datapath needs a concrete listen address and port")
 	}
-	if len(s.Nodes) == 0 || len(s.Nodes) > maxNodes {
-		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("%d nodes: want 1 to %d", len(s.Nodes), maxNodes)
+	// The program ignores a service with more nodes than its selection
+	// loop covers: refuse it here, where the error can say so.
+	if len(s.Nodes) == 0 || len(s.Nodes) > int(natLimits.Nodes) {
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("%d nodes: want 1 to %d", len(s.Nodes), natLimits.Nodes)
 	}
 	if s.Strategy > Hash {
 		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("unknown strategy %d", s.Strategy)

@@ -33,7 +33,7 @@ const GlobalCounters ServiceID = 0
 
 // Counters reads the counters of a service (or GlobalCounters).
 func (l *Loader) Counters(id ServiceID) (Counters, error) {
-	if id >= maxServices {
+	if uint32(id) >= natLimits.Services {
 		return Counters{}, fmt.Errorf("counters of service %d: id out of range", id)
 	}
 	n := uint32(bpf.NATCounterCOUNTER_MAX)
@@ -150,7 +150,7 @@ func (l *Loader) conn(key bpf.NATTuple, ct bpf.NATCtEntry, now uint64) Conn {
 	return c
 }
 
-// timeout mirrors ct_timeout in nat.c.
+// timeout mirrors ct_timeout in bpf/lib/conntrack.h.
 func (l *Loader) timeout(ct bpf.NATCtEntry) time.Duration {
 	switch FlowState(ct.State) {
 	case TCPSynSent:
@@ -274,10 +274,6 @@ func monotonicNow() (uint64, error) {
 	}
 	return uint64(ts.Nano()), nil
 }
-
-// FlowCapacity is how many flows the conntrack maps hold (MAX_FLOWS in
-// nat.c); beyond it the LRU maps evict the least recently used.
-const FlowCapacity = 262144
 
 // ProgramStats is the kernel's accounting of the NAT program: run time and
 // run count, which it keeps only while BPF statistics are enabled

@@ -63,7 +63,7 @@ func (d *Datapath) FinishSetup() error {
 	// Namespaces a previous run served and this one does not: their
 	// program is detached and their pins go, and so do the splice links
 	// that started there.
-	pruned, err := loader.PruneNamespaces(loader.Config{Instance: d.Instance}, serving)
+	pruned, err := loader.PruneNamespaces(loader.Config{Instance: d.Instance, Logger: d.logger()}, serving)
 	if err != nil {
 		errs = append(errs, err)
 	}
