@@ -77,12 +77,12 @@ type Config struct {
 	// Instance names the daemon: its pins are under
 	// /sys/fs/bpf/ebpfwd/<Instance>/.
 	Instance string
-	// Netns is the namespace the Loader serves as ebpfwd names it: "" for
-	// the daemon's own, an `ip netns` name, or a path. It picks the pin
-	// directory <Instance>/<NetnsDir(Netns)>, so that every namespace has
-	// maps of its own and a later run can tell which namespace a directory
-	// belongs to (PruneNamespaces).
-	Netns string
+	// Netns is the namespace the Loader serves (the zero NS: the daemon's
+	// own). Its identity picks the pin directory <Instance>/<NetnsDir(id)>,
+	// so that every namespace has maps of its own, however it is spelled,
+	// and a later run can tell which namespace a directory belongs to
+	// (PruneNamespaces).
+	Netns netns.NS
 	// BPFFS is where bpffs is (or gets) mounted; "" means /sys/fs/bpf.
 	BPFFS string
 	// SNATPortMin and SNATPortMax bound the SNAT source ports (inclusive);
@@ -114,8 +114,8 @@ func (c *Config) setDefaults() error {
 	if c.Instance == "" || c.Instance != filepath.Base(c.Instance) || c.Instance == "." || c.Instance == ".." {
 		return fmt.Errorf("instance name %q: must be a single path element", c.Instance)
 	}
-	if NetnsDir(c.Netns) == "" {
-		return fmt.Errorf("netns %q: no pin directory name for it", c.Netns)
+	if _, err := c.Netns.ID(); err != nil {
+		return fmt.Errorf("identify the namespace for its pin directory: %w", err)
 	}
 	if c.BPFFS == "" {
 		c.BPFFS = DefaultBPFFS

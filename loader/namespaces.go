@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
-	"net/url"
 	"os"
 	"path/filepath"
 	"slices"
@@ -17,48 +16,43 @@ import (
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
-// An instance's pins are laid out by namespace:
+// An instance's pins are laid out by namespace, by its identity:
 //
-//	/sys/fs/bpf/ebpfwd/<instance>/own/        the daemon's own namespace
-//	/sys/fs/bpf/ebpfwd/<instance>/ns-<spec>/  any other, spec path-escaped
+//	/sys/fs/bpf/ebpfwd/<instance>/ns-<dev>-<ino>/
 //
-// The directory name gives the namespace back, so a run that no longer
-// serves a namespace can find it and remove what a crashed run left
-// attached there (PruneNamespaces); and no instance name can collide with
-// another's namespace directory.
-const (
-	ownNetnsDir     = "own"
-	otherNetnsStart = "ns-"
-)
+// where dev and ino identify the namespace's nsfs file (netns.ID). However
+// a configuration spells the namespace (`blue`, /var/run/netns/blue,
+// /proc/PID/ns/net of a process in it, "" for the daemon's own), its pins
+// are one directory, also across runs that spell it differently; and no
+// instance name can collide with another's namespace directory. A run that
+// no longer serves a namespace finds it again by its identity
+// (netns.Find) to remove what a crashed run left attached there
+// (PruneNamespaces).
+const netnsDirStart = "ns-"
 
 // NetnsDir is the directory name, under the instance's, of the namespace
-// ebpfwd names spec ("" for the daemon's own, an `ip netns` name or a path).
-func NetnsDir(spec string) string {
-	if spec == "" {
-		return ownNetnsDir
-	}
-	return otherNetnsStart + url.PathEscape(spec)
+// whose identity is id.
+func NetnsDir(id netns.ID) string {
+	return fmt.Sprintf("%s%d-%d", netnsDirStart, id.Dev, id.Ino)
 }
 
 // netnsOfDir reverses NetnsDir; ok is false for a name NetnsDir never makes.
-func netnsOfDir(name string) (spec string, ok bool) {
-	if name == ownNetnsDir {
-		return "", true
+func netnsOfDir(name string) (id netns.ID, ok bool) {
+	rest, found := strings.CutPrefix(name, netnsDirStart)
+	if !found {
+		return netns.ID{}, false
 	}
-	escaped, found := strings.CutPrefix(name, otherNetnsStart)
-	if !found || escaped == "" {
-		return "", false
+	if _, err := fmt.Sscanf(rest, "%d-%d", &id.Dev, &id.Ino); err != nil || NetnsDir(id) != name {
+		return netns.ID{}, false
 	}
-	spec, err := url.PathUnescape(escaped)
-	if err != nil || NetnsDir(spec) != name {
-		return "", false
-	}
-	return spec, true
+	return id, true
 }
 
 // pinDir is the Loader's pin directory for c.
 func (c Config) pinDir() string {
-	return filepath.Join(c.instanceDir(), NetnsDir(c.Netns))
+	// setDefaults checked that the namespace can be identified.
+	id, _ := c.Netns.ID()
+	return filepath.Join(c.instanceDir(), NetnsDir(id))
 }
 
 func (c Config) instanceDir() string {
@@ -73,16 +67,16 @@ func (c Config) instanceDir() string {
 var errPinDirBusy = errors.New("pin directory is in use by another process")
 
 // PruneNamespaces removes what a previous run of cfg.Instance left in the
-// namespaces it pinned state for that are not in serving (the specs of the
-// namespaces this run has a Loader in): it detaches the program (removing
+// namespaces it pinned state for that are not in serving (the identities
+// of the namespaces this run has a Loader in): it detaches the program (removing
 // its pinned tcx links; deleting its cls_bpf filters where the namespace
 // still exists) and removes the namespace's pins, which frees its maps. A
 // run that crashed would otherwise leave its program translating, for ever,
 // the services of a namespace the new configuration dropped. It returns
-// the specs of the namespaces it cleaned, so that the caller can remove
-// what else it kept there (splice links). A directory whose lock another
+// the namespaces it cleaned that still exist, so that the caller can
+// remove what else it kept there (splice links). A directory whose lock another
 // process holds is left alone.
-func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
+func PruneNamespaces(cfg Config, serving []netns.ID) ([]netns.NS, error) {
 	instanceDir := cfg.instanceDir()
 	entries, err := os.ReadDir(instanceDir)
 	if errors.Is(err, os.ErrNotExist) {
@@ -92,11 +86,11 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 		return nil, fmt.Errorf("prune namespaces: read %s: %w", instanceDir, err)
 	}
 	keep := map[string]bool{}
-	for _, spec := range serving {
-		keep[NetnsDir(spec)] = true
+	for _, id := range serving {
+		keep[NetnsDir(id)] = true
 	}
 	var (
-		pruned []string
+		pruned []netns.NS
 		errs   []error
 	)
 	for _, e := range entries {
@@ -104,7 +98,7 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 			continue
 		}
 		path := filepath.Join(instanceDir, e.Name())
-		spec, ok := netnsOfDir(e.Name())
+		id, ok := netnsOfDir(e.Name())
 		if !ok || !e.IsDir() {
 			// Nothing of the layout: a link pin is detached first, so
 			// that removing it means the program is gone.
@@ -121,14 +115,17 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 			}
 			continue
 		}
-		switch err := pruneNamespaceDir(path, spec, cfg.logger()); {
+		// The namespace may be gone (then so are its interfaces and
+		// their filters); ok says whether it was found.
+		ns, found := netns.Find(id)
+		switch err := pruneNamespaceDir(path, id, ns, found, cfg.logger()); {
 		case errors.Is(err, errPinDirBusy):
 			cfg.logger().Warn("pins of a namespace this run does not serve are in use by another process: left alone",
-				"netns", spec, "dir", path)
+				"netns", describeNS(ns, found, id), "dir", path)
 		case err != nil:
-			errs = append(errs, fmt.Errorf("netns %q: %w", spec, err))
-		default:
-			pruned = append(pruned, spec)
+			errs = append(errs, fmt.Errorf("netns %s: %w", describeNS(ns, found, id), err))
+		case found:
+			pruned = append(pruned, ns)
 		}
 	}
 	_ = os.Remove(instanceDir) // only if this left it empty
@@ -140,7 +137,15 @@ func PruneNamespaces(cfg Config, serving []string) ([]string, error) {
 }
 
 // pruneNamespaceDir detaches and removes one namespace's leftovers.
-func pruneNamespaceDir(dir, spec string, log *slog.Logger) error {
+// describeNS names a namespace for logs: as found, or by its identity.
+func describeNS(ns netns.NS, found bool, id netns.ID) string {
+	if found {
+		return ns.String()
+	}
+	return "gone (" + id.String() + ")"
+}
+
+func pruneNamespaceDir(dir string, id netns.ID, ns netns.NS, found bool, log *slog.Logger) error {
 	f, err := os.Open(dir)
 	if err != nil {
 		return fmt.Errorf("open %s: %w", dir, err)
@@ -152,9 +157,11 @@ func pruneNamespaceDir(dir, spec string, log *slog.Logger) error {
 		}
 		return fmt.Errorf("lock %s: %w", dir, err)
 	}
-	filters, err := removeLegacyFilters(dir, spec)
-	if err != nil {
-		return err
+	filters := 0
+	if found {
+		if filters, err = removeLegacyFilters(dir, ns); err != nil {
+			return err
+		}
 	}
 	entries, err := os.ReadDir(dir)
 	if err != nil {
@@ -174,17 +181,17 @@ func pruneNamespaceDir(dir, spec string, log *slog.Logger) error {
 		return fmt.Errorf("remove %s: %w", dir, err)
 	}
 	log.Info("removed the tc datapath a previous run left in a namespace this run does not serve",
-		"netns", spec, "dir", dir, "tcx_links", links, "cls_bpf_filters", filters)
+		"netns", describeNS(ns, found, id), "dir", dir, "tcx_links", links, "cls_bpf_filters", filters)
 	return nil
 }
 
 // removeLegacyFilters deletes the cls_bpf filters whose program uses the
 // maps pinned in dir, on the interfaces the dir's ifaces map names, in the
-// namespace spec. Filters cannot be pinned: they stay on their interface
+// namespace ns. Filters cannot be pinned: they stay on their interface
 // until deleted, so this is the only way a later run finds them. A
 // namespace that is gone took its filters with it. It returns how many it
 // deleted.
-func removeLegacyFilters(dir, spec string) (int, error) {
+func removeLegacyFilters(dir string, ns netns.NS) (int, error) {
 	ifaces, err := ebpf.LoadPinnedMap(filepath.Join(dir, "ebpfwd_ifaces"), nil)
 	if errors.Is(err, os.ErrNotExist) {
 		return 0, nil // nothing was ever attached
@@ -214,10 +221,6 @@ func removeLegacyFilters(dir, spec string) (int, error) {
 	}
 	if len(ifindexes) == 0 {
 		return 0, nil
-	}
-	ns, err := netns.Parse(spec)
-	if err != nil {
-		return 0, nil // not a namespace any more: nothing to enter
 	}
 	deleted := 0
 	err = ns.Do(func() error {

@@ -13,24 +13,26 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
+	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 func TestNetnsDirRoundTrip(t *testing.T) {
-	for _, spec := range []string{"", "own", "ns1", "ns-1", "a%b", "/var/run/netns/x", "/proc/42/ns/net", "ü ñ"} {
-		dir := NetnsDir(spec)
+	for _, id := range []netns.ID{{}, {Dev: 4, Ino: 4026531833}, {Dev: 1<<64 - 1, Ino: 1<<64 - 1}} {
+		dir := NetnsDir(id)
 		if dir != filepath.Base(dir) || dir == "." || dir == ".." {
-			t.Errorf("NetnsDir(%q) = %q: not a single path element", spec, dir)
+			t.Errorf("NetnsDir(%v) = %q: not a single path element", id, dir)
 		}
 		got, ok := netnsOfDir(dir)
-		if !ok || got != spec {
-			t.Errorf("netnsOfDir(NetnsDir(%q) = %q) = %q, %v", spec, dir, got, ok)
+		if !ok || got != id {
+			t.Errorf("netnsOfDir(NetnsDir(%v) = %q) = %v, %v", id, dir, got, ok)
 		}
 	}
-	// Names NetnsDir never makes are not namespace directories.
-	for _, name := range []string{"", "gw", "ns-", "ns-%zz", "ns-a%2fb", "link_g0_3", "ebpfwd_services"} {
-		if spec, ok := netnsOfDir(name); ok {
-			t.Errorf("netnsOfDir(%q) = %q, true; want not a namespace directory", name, spec)
+	// Names NetnsDir never makes are not namespace directories: the
+	// layout before identities (own, ns-<spec>) among them.
+	for _, name := range []string{"", "own", "gw", "ns-", "ns-ns1", "ns-1", "ns-1-", "ns-a-b", "ns-1-2-3", "ns-01-2", "link_g0_3", "ebpfwd_services"} {
+		if id, ok := netnsOfDir(name); ok {
+			t.Errorf("netnsOfDir(%q) = %v, true; want not a namespace directory", name, id)
 		}
 	}
 }
@@ -93,9 +95,7 @@ func TestPruneNamespaces(t *testing.T) {
 			tp := newGatewayTopology(t)
 			instance := uniqueInstance(t)
 			t.Cleanup(func() { os.RemoveAll(Config{Instance: instance}.instanceDir()) }) // if the test failed half way
-			gwSpec := filepath.Base(tp.gateway.Path())
-
-			crashed, err := Load(Config{Instance: instance, Netns: gwSpec, Attach: mode.attach})
+			crashed, err := Load(Config{Instance: instance, Netns: tp.gateway, Attach: mode.attach})
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -126,25 +126,30 @@ func TestPruneNamespaces(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer served.Close()
-			busy, err := Load(Config{Instance: instance, Netns: "held-elsewhere"})
+			_, heldElsewhere := topotest.NewNS(t, "held")
+			busy, err := Load(Config{Instance: instance, Netns: heldElsewhere})
 			if err != nil {
 				t.Fatal(err)
 			}
 			defer busy.Close()
 
-			pruned, err := PruneNamespaces(Config{Instance: instance}, []string{""})
+			own, err := netns.NS{}.ID()
+			if err != nil {
+				t.Fatal(err)
+			}
+			pruned, err := PruneNamespaces(Config{Instance: instance}, []netns.ID{own})
 			if err != nil {
 				t.Fatalf("PruneNamespaces: %v", err)
 			}
-			if !slices.Equal(pruned, []string{gwSpec}) {
-				t.Errorf("pruned %q, want only the dropped namespace %q", pruned, gwSpec)
+			if len(pruned) != 1 || pruned[0].Spec() != tp.gateway.Spec() {
+				t.Errorf("pruned %v, want only the dropped namespace %s", pruned, tp.gateway)
 			}
 			for _, ifname := range []string{"g0", "g1"} {
 				if ids := attachedPrograms(t, tp.gateway, ifname, mode.attach); len(ids) != 0 {
 					t.Errorf("programs %v still attached to %s after pruning", ids, ifname)
 				}
 			}
-			if _, err := os.Stat(Config{Instance: instance, Netns: gwSpec}.pinDir()); !errors.Is(err, os.ErrNotExist) {
+			if _, err := os.Stat(Config{Instance: instance, Netns: tp.gateway}.pinDir()); !errors.Is(err, os.ErrNotExist) {
 				t.Errorf("pins of the dropped namespace still there (stat: %v)", err)
 			}
 			for _, l := range []*Loader{served, busy} {

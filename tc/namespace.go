@@ -94,7 +94,7 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 		nl.refs++
 		return nl, nil
 	}
-	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: ns.Spec(), Logger: d.logger()})
+	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: ns, Logger: d.logger()})
 	if err != nil {
 		return nil, err
 	}

@@ -45,10 +45,10 @@ func (d *Datapath) FinishSetup() error {
 	defer d.mu.Unlock()
 	var errs []error
 	var nss []netns.NS
-	serving := make([]string, 0, len(d.loaders))
+	serving := make([]netns.ID, 0, len(d.loaders))
 	for _, nl := range d.loaders {
 		nss = append(nss, nl.ns)
-		serving = append(serving, nl.ns.Spec())
+		serving = append(serving, nl.id)
 		keep := make([]loader.ServiceID, 0, len(nl.services))
 		for id := range nl.services {
 			keep = append(keep, id)
@@ -67,11 +67,7 @@ func (d *Datapath) FinishSetup() error {
 	if err != nil {
 		errs = append(errs, err)
 	}
-	for _, spec := range pruned {
-		if ns, err := netns.Parse(spec); err == nil && ns.Check() == nil {
-			nss = append(nss, ns)
-		}
-	}
+	nss = append(nss, pruned...)
 	if len(nss) > 0 {
 		if d.links == nil {
 			links, err := splice.NewLinks(d.Instance, d.SplicePool, d.logger())

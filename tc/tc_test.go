@@ -8,8 +8,6 @@ import (
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/loader"
-	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/tc/splice"
 )
 
@@ -64,27 +62,6 @@ func TestApplicable(t *testing.T) {
 				t.Fatalf("err = %v, want it to contain %q", err, tt.wantErr)
 			}
 		})
-	}
-}
-
-// TestPinDirectoryPerNamespace: a namespace's pins are under the
-// instance's directory, by the name ip netns knows it by where it has one,
-// so "/var/run/netns/ns1" and "ns1" share them.
-func TestPinDirectoryPerNamespace(t *testing.T) {
-	tests := []struct{ spec, want string }{
-		{"", "own"},
-		{"ns1", "ns-ns1"},
-		{"/var/run/netns/ns1", "ns-ns1"},
-		{"/proc/42/ns/net", "ns-%2Fproc%2F42%2Fns%2Fnet"},
-	}
-	for _, tt := range tests {
-		ns, err := netns.Parse(tt.spec)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if got := loader.NetnsDir(ns.Spec()); got != tt.want {
-			t.Errorf("pin directory of %q = %q, want %q", tt.spec, got, tt.want)
-		}
 	}
 }
 
