@@ -21,6 +21,16 @@ const ControlDir = "/run/ebpfwd"
 // FlowsPath is the control socket's listing of live flows (JSON).
 const FlowsPath = "/v1/flows"
 
+// ReloadPath reloads the daemon's configuration file (POST); the answer is
+// a ReloadAnswer (JSON), with status 200 when the reload was applied.
+const ReloadPath = "/v1/reload"
+
+// ReloadAnswer is the control socket's answer to a reload.
+type ReloadAnswer struct {
+	Result string `json:"result,omitempty"`
+	Error  string `json:"error,omitempty"`
+}
+
 var instanceName = regexp.MustCompile(`^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$`)
 
 // ValidateInstance checks an instance name, which names the control socket
@@ -56,13 +66,18 @@ func listenControl(instance string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
+	// It lists every client and reloads the daemon: root's only.
+	if err := os.Chmod(path, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("control socket: %w", err)
+	}
 	return l, nil
 }
 
 // Flows lists every live flow of every service whose datapath can list them.
 func (d *Daemon) Flows() []datapath.Flow {
 	var out []datapath.Flow
-	for _, s := range d.services {
+	for _, s := range d.current() {
 		if fl, ok := s.att.(datapath.FlowLister); ok {
 			out = append(out, fl.Flows()...)
 		}
@@ -77,6 +92,18 @@ func (d *Daemon) serveControl(ctx context.Context, l net.Listener) {
 		w.Header().Set("Content-Type", "application/json")
 		if err := json.NewEncoder(w).Encode(d.Flows()); err != nil {
 			d.log.Debug("control: write flows", "err", err)
+		}
+	})
+	mux.HandleFunc("POST "+ReloadPath, func(w http.ResponseWriter, _ *http.Request) {
+		res, err := d.ReloadFile()
+		answer, status := ReloadAnswer{Result: res.String()}, http.StatusOK
+		if err != nil {
+			answer, status = ReloadAnswer{Error: err.Error()}, http.StatusUnprocessableEntity
+		}
+		w.Header().Set("Content-Type", "application/json")
+		w.WriteHeader(status)
+		if err := json.NewEncoder(w).Encode(answer); err != nil {
+			d.log.Debug("control: write reload answer", "err", err)
 		}
 	})
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}

@@ -40,6 +40,10 @@ type Options struct {
 	Metrics *metrics.Recorder
 	// Instance names this daemon's control socket; "" opens none.
 	Instance string
+	// Hurry, when it is closed during a drain, ends the drain at once:
+	// connections still open are closed and everything is removed as
+	// after a drain timeout (a second SIGTERM). Nil never fires.
+	Hurry <-chan struct{}
 	// Datapaths are the datapaths services may be planned on; nil offers
 	// only the userspace relay. The CLI registers the kernel ones.
 	Datapaths *datapath.Set
@@ -69,43 +73,74 @@ type setupFinisher interface {
 	FinishSetup() error
 }
 
-// Daemon runs the services of one configuration.
+// Daemon runs the services of one configuration, and of the next one a
+// reload gives it.
 type Daemon struct {
-	cfg       *config.Config
 	opts      Options
 	log       *slog.Logger
-	services  []*service
-	chains    []*chain.Chain
 	datapaths *datapath.Set
+
+	// mu guards what a reload replaces; metrics scrapes and the control
+	// socket read it meanwhile.
+	mu       sync.RWMutex
+	cfg      *config.Config
+	services []*service
+	chains   []*chain.Chain
+
+	// conns is the parent of every service's connection context; Run sets
+	// it before the first service starts.
+	conns    context.Context
+	reloads  chan reloadRequest
+	stopped  chan struct{}  // closed when Run no longer takes reloads
+	retiring sync.WaitGroup // services a reload replaced, still draining
+}
+
+// current returns the running services.
+func (d *Daemon) current() []*service {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return d.services
 }
 
 // New builds the daemon's services from cfg without opening anything: it
 // wires chains and selectors and plans each service's datapath. Errors
 // name the config file, line and field.
 func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
-	d := &Daemon{cfg: cfg, opts: opts, log: log, datapaths: opts.Datapaths}
+	d := &Daemon{opts: opts, log: log, datapaths: opts.Datapaths, conns: context.Background(),
+		reloads: make(chan reloadRequest), stopped: make(chan struct{})}
 	if d.datapaths == nil {
 		d.datapaths = datapath.NewSet(userspace.Datapath{Logger: log})
 	}
-	var errs []error
-	chains := map[string]*chain.Chain{}
+	services, chains, err := d.build(cfg)
+	if err != nil {
+		return nil, err
+	}
+	d.cfg, d.services, d.chains = cfg, services, chains
+	return d, nil
+}
+
+// build makes the services and chains of cfg, planned but not started.
+func (d *Daemon) build(cfg *config.Config) ([]*service, []*chain.Chain, error) {
+	var (
+		errs     []error
+		services []*service
+		chains   []*chain.Chain
+	)
+	byName := map[string]*chain.Chain{}
 	for _, cc := range cfg.Chains {
 		c := buildChain(cc)
-		chains[cc.Name] = c
-		d.chains = append(d.chains, c)
+		byName[cc.Name] = c
+		chains = append(chains, c)
 	}
 	for i, sc := range cfg.Services {
-		s, err := newService(d, i, sc, chains)
+		s, err := newService(d, cfg, i, sc, byName)
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		d.services = append(d.services, s)
+		services = append(services, s)
 	}
-	if len(errs) > 0 {
-		return nil, errors.Join(errs...)
-	}
-	return d, nil
+	return services, chains, errors.Join(errs...)
 }
 
 // located formats an error at a config position, as config's diagnostics do.
@@ -135,7 +170,11 @@ func buildChain(cc *config.Chain) *chain.Chain {
 
 // Check opens every namespace the configuration names, so a missing one is
 // reported before anything listens. It returns every problem found.
-func (d *Daemon) Check() error { return CheckNamespaces(d.cfg) }
+func (d *Daemon) Check() error {
+	d.mu.RLock()
+	defer d.mu.RUnlock()
+	return CheckNamespaces(d.cfg)
+}
 
 // CheckNamespaces opens every namespace cfg names and returns every problem
 // found, each located in the config. It reads only namespace fields, so it
@@ -184,8 +223,9 @@ type Plan = datapath.Plan
 
 // Plans describes the datapath chosen for each service and why.
 func (d *Daemon) Plans() []Plan {
-	plans := make([]Plan, 0, len(d.services))
-	for _, s := range d.services {
+	services := d.current()
+	plans := make([]Plan, 0, len(services))
+	for _, s := range services {
 		plans = append(plans, s.plan)
 	}
 	return plans
@@ -215,23 +255,20 @@ func (d *Daemon) Run(ctx context.Context) error {
 		defer stopControl()
 		go d.serveControl(controlCtx, l)
 	}
+	// Connections live in their own context: shutdown cancels it only
+	// after the drain timeout, so in-flight transfers may finish.
+	connCtx, cancelConns := context.WithCancel(context.WithoutCancel(ctx))
+	defer cancelConns()
+	d.conns = connCtx
+	stopReloads := sync.OnceFunc(func() { close(d.stopped) })
+	defer stopReloads()
 	if err := d.start(ctx); err != nil {
 		d.closeAll()
 		return err
 	}
-	for _, dp := range d.datapaths.Datapaths() {
-		if f, ok := dp.(setupFinisher); ok {
-			// Leftovers cost map slots and interfaces, not correctness:
-			// they are no reason to refuse to serve.
-			if err := f.FinishSetup(); err != nil {
-				d.log.Warn("could not remove everything a previous run left", "datapath", dp.Kind(), "err", err)
-			}
-		}
-	}
-	for _, s := range d.services {
-		d.log.Info("service started", "service", s.cfg.Name, "addr", s.ln.addr(),
-			"handler", s.cfg.Handler.Type, "netns", s.listenNS.String(), "netns.out", s.outNS.String(),
-			"datapath", s.plan.Datapath, "reason", s.plan.Reason)
+	d.finishSetup()
+	for _, s := range d.current() {
+		s.logStarted("service started")
 	}
 	if d.opts.ReadyFile != "" {
 		if err := os.WriteFile(d.opts.ReadyFile, []byte(fmt.Sprintf("%d\n", os.Getpid())), 0o644); err != nil {
@@ -239,40 +276,40 @@ func (d *Daemon) Run(ctx context.Context) error {
 			return fmt.Errorf("write ready file: %w", err)
 		}
 	}
-
-	// Connections live in their own context: shutdown cancels it only
-	// after the drain timeout, so in-flight transfers may finish.
-	connCtx, cancelConns := context.WithCancel(context.WithoutCancel(ctx))
-	defer cancelConns()
-	var serving sync.WaitGroup
-	for _, s := range d.services {
-		serving.Add(1)
-		go func() {
-			defer serving.Done()
-			s.serve(connCtx)
-		}()
+	for _, s := range d.current() {
+		s.serve()
 	}
 
 	restart := false
-	select {
-	case <-ctx.Done():
-		d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
-	case <-d.opts.Restart:
-		restart = true
-		d.log.Info("restarting in place: no longer accepting; kernel flows keep going", "drain_timeout", d.opts.DrainTimeout)
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
+			break wait
+		case <-d.opts.Restart:
+			restart = true
+			d.log.Info("restarting in place: no longer accepting; kernel flows keep going", "drain_timeout", d.opts.DrainTimeout)
+			break wait
+		case req := <-d.reloads:
+			req.done <- d.reload(ctx, req.cfg)
+		}
 	}
-	for _, s := range d.services {
+	stopReloads()
+	services := d.current()
+	for _, s := range services {
 		s.stopAccepting()
 	}
-	drained := make(chan struct{})
-	go func() { serving.Wait(); close(drained) }()
-	select {
-	case <-drained:
-	case <-time.After(d.opts.DrainTimeout):
-		d.log.Warn("drain timeout: closing connections still open", "active", d.active())
-		cancelConns()
-		<-drained
+	var drained sync.WaitGroup
+	for _, s := range services {
+		drained.Go(func() {
+			if left := s.drain(d.opts.DrainTimeout, d.opts.Hurry); left > 0 {
+				d.log.Warn("drain ended: closing connections still open", "service", s.cfg.Name, "active", left)
+			}
+		})
 	}
+	drained.Wait()
+	d.retiring.Wait() // a reload's drains are bounded by the same timeout
 	if restart && ctx.Err() != nil {
 		// A stop requested during the restart's drain wins: leaving the
 		// kernel state behind would break the promise of a full stop.
@@ -295,8 +332,22 @@ func (d *Daemon) Run(ctx context.Context) error {
 	return nil
 }
 
+// finishSetup lets the datapaths remove what a previous run left and this
+// one does not need.
+func (d *Daemon) finishSetup() {
+	for _, dp := range d.datapaths.Datapaths() {
+		if f, ok := dp.(setupFinisher); ok {
+			// Leftovers cost map slots and interfaces, not correctness:
+			// they are no reason to refuse to serve.
+			if err := f.FinishSetup(); err != nil {
+				d.log.Warn("could not remove everything a previous run left", "datapath", dp.Kind(), "err", err)
+			}
+		}
+	}
+}
+
 func (d *Daemon) start(ctx context.Context) error {
-	for _, s := range d.services {
+	for _, s := range d.current() {
 		if err := s.start(ctx); err != nil {
 			return err
 		}
@@ -305,14 +356,14 @@ func (d *Daemon) start(ctx context.Context) error {
 }
 
 func (d *Daemon) closeAll() {
-	for _, s := range d.services {
+	for _, s := range d.current() {
 		s.close()
 	}
 }
 
 func (d *Daemon) active() int64 {
 	var n int64
-	for _, s := range d.services {
+	for _, s := range d.current() {
 		if s.att != nil {
 			n += s.att.Counters().Active
 		}

@@ -36,13 +36,20 @@ type service struct {
 	att     datapath.Attachment
 	splicer datapath.Splicer // att's way of moving streams
 	ln      listener
-	wg      sync.WaitGroup // accept loop and in-flight connections
+
+	// conns is the context of the service's connections: cancelled when
+	// a drain runs out of time.
+	conns       context.Context
+	cancelConns context.CancelFunc
+	mu          sync.Mutex
+	draining    bool           // no new connection is taken
+	wg          sync.WaitGroup // in-flight connections (and the UDP loop)
 
 	stopHealth context.CancelFunc // stops syncNodeHealth; nil when not running
 	healthDone chan struct{}
 }
 
-func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.Chain) (*service, error) {
+func newService(d *Daemon, cfg *config.Config, i int, sc *config.Service, chains map[string]*chain.Chain) (*service, error) {
 	field := fmt.Sprintf("services[%d]", i)
 	s := &service{
 		d:     d,
@@ -58,7 +65,7 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 		if s.chain = chains[sc.Handler.Chain]; s.chain == nil {
 			// config validates chain names, so the chain failed to build
 			// and reported why; this names the service it leaves unusable.
-			errs = append(errs, located(d.cfg, sc.Pos, field+".handler.chain",
+			errs = append(errs, located(cfg, sc.Pos, field+".handler.chain",
 				fmt.Errorf("chain %q could not be built", sc.Handler.Chain)))
 			return nil, errors.Join(errs...)
 		}
@@ -71,7 +78,7 @@ func newService(d *Daemon, i int, sc *config.Service, chains map[string]*chain.C
 		s.nodes = selector.New(selectorOptions(sc.Forwarder.Selector), nodes...)
 	}
 	if s.plan, err = d.datapaths.Plan(s.spec(), datapath.Kind(sc.Datapath)); err != nil {
-		errs = append(errs, located(d.cfg, sc.Pos, field+".metadata.datapath", err))
+		errs = append(errs, located(cfg, sc.Pos, field+".metadata.datapath", err))
 	}
 	if sc.Handler.Type == "http" {
 		s.proxy = s.newProxy()
@@ -108,6 +115,17 @@ func (s *service) spec() datapath.Service {
 
 // start sets up the datapath and opens the listening socket.
 func (s *service) start(ctx context.Context) error {
+	if err := s.setup(ctx); err != nil {
+		return err
+	}
+	return s.listen(ctx)
+}
+
+// setup sets up the service's datapath (and the node health feeding a
+// datapath that picks nodes itself), without a listener: a reload hands a
+// changed service the listener of its previous form.
+func (s *service) setup(ctx context.Context) error {
+	s.conns, s.cancelConns = context.WithCancel(s.d.conns)
 	configured := s.cfg.Datapath != "" && datapath.Kind(s.cfg.Datapath) != datapath.Auto
 	att, plan, err := s.d.datapaths.Setup(ctx, s.plan, configured, s.spec(), s.log)
 	if err != nil {
@@ -122,6 +140,10 @@ func (s *service) start(ctx context.Context) error {
 	if !ok && s.cfg.Listener.Type == "tcp" {
 		att.Close()
 		return fmt.Errorf("service %s: datapath %s cannot carry TCP streams", s.cfg.Name, s.plan.Datapath)
+	}
+	if _, ok := att.(datapath.PacketForwarder); !ok && s.cfg.Listener.Type == "udp" {
+		att.Close()
+		return fmt.Errorf("service %s: datapath %s cannot forward UDP", s.cfg.Name, s.plan.Datapath)
 	}
 	s.splicer = splicer
 	if hs, ok := att.(datapath.NodeHealthSetter); ok && datapath.PicksNodes(att) && s.nodes != nil {
@@ -139,11 +161,13 @@ func (s *service) start(ctx context.Context) error {
 			probes.Wait()
 		}()
 	}
+	return nil
+}
+
+// listen opens the service's listening socket.
+func (s *service) listen(ctx context.Context) error {
 	switch s.cfg.Listener.Type {
 	case "udp":
-		if _, ok := att.(datapath.PacketForwarder); !ok {
-			return fmt.Errorf("service %s: datapath %s cannot forward UDP", s.cfg.Name, s.plan.Datapath)
-		}
 		pc, err := s.listenNS.ListenPacket(ctx, "udp", s.cfg.Addr)
 		if err != nil {
 			return fmt.Errorf("service %s: listen udp %s in netns %s: %w", s.cfg.Name, s.cfg.Addr, s.listenNS, err)
@@ -154,53 +178,76 @@ func (s *service) start(ctx context.Context) error {
 		if err != nil {
 			return fmt.Errorf("service %s: listen tcp %s in netns %s: %w", s.cfg.Name, s.cfg.Addr, s.listenNS, err)
 		}
-		s.ln = listener{l: l}
+		s.ln = listener{acc: newAcceptor(l, s)}
 	}
 	return nil
 }
 
-// serve runs until the listener is closed and every connection is done.
-func (s *service) serve(ctx context.Context) {
-	defer s.wg.Wait()
-	if s.ln.pc != nil {
-		pf := s.att.(datapath.PacketForwarder)
-		if err := pf.ServePackets(ctx, s.ln.pc, s.dialPacket); err != nil && !errors.Is(err, net.ErrClosed) {
-			s.log.Error("udp service stopped", "err", err)
-		}
+// serve starts taking traffic: the accept loop, or the UDP loop.
+func (s *service) serve() {
+	if s.ln.acc != nil {
+		s.ln.acc.start()
 		return
 	}
-	s.acceptLoop(ctx)
+	if s.ln.pc == nil || !s.begin() {
+		return
+	}
+	go func() {
+		defer s.wg.Done()
+		pf := s.att.(datapath.PacketForwarder)
+		if err := pf.ServePackets(s.conns, s.ln.pc, s.dialPacket); err != nil && !errors.Is(err, net.ErrClosed) {
+			s.log.Error("udp service stopped", "err", err)
+		}
+	}()
 }
 
-// acceptBackoffMax bounds the pause after a failing Accept (EMFILE and the
-// like): long enough not to spin, short enough to recover quickly.
-const acceptBackoffMax = time.Second
-
-func (s *service) acceptLoop(ctx context.Context) {
-	var backoff time.Duration
-	for {
-		conn, err := s.ln.l.Accept()
-		if err != nil {
-			if errors.Is(err, net.ErrClosed) {
-				return
-			}
-			backoff = min(max(2*backoff, 5*time.Millisecond), acceptBackoffMax)
-			s.errs.Add(ReasonAccept)
-			s.log.Error("accept failed", "err", err, "retry_in", backoff)
-			time.Sleep(backoff)
-			continue
-		}
-		backoff = 0
-		s.wg.Add(1)
-		go func() {
-			defer s.wg.Done()
-			if s.proxy != nil {
-				s.proxy.ServeConn(ctx, conn)
-				return
-			}
-			s.forward(ctx, conn)
-		}()
+// begin counts a new connection in, unless the service drains.
+func (s *service) begin() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if s.draining {
+		return false
 	}
+	s.wg.Add(1)
+	return true
+}
+
+// handle serves one accepted connection; begin counted it in.
+func (s *service) handle(conn net.Conn) {
+	defer s.wg.Done()
+	if s.proxy != nil {
+		s.proxy.ServeConn(s.conns, conn)
+		return
+	}
+	s.forward(s.conns, conn)
+}
+
+// drain takes no new connection and waits up to timeout (or until hurry is
+// closed) for those in flight, then ends the rest and waits for them. It
+// reports how many it had to end.
+func (s *service) drain(timeout time.Duration, hurry <-chan struct{}) int64 {
+	s.mu.Lock()
+	s.draining = true
+	s.mu.Unlock()
+	done := make(chan struct{})
+	go func() { s.wg.Wait(); close(done) }()
+	timer := time.NewTimer(timeout)
+	defer timer.Stop()
+	select {
+	case <-done:
+		return 0
+	case <-timer.C:
+	case <-hurry:
+	}
+	var left int64
+	if s.att != nil {
+		left = s.att.Counters().Active
+	}
+	if s.cancelConns != nil {
+		s.cancelConns()
+	}
+	<-done
+	return left
 }
 
 func peerOf(c net.Conn) netip.AddrPort {
@@ -342,8 +389,18 @@ func (s *service) newProxy() *httpproxy.Server {
 
 func (s *service) stopAccepting() { s.ln.close() }
 
+// logStarted logs what the service is and why it runs where it runs.
+func (s *service) logStarted(msg string) {
+	s.d.log.Info(msg, "service", s.cfg.Name, "addr", s.ln.addr(),
+		"handler", s.cfg.Handler.Type, "netns", s.listenNS.String(), "netns.out", s.outNS.String(),
+		"datapath", s.plan.Datapath, "reason", s.plan.Reason)
+}
+
 func (s *service) close() {
 	s.ln.close()
+	if s.cancelConns != nil {
+		s.cancelConns()
+	}
 	if s.stopHealth != nil {
 		s.stopHealth()
 		<-s.healthDone
@@ -355,17 +412,17 @@ func (s *service) close() {
 	}
 }
 
-// listener is a service's listening socket: a stream listener or a packet
-// socket.
+// listener is a service's listening socket: a stream listener with its
+// accept loop, or a packet socket.
 type listener struct {
-	l  net.Listener
-	pc net.PacketConn
+	acc *acceptor
+	pc  net.PacketConn
 }
 
 func (l listener) addr() string {
 	switch {
-	case l.l != nil:
-		return l.l.Addr().String()
+	case l.acc != nil:
+		return l.acc.l.Addr().String()
 	case l.pc != nil:
 		return l.pc.LocalAddr().String()
 	}
@@ -373,8 +430,8 @@ func (l listener) addr() string {
 }
 
 func (l listener) close() {
-	if l.l != nil {
-		l.l.Close()
+	if l.acc != nil {
+		l.acc.close()
 	}
 	if l.pc != nil {
 		l.pc.Close()

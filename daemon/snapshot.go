@@ -9,8 +9,9 @@ var _ metrics.Source = (*Daemon)(nil)
 
 // Snapshot reads every service's figures for a metrics scrape.
 func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
-	out := make([]metrics.ServiceSnapshot, 0, len(d.services))
-	for _, s := range d.services {
+	services := d.current()
+	out := make([]metrics.ServiceSnapshot, 0, len(services))
+	for _, s := range services {
 		snap := metrics.ServiceSnapshot{
 			Service:  s.cfg.Name,
 			Handler:  s.cfg.Handler.Type,
@@ -55,7 +56,7 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 // could.
 func (d *Daemon) Fallbacks() []metrics.Fallback {
 	var out []metrics.Fallback
-	for _, s := range d.services {
+	for _, s := range d.current() {
 		if s.plan.From != "" {
 			out = append(out, metrics.Fallback{Service: s.cfg.Name, From: string(s.plan.From),
 				To: string(s.plan.Datapath), Reason: s.plan.FallbackReason})
@@ -78,7 +79,10 @@ func (d *Daemon) Programs() []datapath.ProgramStats {
 // Hops reads the failure marking of every chain hop's nodes.
 func (d *Daemon) Hops() []metrics.HopNodeState {
 	var out []metrics.HopNodeState
-	for _, c := range d.chains {
+	d.mu.RLock()
+	chains := d.chains
+	d.mu.RUnlock()
+	for _, c := range chains {
 		for _, h := range c.Hops {
 			for _, n := range h.Selector.Nodes() {
 				out = append(out, metrics.HopNodeState{Chain: c.Name, Hop: h.Name, Node: n.Name, Up: h.Selector.Healthy(n)})

@@ -73,6 +73,9 @@ type Source interface {
 // Registry builds the registry ebpfwd serves: the Go and process
 // collectors, build info, config load state, and the daemon's collector.
 func Registry(src Source, rec *Recorder, version string, loadedAt time.Time) *prometheus.Registry {
+	if rec == nil {
+		rec = NewRecorder() // its series still exist, at their initial values
+	}
 	reg := prometheus.NewRegistry()
 	reg.MustRegister(
 		collectors.NewGoCollector(),
@@ -87,37 +90,52 @@ func Registry(src Source, rec *Recorder, version string, loadedAt time.Time) *pr
 		ConstLabels: prometheus.Labels{"version": version, "goversion": runtime.Version()},
 	})
 	buildInfo.Set(1)
-	// ebpfwd loads its configuration once at start; these follow the
-	// convention Prometheus itself uses, so a reload added later keeps them.
-	reloadOK := prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: namespace, Name: "config_last_reload_successful",
-		Help: "Whether the last configuration load succeeded (1) or not (0).",
-	})
-	reloadOK.Set(1)
-	reloadTime := prometheus.NewGauge(prometheus.GaugeOpts{
-		Namespace: namespace, Name: "config_last_reload_success_timestamp_seconds",
-		Help: "When the configuration was last loaded successfully, in seconds since the epoch.",
-	})
-	reloadTime.Set(float64(loadedAt.UnixNano()) / 1e9)
-	reg.MustRegister(buildInfo, reloadOK, reloadTime)
+	// The start's load counts as the first successful one.
+	rec.ConfigLoaded(true, loadedAt)
+	reg.MustRegister(buildInfo, rec.reloadOK, rec.reloadTime)
 	return reg
 }
 
-// Recorder records what only exists as an event: how long dials take.
-// A nil *Recorder records nothing.
+// Recorder records what only exists as an event: how long dials take,
+// how configuration loads went. A nil *Recorder records nothing.
 type Recorder struct {
 	dial *prometheus.HistogramVec
+	// Reloads, named as Prometheus itself names them.
+	reloadOK, reloadTime prometheus.Gauge
 }
 
 // NewRecorder makes a Recorder; Registry registers it.
 func NewRecorder() *Recorder {
-	return &Recorder{dial: prometheus.NewHistogramVec(prometheus.HistogramOpts{
-		Namespace: namespace,
-		Name:      "dial_duration_seconds",
-		Help:      "Time to reach a node (kind=node, including any chain) or a chain hop's node (kind=hop), by outcome.",
-		// 100µs (same host) to 10s (the dial timeout).
-		Buckets: prometheus.ExponentialBucketsRange(0.0001, 10, 16),
-	}, []string{"service", "kind", "name", "result"})}
+	return &Recorder{
+		dial: prometheus.NewHistogramVec(prometheus.HistogramOpts{
+			Namespace: namespace,
+			Name:      "dial_duration_seconds",
+			Help:      "Time to reach a node (kind=node, including any chain) or a chain hop's node (kind=hop), by outcome.",
+			// 100µs (same host) to 10s (the dial timeout).
+			Buckets: prometheus.ExponentialBucketsRange(0.0001, 10, 16),
+		}, []string{"service", "kind", "name", "result"}),
+		reloadOK: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "config_last_reload_successful",
+			Help: "Whether the last configuration load (start, SIGHUP or ebpfwd reload) succeeded (1) or was refused (0).",
+		}),
+		reloadTime: prometheus.NewGauge(prometheus.GaugeOpts{
+			Namespace: namespace, Name: "config_last_reload_success_timestamp_seconds",
+			Help: "When the configuration was last loaded successfully, in seconds since the epoch.",
+		}),
+	}
+}
+
+// ConfigLoaded records the outcome of a configuration load at time at.
+func (r *Recorder) ConfigLoaded(ok bool, at time.Time) {
+	if r == nil {
+		return
+	}
+	if !ok {
+		r.reloadOK.Set(0)
+		return
+	}
+	r.reloadOK.Set(1)
+	r.reloadTime.Set(float64(at.UnixNano()) / 1e9)
 }
 
 // DeclareDial creates a dial's series at zero for both outcomes, so that

@@ -8,6 +8,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus/testutil"
 	dto "github.com/prometheus/client_model/go"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
@@ -182,5 +183,32 @@ func TestServerLoopbackDefaultAndAuth(t *testing.T) {
 func TestListenBadAddr(t *testing.T) {
 	if _, err := Listen(ServerConfig{Addr: "nonsense", Path: "/metrics"}, Registry(fakeSource{}, NewRecorder(), "t", time.Now()), slog.New(slog.DiscardHandler)); err == nil || !strings.Contains(err.Error(), `metrics addr "nonsense"`) {
 		t.Fatalf("err = %v", err)
+	}
+}
+
+// TestConfigLoaded: the reload gauges follow the last load; a refused one
+// keeps the time of the last success.
+func TestConfigLoaded(t *testing.T) {
+	rec := NewRecorder()
+	start := time.Unix(1000, 0)
+	Registry(nil, rec, "test", start)
+	tests := []struct {
+		ok       bool
+		at       time.Time
+		wantOK   float64
+		wantTime float64
+	}{
+		{true, time.Unix(2000, 0), 1, 2000},
+		{false, time.Unix(3000, 0), 0, 2000},
+		{true, time.Unix(4000, 0), 1, 4000},
+	}
+	for _, tt := range tests {
+		rec.ConfigLoaded(tt.ok, tt.at)
+		if got := testutil.ToFloat64(rec.reloadOK); got != tt.wantOK {
+			t.Errorf("after load ok=%v: successful = %v, want %v", tt.ok, got, tt.wantOK)
+		}
+		if got := testutil.ToFloat64(rec.reloadTime); got != tt.wantTime {
+			t.Errorf("after load ok=%v: timestamp = %v, want %v", tt.ok, got, tt.wantTime)
+		}
 	}
 }

@@ -131,13 +131,18 @@ func (a *attachment) nodeName(addr netip.AddrPort) string {
 // both for the next run.
 func (a *attachment) Close() error {
 	a.closeOnce.Do(func() {
+		// A reload sets the new form of a service up before the old one
+		// closes; both have its ID (the maps are keyed by the listen
+		// address), so only the last of them takes it out of the maps.
 		a.d.mu.Lock()
-		if a.nl.services[a.id]--; a.nl.services[a.id] <= 0 {
+		a.nl.services[a.id]--
+		last := a.nl.services[a.id] <= 0
+		if last {
 			delete(a.nl.services, a.id)
 		}
 		a.d.mu.Unlock()
 		var err error
-		if !a.d.keeping() {
+		if last && !a.d.keeping() {
 			err = a.nl.l.DeleteService(a.id)
 		}
 		a.d.releaseSplice(a.nl, a.splice)

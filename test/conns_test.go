@@ -97,7 +97,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	var stderr bytes.Buffer
 	cmd := exec.CommandContext(ctx, ebpfwdBin, "conns", "--instance", "e2e-not-running")
 	cmd.Stderr = &stderr
-	if err := cmd.Run(); err == nil || !bytes.Contains(stderr.Bytes(), []byte(`instance "e2e-not-running"`)) {
+	if err := cmd.Run(); err == nil || !bytes.Contains(stderr.Bytes(), []byte("instance e2e-not-running is not running")) {
 		t.Errorf("conns for a stopped instance: %v, stderr %q", err, &stderr)
 	}
 }

@@ -86,6 +86,13 @@ func (c *loggedConn) CloseWrite() error {
 	return nil
 }
 
+// count is how many connections sent data.
+func (l *acceptLog) count() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return len(l.remotes)
+}
+
 // sources returns the distinct IPs connections came from.
 func (l *acceptLog) sources() []string {
 	l.mu.Lock()

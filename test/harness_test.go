@@ -89,6 +89,7 @@ func requireRoot(t *testing.T) {
 type daemon struct {
 	name     string
 	instance string // for `ebpfwd conns --instance`
+	config   string // the configuration file it runs
 	cmd      *exec.Cmd
 	output   *syncbuf.Buffer // stdout and stderr, interleaved
 	exited   chan struct{}
@@ -128,7 +129,7 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.
 		cmd = exec.Command("nsenter", append([]string{"--net=" + opts.In.Path(), ebpfwdBin}, args...)...)
 	}
-	d := &daemon{name: name, instance: instance, cmd: cmd, output: &syncbuf.Buffer{}, exited: make(chan struct{})}
+	d := &daemon{name: name, instance: instance, config: cfg, cmd: cmd, output: &syncbuf.Buffer{}, exited: make(chan struct{})}
 	cmd.Stdout = d.output
 	cmd.Stderr = d.output
 	if err := cmd.Start(); err != nil {

@@ -1,11 +1,8 @@
 package main
 
 import (
-	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
-	"net"
 	"net/http"
 	"path/filepath"
 	"sort"
@@ -25,24 +22,11 @@ func instanceOf(configPath string) string {
 }
 
 func cmdConns(e env, args []string) int {
-	fs := flag.NewFlagSet("conns", flag.ContinueOnError)
-	fs.SetOutput(e.stderr)
-	instance := fs.String("instance", "", "the instance to ask (default: the CONFIG file's name without extension)")
-	if fs.Parse(args) != nil {
+	instance, ok := instanceArg(e, "conns", args)
+	if !ok {
 		return 2
 	}
-	switch {
-	case *instance == "" && fs.NArg() == 1:
-		*instance = instanceOf(fs.Arg(0))
-	case *instance == "" || fs.NArg() > 0:
-		fmt.Fprintln(e.stderr, "ebpfwd conns: give either --instance NAME or the CONFIG the instance runs")
-		return 2
-	}
-	if err := daemon.ValidateInstance(*instance); err != nil {
-		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
-		return 2
-	}
-	flows, err := fetchFlows(*instance)
+	flows, err := fetchFlows(instance)
 	if err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
 		return 1
@@ -52,17 +36,9 @@ func cmdConns(e env, args []string) int {
 }
 
 func fetchFlows(instance string) ([]datapath.Flow, error) {
-	sock := daemon.ControlSocket(instance)
-	client := &http.Client{
-		Timeout: 5 * time.Second,
-		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {
-			var d net.Dialer
-			return d.DialContext(ctx, "unix", sock)
-		}},
-	}
-	resp, err := client.Get("http://ebpfwd" + daemon.FlowsPath)
+	resp, err := controlRequest(instance, http.MethodGet, daemon.FlowsPath, 5*time.Second)
 	if err != nil {
-		return nil, fmt.Errorf("instance %q (control socket %s): %w", instance, sock, err)
+		return nil, err
 	}
 	defer resp.Body.Close()
 	if resp.StatusCode != http.StatusOK {

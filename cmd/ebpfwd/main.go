@@ -38,7 +38,8 @@ type command struct {
 
 func commands() []command {
 	return []command{
-		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground (SIGUSR2: restart in place)", cmdRun},
+		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground (SIGHUP: reload; SIGUSR2: restart in place)", cmdRun},
+		{"reload", "reload [--instance NAME | CONFIG]", "reload the configuration of a running instance, as SIGHUP does, and print the outcome", cmdReload},
 		{"conns", "conns [--instance NAME | CONFIG]", "list the live connections and flows of a running instance", cmdConns},
 		{"check", "check CONFIG", "validate CONFIG and open every namespace it names", cmdCheck},
 		{"plan", "plan CONFIG", "print the datapath chosen for each service, and why", cmdPlan},
@@ -241,18 +242,21 @@ func runDaemon(e env, args []string) (code int, restart bool) {
 		fmt.Fprintf(e.stderr, "ebpfwd run: %v\n", err)
 		return 1, false
 	}
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	hup, releaseHangup := notifyHangup()
+	defer releaseHangup()
+	ctx, hurry, stop := notifyStop(logger)
 	defer stop()
 	restartReq := make(chan struct{})
 	go watchRestart(ctx, path, logger, restartReq)
 
 	rec := metrics.NewRecorder()
 	d, err := daemon.New(cfg, daemon.Options{ReadyFile: *readyFile, DrainTimeout: *drain, Metrics: rec,
-		Instance: *instance, Restart: restartReq, Datapaths: datapaths(*instance, pool, logger)}, logger)
+		Instance: *instance, Restart: restartReq, Hurry: hurry, Datapaths: datapaths(*instance, pool, logger)}, logger)
 	if err != nil {
 		fmt.Fprintln(e.stderr, err)
 		return 1, false
 	}
+	go reloadOnHangup(ctx, hup, d, logger)
 	if cfg.Metrics.Addr != "" {
 		srv, err := serveMetrics(cfg, d, rec, logger)
 		if err != nil {
