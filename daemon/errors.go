@@ -33,7 +33,10 @@ const (
 	ReasonReset       Reason = "reset"
 	ReasonIdle        Reason = "idle_timeout"
 	ReasonAccept      Reason = "accept"
-	ReasonOther       Reason = "other"
+	// ReasonLocal is a failure of this host, not of the node: out of file
+	// descriptors (EMFILE, ENFILE), buffers or memory (ENOBUFS, ENOMEM).
+	ReasonLocal Reason = "local_resources"
+	ReasonOther Reason = "other"
 )
 
 // Reasons lists every Reason, so that metrics can show each at zero before
@@ -41,7 +44,7 @@ const (
 // event misses that event).
 var Reasons = []Reason{ReasonRefused, ReasonTimeout, ReasonUnreachable, ReasonResolve, ReasonNetnsGone,
 	ReasonHopAuth, ReasonHopGateway, ReasonHopStatus, ReasonHopProtocol, ReasonHopClosed, ReasonReset,
-	ReasonIdle, ReasonAccept, ReasonOther}
+	ReasonIdle, ReasonAccept, ReasonLocal, ReasonOther}
 
 // reasonOf maps an error from dialing or relaying to its Reason.
 func reasonOf(err error) Reason {
@@ -50,6 +53,9 @@ func reasonOf(err error) Reason {
 	switch {
 	case errors.Is(err, netns.ErrGone):
 		return ReasonNetnsGone
+	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE),
+		errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
+		return ReasonLocal
 	case errors.Is(err, relay.ErrIdleTimeout):
 		return ReasonIdle
 	case errors.Is(err, httpconnect.ErrProxyAuthRequired):
@@ -75,6 +81,19 @@ func reasonOf(err error) Reason {
 		return ReasonResolve
 	}
 	return ReasonOther
+}
+
+// nodesFault reports whether a failed dial or probe says something about
+// the node. A host out of descriptors or memory, or a namespace that is
+// gone, fails every node alike: marking them dead would send their new
+// flows to a listener that is out of the same resources, and keep them
+// away after the host recovered.
+func nodesFault(err error) bool {
+	switch reasonOf(err) {
+	case ReasonLocal, ReasonNetnsGone:
+		return false
+	}
+	return true
 }
 
 // Errors counts failures of one service by reason.

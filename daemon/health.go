@@ -73,11 +73,16 @@ func (s *service) probeNodes(ctx context.Context, network string) {
 			switch {
 			case ctx.Err() != nil:
 				return
+			case err != nil && !nodesFault(err):
+				// This host's trouble, not the node's: the node keeps
+				// its marking.
+				s.log.Warn("node probe could not run", "node", n.Name, "reason", reasonOf(err), "err", err)
 			case err != nil:
 				if s.nodes.Healthy(n) {
 					s.log.Warn("node probe failed", "node", n.Name, "addr", n.Value, "network", network, "err", err)
 				}
-				s.errs.Add(reasonOf(err))
+				// A probe is no connection of the service: it counts in
+				// the node's marking, not in the service's errors.
 				s.nodes.MarkFailed(n)
 			default:
 				s.nodes.MarkOK(n)

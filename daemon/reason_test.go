@@ -27,6 +27,9 @@ func TestReasonOf(t *testing.T) {
 		{wrap(context.DeadlineExceeded), ReasonTimeout},
 		{wrap(os.ErrDeadlineExceeded), ReasonTimeout},
 		{wrap(netns.ErrGone), ReasonNetnsGone},
+		{wrap(&net.OpError{Op: "dial", Err: os.NewSyscallError("socket", syscall.EMFILE)}), ReasonLocal},
+		{wrap(os.NewSyscallError("socket", syscall.ENFILE)), ReasonLocal},
+		{wrap(os.NewSyscallError("sendmsg", syscall.ENOBUFS)), ReasonLocal},
 		{wrap(relay.ErrIdleTimeout), ReasonIdle},
 		{wrap(&httpconnect.StatusError{Code: 407, Status: "407 Proxy Authentication Required"}), ReasonHopAuth},
 		{wrap(&httpconnect.StatusError{Code: 502, Status: "502 Bad Gateway"}), ReasonHopGateway},
@@ -52,5 +55,27 @@ func TestErrorsCount(t *testing.T) {
 	got := e.Snapshot()
 	if got[ReasonRefused] != 3 || got[ReasonTimeout] != 1 || len(got) != 2 {
 		t.Fatalf("snapshot = %v", got)
+	}
+}
+
+// TestNodesFault: only failures that say something about the node mark it.
+func TestNodesFault(t *testing.T) {
+	tests := []struct {
+		err  error
+		want bool
+	}{
+		{os.NewSyscallError("connect", syscall.ECONNREFUSED), true},
+		{context.DeadlineExceeded, true},
+		{os.NewSyscallError("connect", syscall.EHOSTUNREACH), true},
+		{os.NewSyscallError("socket", syscall.EMFILE), false},
+		{os.NewSyscallError("socket", syscall.ENFILE), false},
+		{os.NewSyscallError("socket", syscall.ENOBUFS), false},
+		{os.NewSyscallError("socket", syscall.ENOMEM), false},
+		{fmt.Errorf("open netns: %w", netns.ErrGone), false},
+	}
+	for _, tt := range tests {
+		if got := nodesFault(tt.err); got != tt.want {
+			t.Errorf("nodesFault(%v) = %v, want %v", tt.err, got, tt.want)
+		}
 	}
 }

@@ -294,7 +294,7 @@ func (s *service) dialNode(ctx context.Context, key string) (net.Conn, string, e
 		s.errs.Add(reason)
 		// A broken chain is not the node's fault: marking every node dead
 		// would only hide which hop is failing.
-		if s.chain == nil || chain.TargetUnreachable(err) {
+		if (s.chain == nil || chain.TargetUnreachable(err)) && nodesFault(err) {
 			s.nodes.MarkFailed(n)
 		}
 		s.log.Warn("dial failed", "node", n.Name, "addr", n.Value, "reason", reason, "err", err)
@@ -330,7 +330,9 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 			s.nodes.MarkOK(n)
 			return conn, nil
 		}
-		s.nodes.MarkFailed(n)
+		if nodesFault(err) {
+			s.nodes.MarkFailed(n)
+		}
 		s.errs.Add(reasonOf(err))
 		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
 	}

@@ -85,6 +85,10 @@ func TestCheckBadConfig(t *testing.T) {
 		t.Fatalf("namespace %s exists", missing)
 	}
 	existing := newNS(t, "e2e-check")
+	// What run would refuse and the file alone cannot tell: a listen
+	// address another process holds, a log output that is a directory.
+	echoIn(t, existing, "127.0.0.1:8100")
+	logDir := t.TempDir()
 
 	tests := []struct {
 		name     string
@@ -131,6 +135,24 @@ func TestCheckBadConfig(t *testing.T) {
   metadata: {netns: ` + missing + `}
 `,
 			want: []*regexp.Regexp{regexp.MustCompile(`(?m)^.*` + regexp.QuoteMeta(missing) + `.*$`)},
+		},
+		{
+			name: "listen address in use, log output a directory",
+			yaml: `log: {output: ` + logDir + `}
+services:
+- name: taken
+  addr: 127.0.0.1:8100
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: target-0, addr: "127.0.0.1:9000"}
+  metadata: {netns: ` + existing.Name + `}
+`,
+			want: []*regexp.Regexp{
+				regexp.MustCompile(`(?m)^CONFIG:3:3: services\[0\]\.addr: cannot listen there \(is this instance running already\?\): .*address already in use`),
+				regexp.MustCompile(`(?m)^CONFIG: log\.output: .* is a directory`),
+			},
 		},
 		{
 			name: "valid",

@@ -150,9 +150,11 @@ func TestTCDatapath(t *testing.T) {
 	})
 
 	t.Run("two clients with the same source port", func(t *testing.T) {
-		// Both connect from port 40000 at once; towards the node both
+		// Both connect from port 30000 at once; towards the node both
 		// flows come from the gateway's one address, so the program must
-		// give them different SNAT ports or replies would cross.
+		// give them different SNAT ports or replies would cross. The port
+		// is below the clients' ephemeral range, so that no connection of
+		// an earlier subtest (one in TIME_WAIT, say) can hold it.
 		var wg sync.WaitGroup
 		errs := make(chan error, 2)
 		for _, ns := range []netNSHandle{handle(t, client), handle(t, client2)} {
@@ -162,7 +164,7 @@ func TestTCDatapath(t *testing.T) {
 				var c net.Conn
 				err := ns.Do(func() error {
 					var err error
-					d := net.Dialer{LocalAddr: &net.TCPAddr{Port: 40000}}
+					d := net.Dialer{LocalAddr: &net.TCPAddr{Port: 30000}}
 					c, err = d.DialContext(ctx, "tcp", "10.31.1.1:8000")
 					return err
 				})

@@ -139,6 +139,9 @@ func cmdCheck(e env, args []string) int {
 		report(fmt.Errorf("ebpfwd check: %w", err))
 	} else {
 		report(daemon.CheckNamespaces(cfg))
+		if cfgErr == nil {
+			report(daemon.Preflight(cfg))
+		}
 	}
 	if failed {
 		return 1
