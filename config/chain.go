@@ -26,7 +26,7 @@ func (d *decoder) topHops(f field) ([]*Hop, map[string]*Hop) {
 		}
 		name, nameOK := "", true
 		if nf, ok := fs["name"]; ok {
-			name, nameOK = d.str(nf)
+			name, nameOK = d.name(nf)
 		}
 		if name == "" && nameOK {
 			d.errorf(item.value, join(item.path, "name"), "is required: chains refer to top-level hops by name")
@@ -57,7 +57,7 @@ func (d *decoder) chains(f field, topHops map[string]*Hop) ([]*Chain, map[string
 		c := &Chain{Pos: posOf(item.value)}
 		nameOK := true
 		if nf, ok := fs["name"]; ok {
-			c.Name, nameOK = d.str(nf)
+			c.Name, nameOK = d.name(nf)
 		}
 		if c.Name == "" {
 			if nameOK {
@@ -110,7 +110,7 @@ func (d *decoder) chainHop(f field, i int, topHops map[string]*Hop) *Hop {
 	if hasNodes && !isEmptyList(nf.value) {
 		name := fmt.Sprintf("hop-%d", i)
 		if nameField, ok := fs["name"]; ok {
-			if s, ok := d.str(nameField); ok && s != "" {
+			if s, ok := d.name(nameField); ok && s != "" {
 				name = s
 			}
 		}
@@ -194,7 +194,7 @@ func (d *decoder) node(f field, i int, inHop bool) *Node {
 	}
 	n := &Node{Name: fmt.Sprintf("node-%d", i), Pos: posOf(f.value)}
 	if nf, ok := fs["name"]; ok {
-		if name, ok := d.str(nf); ok && name != "" {
+		if name, ok := d.name(nf); ok && name != "" {
 			n.Name = name
 		}
 	}

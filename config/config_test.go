@@ -171,7 +171,7 @@ func TestDefaults(t *testing.T) {
   forwarder:
     nodes:
     - addr: 10.0.0.53:53
-- addr: :8080
+- addr: 127.0.0.1:8080
   handler:
     type: http
     chain: c

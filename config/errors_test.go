@@ -256,7 +256,7 @@ func TestParseErrors(t *testing.T) {
 		},
 		{
 			name: "http handler on udp listener",
-			yaml: "services:\n- addr: :80\n  handler: {type: http}\n  listener: {type: udp}\n",
+			yaml: "services:\n- addr: 127.0.0.1:80\n  handler: {type: http}\n  listener: {type: udp}\n",
 			errs: []want{{4, 20, "services[0].listener.type", `cannot carry handler type "http"`}},
 		},
 		{
@@ -561,9 +561,29 @@ func TestParseErrors(t *testing.T) {
 			warns: []want{{6, 5, "services[0].handler.auth", `auth only applies to the http handler`}},
 		},
 		{
-			name:  "forwarder on http handler warns",
-			yaml:  strings.Replace(base, "type: tcp", "type: http", 1),
-			warns: []want{{6, 3, "services[0].forwarder", "forwarder is ignored"}},
+			name: "forwarder on http handler warns",
+			yaml: strings.Replace(base, "type: tcp", "type: http", 1),
+			warns: []want{{6, 3, "services[0].forwarder", "forwarder is ignored"},
+				{5, 11, "services[0].handler.auth", "open proxy"}},
+		},
+		{
+			name: "http handler without auth on a loopback address: no warning",
+			yaml: "services:\n- addr: \"[::1]:3128\"\n  handler: {type: http}\n",
+		},
+		{
+			name: "http handler with auth on any address: no warning",
+			yaml: "services:\n- addr: :3128\n  handler: {type: http, auth: {username: u, password: p}}\n",
+		},
+		{
+			name:  "http handler without auth on every address warns",
+			yaml:  "services:\n- addr: :3128\n  handler: {type: http}\n",
+			warns: []want{{3, 19, "services[0].handler.auth", "is an open proxy into everything netns.out reaches"}},
+		},
+		{
+			name: "names and strings are bounded",
+			yaml: "services:\n- name: " + strings.Repeat("n", 129) + "\n  addr: \"" + strings.Repeat("h", 4097) + ":80\"\n  handler: {type: tcp}\n  forwarder: {nodes: [{addr: 10.0.0.2:80}]}\n",
+			errs: []want{{2, 9, "services[0].name", "name is 129 bytes long; at most 128"},
+				{3, 9, "services[0].addr", "at most 4096"}},
 		},
 		{
 			name:  "ttl on tcp listener warns",

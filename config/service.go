@@ -55,7 +55,7 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 	}
 	svc := &Service{Name: fmt.Sprintf("service-%d", i), Datapath: defaultDatapath, Pos: posOf(f.value)}
 	if nf, ok := fs["name"]; ok {
-		if name, ok := d.str(nf); ok && name != "" {
+		if name, ok := d.name(nf); ok && name != "" {
 			svc.Name = name
 		}
 	}
@@ -177,6 +177,13 @@ func (d *decoder) checkServiceCombination(f field, svc *Service, parts servicePa
 			d.errorf(at, path, "handler type %q needs at least one forwarder node to send traffic to", handlerType)
 		}
 	case "http":
+		if svc.Handler.Auth == nil && !(svc.Listen.IsValid() && svc.Listen.Addr().IsLoopback()) {
+			at, path := f.pos(), join(f.path, "handler.auth")
+			if af, ok := parts.handler["type"]; ok {
+				at = af.pos()
+			}
+			d.warnf(at, path, "an http handler without auth that listens on %s is an open proxy into everything netns.out reaches, loopback included: set handler.auth, or listen on a loopback address", svc.Addr)
+		}
 		if parts.hasForwarder {
 			d.warnf(parts.forwarderField.key, parts.forwarderField.path, "an http handler connects to the address each client asks for; forwarder is ignored")
 		}

@@ -237,7 +237,39 @@ func (d *decoder) str(f field) (string, bool) {
 		d.errorf(f.pos(), f.path, "must be a string, not %s", describe(n))
 		return "", false
 	}
+	if len(n.Value) > maxStringBytes {
+		d.errorf(f.pos(), f.path, "is %d bytes long; at most %d", len(n.Value), maxStringBytes)
+		return "", false
+	}
 	return n.Value, true
+}
+
+// Bounds on strings: every value ends up in logs, metric labels or the
+// kernel, where a megabyte-long name would be printed in every line.
+const (
+	maxStringBytes = 4096
+	maxNameBytes   = 128
+)
+
+// name decodes the name of a service, chain, hop or node: a string of at
+// most maxNameBytes without control characters (names are log fields and
+// metric label values).
+func (d *decoder) name(f field) (string, bool) {
+	s, ok := d.str(f)
+	if !ok {
+		return "", false
+	}
+	if len(s) > maxNameBytes {
+		d.errorf(f.pos(), f.path, "name is %d bytes long; at most %d", len(s), maxNameBytes)
+		return "", false
+	}
+	for _, r := range s {
+		if r < 0x20 || r == 0x7f {
+			d.errorf(f.pos(), f.path, "name %q contains a control character", s)
+			return "", false
+		}
+	}
+	return s, true
 }
 
 // metadata decodes a metadata mapping. Keys are lower-cased, as GOST stores
