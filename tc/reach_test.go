@@ -1,24 +1,17 @@
 package tc
 
 import (
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
-	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 func TestNodesReachable(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces")
-	}
-	listen, _ := topotest.NewNS(t, "tc-reach-l")
-	out, _ := topotest.NewNS(t, "tc-reach-o")
-	if err := topo.Veth(listen, "l0", "10.41.0.1/24", out, "o0", "10.41.0.2/24"); err != nil {
-		t.Fatal(err)
-	}
+	listen := testutil.NewNS(t, "tc-reach-l")
+	out := testutil.NewNS(t, "tc-reach-o")
+	testutil.Veth(t, listen, "l0", "10.41.0.1/24", out, "o0", "10.41.0.2/24")
 	tests := []struct {
 		name    string
 		outNS   string

@@ -28,7 +28,9 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
 const (
@@ -116,7 +118,7 @@ chains:
       connector: {type: http, auth: {username: $PUSER, password: $PPASS}}
       dialer: {type: tcp}
 metrics:
-  addr: "127.0.0.1:$MPORT"
+  addr: "$MADDR"
   path: /metrics
   auth: {username: $MUSER, password: $MPASS}
 `
@@ -126,7 +128,7 @@ metrics:
 // prometheus scrapes the daemon, and every panel query must return series
 // with real numbers. The counters must also match the bytes sent exactly.
 func TestDashboardQueriesHaveData(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, bin := range []string{prometheusBin, promtoolBin} {
 		if _, err := os.Stat(bin); err != nil {
 			t.Skipf("%s is missing (apt-get install prometheus; .ci/run installs it): %v", bin, err)
@@ -135,21 +137,20 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 	t.Parallel()
 	dash := loadDashboard(t)
 
-	c := newNS(t, "e2e-metrics-c")
-	tg := newNS(t, "e2e-metrics-t")
+	c := testutil.NewNS(t, "e2e-metrics-c")
+	tg := testutil.NewNS(t, "e2e-metrics-t")
 	echoIn(t, tg, "127.0.0.1:9000")
 	udpEchoIn(t, tg, "127.0.0.1:9053")
 	// tc-svc is a gateway on the tc datapath: client namespace -> $G -> the
 	// target namespace, over veths (its packets must cross interfaces).
-	tcClient := newNS(t, "e2e-metrics-tcc")
-	gw := newNS(t, "e2e-metrics-g")
-	veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
-	veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
+	tcClient := testutil.NewNS(t, "e2e-metrics-tcc")
+	gw := testutil.NewNS(t, "e2e-metrics-g")
+	testutil.Veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
+	testutil.Veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
 	echoIn(t, tg, "10.33.2.2:9100")
-	port := freeLoopbackPort(t)
-	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	metricsAddr := testutil.FreeLoopbackAddr(t)
 	startDaemon(t, "metrics", config(metricsTopology, map[string]string{
-		"C": c.Name, "T": tg.Name, "G": gw.Name, "MPORT": strconv.Itoa(port),
+		"C": c.Name, "T": tg.Name, "G": gw.Name, "MADDR": metricsAddr,
 		"MUSER": metricsUser, "MPASS": metricsPassword,
 		"PUSER": proxyUser, "PPASS": proxyPassword,
 	}), daemonOptions{})
@@ -321,39 +322,11 @@ func connectRefused(t *testing.T, ns *topo.NS, proxy, target string) {
 		t.Fatalf("dial proxy %s: %v", proxy, err)
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	req, err := http.NewRequest(http.MethodConnect, "http://"+target, nil)
-	if err != nil {
-		t.Fatal(err)
+	_, err = httpconnect.Handshake(ctx, conn, target, &httpconnect.Auth{Username: proxyUser, Password: proxyPassword})
+	var refused *httpconnect.StatusError
+	if !errors.As(err, &refused) || refused.Code != http.StatusBadGateway {
+		t.Fatalf("CONNECT %s (nothing listening) via %s: %v, want a 502 Bad Gateway refusal", target, proxy, err)
 	}
-	req.Host = target
-	req.SetBasicAuth(proxyUser, proxyPassword)
-	// Proxies take Proxy-Authorization, not Authorization.
-	req.Header.Set("Proxy-Authorization", req.Header.Get("Authorization"))
-	req.Header.Del("Authorization")
-	if err := req.Write(conn); err != nil {
-		t.Fatalf("CONNECT %s via %s: %v", target, proxy, err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
-	if err != nil {
-		t.Fatalf("CONNECT %s via %s: read response: %v", target, proxy, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadGateway {
-		t.Fatalf("CONNECT %s (nothing listening) via %s: status %d, want 502", target, proxy, resp.StatusCode)
-	}
-}
-
-// freeLoopbackPort asks the kernel for a port that is free on 127.0.0.1
-// right now.
-func freeLoopbackPort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free loopback port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 var httpClient = &http.Client{Timeout: httpTimeout}
@@ -689,7 +662,7 @@ scrape_configs:
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		t.Fatalf("write prometheus config: %v", err)
 	}
-	listen := net.JoinHostPort("127.0.0.1", strconv.Itoa(freeLoopbackPort(t)))
+	listen := testutil.FreeLoopbackAddr(t)
 	p := &prometheus{api: "http://" + listen, output: &syncbuf.Buffer{}}
 	cmd := exec.Command(prometheusBin,
 		"--config.file="+cfg,
