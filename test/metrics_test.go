@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -9,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -24,6 +24,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"gopkg.in/yaml.v3"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
@@ -386,96 +388,21 @@ func scrapeMetrics(endpoint string) ([]byte, error) {
 	return body, nil
 }
 
-// sample is one line of the text exposition.
-type sample struct {
-	name   string
-	labels map[string]string
-	value  float64
-}
-
 // parseExposition reads the Prometheus text format (what client_golang
-// serves without content negotiation). Comments and blank lines are skipped.
-func parseExposition(data []byte) ([]sample, error) {
-	var out []sample
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for line := 1; sc.Scan(); line++ {
-		text := strings.TrimSpace(sc.Text())
-		if text == "" || strings.HasPrefix(text, "#") {
-			continue
-		}
-		s, err := parseSampleLine(text)
-		if err != nil {
-			return nil, fmt.Errorf("exposition line %d %q: %w", line, text, err)
-		}
-		out = append(out, s)
-	}
-	return out, sc.Err()
-}
-
-func parseSampleLine(text string) (sample, error) {
-	s := sample{labels: map[string]string{}}
-	i := strings.IndexAny(text, "{ ")
-	if i < 0 {
-		return s, errors.New("no value")
-	}
-	s.name = text[:i]
-	rest := text[i:]
-	if strings.HasPrefix(rest, "{") {
-		rest = rest[1:]
-		for {
-			rest = strings.TrimLeft(rest, ", ")
-			if strings.HasPrefix(rest, "}") {
-				rest = rest[1:]
-				break
-			}
-			name, after, ok := strings.Cut(rest, `="`)
-			if !ok {
-				return s, errors.New("malformed label")
-			}
-			value, remaining, err := unquoteLabelValue(after)
-			if err != nil {
-				return s, err
-			}
-			s.labels[name] = value
-			rest = remaining
-		}
-	}
-	fields := strings.Fields(rest)
-	if len(fields) == 0 {
-		return s, errors.New("no value")
-	}
-	v, err := strconv.ParseFloat(fields[0], 64)
+// serves without content negotiation) into one sample per exposition
+// line: histograms come out as their _bucket, _sum and _count series,
+// which is what the expectations name.
+func parseExposition(data []byte) (model.Vector, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(data))
 	if err != nil {
-		return s, fmt.Errorf("value: %w", err)
+		return nil, fmt.Errorf("parse exposition: %w", err)
 	}
-	s.value = v
-	return s, nil
-}
-
-// unquoteLabelValue reads a label value up to its closing quote, undoing
-// the format's escapes (\\, \", \n).
-func unquoteLabelValue(s string) (value, rest string, err error) {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '"':
-			return b.String(), s[i+1:], nil
-		case '\\':
-			if i+1 == len(s) {
-				return "", "", errors.New("dangling escape")
-			}
-			i++
-			if s[i] == 'n' {
-				b.WriteByte('\n')
-			} else {
-				b.WriteByte(s[i])
-			}
-		default:
-			b.WriteByte(s[i])
-		}
+	samples, err := expfmt.ExtractSamples(&expfmt.DecodeOptions{Timestamp: model.Now()}, slices.Collect(maps.Values(families))...)
+	if err != nil {
+		return nil, fmt.Errorf("exposition samples: %w", err)
 	}
-	return "", "", errors.New("unterminated label value")
+	return samples, nil
 }
 
 // selectorRE splits the simple selectors expectedSeries use:
@@ -484,7 +411,7 @@ var selectorRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$`)
 
 // sumMatching adds up the samples a simple equality selector matches, and
 // says whether any did.
-func sumMatching(samples []sample, selector string) (float64, bool) {
+func sumMatching(samples model.Vector, selector string) (float64, bool) {
 	m := selectorRE.FindStringSubmatch(selector)
 	if m == nil {
 		return 0, false
@@ -499,18 +426,18 @@ func sumMatching(samples []sample, selector string) (float64, bool) {
 	var sum float64
 	found := false
 	for _, s := range samples {
-		if s.name != m[1] {
+		if string(s.Metric[model.MetricNameLabel]) != m[1] {
 			continue
 		}
 		match := true
 		for k, v := range want {
-			if s.labels[k] != v {
+			if string(s.Metric[model.LabelName(k)]) != v {
 				match = false
 				break
 			}
 		}
 		if match {
-			sum += s.value
+			sum += float64(s.Value)
 			found = true
 		}
 	}
@@ -541,7 +468,7 @@ func waitExposition(t *testing.T, endpoint string, want []expectedSeries) []byte
 		body, err := scrapeMetrics(endpoint)
 		var bad []string
 		if err == nil {
-			var samples []sample
+			var samples model.Vector
 			samples, err = parseExposition(body)
 			if err == nil {
 				bad = mismatches(want, func(sel string) (float64, bool) { return sumMatching(samples, sel) })
