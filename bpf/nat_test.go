@@ -6,14 +6,12 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
-	"os"
 	"testing"
 	"time"
 
 	"github.com/cilium/ebpf"
 
-	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
@@ -87,13 +85,8 @@ type netOptions struct {
 
 func newTestNet(t *testing.T, opts netOptions) *testNet {
 	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates a network namespace and loads BPF programs")
-	}
-	ns, _ := topotest.NewNS(t, "ebpfwd-bpftest")
-	if err := topo.Veth(ns, "nat0", "", ns, "nat1", ""); err != nil {
-		t.Fatal(err)
-	}
+	ns, nsh := testutil.NewNSHandle(t, "ebpfwd-bpftest", netns.Parse)
+	testutil.Veth(t, ns, "nat0", "", ns, "nat1", "")
 	for _, c := range []struct{ cidr, neigh string }{
 		{"10.20.1.1/24", ""}, {"10.20.2.1/24", ""}, {"fd00:1::1/64", ""}, {"fd00:2::1/64", ""},
 	} {
@@ -123,12 +116,8 @@ func newTestNet(t *testing.T, opts netOptions) *testNet {
 		}
 	}
 
-	nsh, err := netns.Parse(ns.Name)
-	if err != nil {
-		t.Fatal(err)
-	}
 	tn := &testNet{ns: nsh}
-	err = nsh.Do(func() error {
+	err := nsh.Do(func() error {
 		iface, err := net.InterfaceByName("nat0")
 		if err != nil {
 			return err

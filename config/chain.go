@@ -230,15 +230,7 @@ func (d *decoder) connector(f field) Connector {
 	if !ok {
 		return c
 	}
-	if tf, ok := fs["type"]; ok {
-		if t, ok := d.str(tf); ok && t != "" {
-			if slices.Contains(connectorTypes, t) {
-				c.Type = t
-			} else {
-				d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, connectorTypes))
-			}
-		}
-	}
+	c.Type = d.sectionType(fs, connectorTypes, c.Type)
 	if af, ok := fs["auth"]; ok {
 		c.Auth = d.auth(af)
 	}
@@ -255,15 +247,7 @@ func (d *decoder) dialer(f field) Dialer {
 	if !ok {
 		return dl
 	}
-	if tf, ok := fs["type"]; ok {
-		if t, ok := d.str(tf); ok && t != "" {
-			if slices.Contains(dialerTypes, t) {
-				dl.Type = t
-			} else {
-				d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, dialerTypes))
-			}
-		}
-	}
+	dl.Type = d.sectionType(fs, dialerTypes, dl.Type)
 	if mf, ok := fs["metadata"]; ok {
 		dl.Metadata, _ = d.metadata(mf, nil)
 	}
@@ -329,4 +313,22 @@ func (d *decoder) selector(f field) Selector {
 		}
 	}
 	return s
+}
+
+// sectionType decodes a section's optional `type`: one of allowed (else an
+// error naming them); absent or empty, it stays def.
+func (d *decoder) sectionType(fs fields, allowed []string, def string) string {
+	tf, ok := fs["type"]
+	if !ok {
+		return def
+	}
+	t, ok := d.str(tf)
+	switch {
+	case !ok || t == "":
+		return def
+	case slices.Contains(allowed, t):
+		return t
+	}
+	d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, allowed))
+	return def
 }

@@ -246,15 +246,7 @@ func (d *decoder) listener(f field) (l Listener, fs fields, ttl *field) {
 	if !ok {
 		return l, nil, nil
 	}
-	if tf, ok := fs["type"]; ok {
-		if t, ok := d.str(tf); ok && t != "" {
-			if slices.Contains(listenerTypes, t) {
-				l.Type = t
-			} else {
-				d.errorf(tf.pos(), tf.path, "%s", unsupportedType(t, listenerTypes))
-			}
-		}
-	}
+	l.Type = d.sectionType(fs, listenerTypes, l.Type)
 	if mf, ok := fs["metadata"]; ok {
 		md, known := d.metadata(mf, listenerMetadataKeys)
 		l.Metadata = md

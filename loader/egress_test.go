@@ -15,6 +15,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
@@ -37,7 +38,7 @@ func interfaceIn(t *testing.T, ns netns.NS, ifname string) (int, net.HardwareAdd
 // route to, the way a splice link reaches netns.out: the node's fixed
 // egress (g1 and both its MACs) is the only way there.
 func TestFixedEgressReachesUnroutedNode(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tp := newGatewayTopology(t)
@@ -100,7 +101,7 @@ func addLoopbackAddr(cidr string) error {
 
 // TestDetach removes one attachment and leaves the others.
 func TestDetach(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	tp := newGatewayTopology(t)
 	l := load(t, Config{Attach: AttachTCX})
 	for _, ifname := range []string{"g0", "g1"} {

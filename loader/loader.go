@@ -262,34 +262,54 @@ func (l *Loader) Reused() bool { return l.reused }
 // Close detaches every attachment, removes the pins and the pin directory,
 // and releases the instance.
 func (l *Loader) Close() error {
+	_, err := l.finish((*attachment).detach, func() []error {
+		var errs []error
+		for _, m := range []*ebpf.Map{l.objs.EbpfwdServices, l.objs.EbpfwdNodes, l.objs.EbpfwdConntrack,
+			l.objs.EbpfwdReverse, l.objs.EbpfwdIfaces, l.objs.EbpfwdCounters} {
+			if err := m.Unpin(); err != nil {
+				errs = append(errs, fmt.Errorf("unpin map %s: %w", m, err))
+			}
+		}
+		return errs
+	}, func() []error {
+		if err := os.RemoveAll(l.pinDir); err != nil {
+			return []error{fmt.Errorf("remove pin directory: %w", err)}
+		}
+		removeEmptyParents(l.pinDir)
+		return nil
+	})
+	return err
+}
+
+// finish ends the Loader once (Close and Release): every attachment is let
+// go by drop, beforeClose runs before the objects are closed and
+// afterClose after, then the instance's lock is released. Errors of every
+// step are joined; ended is false when the Loader had ended already.
+func (l *Loader) finish(drop func(*attachment) error, beforeClose, afterClose func() []error) (ended bool, err error) {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	if l.closed {
-		return nil
+		return false, nil
 	}
 	l.closed = true
 	var errs []error
 	for key, a := range l.attached {
-		if err := a.detach(); err != nil {
+		if err := drop(a); err != nil {
 			errs = append(errs, err)
 		}
 		delete(l.attached, key)
 	}
-	for _, m := range []*ebpf.Map{l.objs.EbpfwdServices, l.objs.EbpfwdNodes, l.objs.EbpfwdConntrack,
-		l.objs.EbpfwdReverse, l.objs.EbpfwdIfaces, l.objs.EbpfwdCounters} {
-		if err := m.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin map %s: %w", m, err))
-		}
+	if beforeClose != nil {
+		errs = append(errs, beforeClose()...)
 	}
 	if err := l.objs.Close(); err != nil {
 		errs = append(errs, fmt.Errorf("close NAT objects: %w", err))
 	}
-	if err := os.RemoveAll(l.pinDir); err != nil {
-		errs = append(errs, fmt.Errorf("remove pin directory: %w", err))
+	if afterClose != nil {
+		errs = append(errs, afterClose()...)
 	}
-	removeEmptyParents(l.pinDir)
 	l.lock.Close() // releases the flock
-	return errors.Join(errs...)
+	return true, errors.Join(errs...)
 }
 
 // removeEmptyParents removes the pin directory if it is empty, then the

@@ -2,8 +2,6 @@ package loader
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"net"
 	"net/netip"
@@ -16,32 +14,16 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/bpf"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces, loads and attaches BPF programs, uses bpffs")
-	}
-}
-
-func uniqueInstance(t *testing.T) string {
-	t.Helper()
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return "test-" + hex.EncodeToString(b)
-}
 
 // load loads an instance and closes it in Cleanup, checking that nothing
 // is left in bpffs.
 func load(t *testing.T, cfg Config) *Loader {
 	t.Helper()
-	cfg.Instance = uniqueInstance(t)
+	cfg.Instance = testutil.UniqueName(t, "test")
 	l, err := Load(cfg)
 	if err != nil {
 		t.Fatalf("Load: %v", err)
@@ -63,24 +45,22 @@ func load(t *testing.T, cfg Config) *Loader {
 // it was moved by the program.
 type gatewayTopology struct {
 	client, gateway, server netns.NS
+	// gatewayNS is the gateway again, for a test that links more to it.
+	gatewayNS *topo.NS
 }
 
 func newGatewayTopology(t *testing.T) gatewayTopology {
 	t.Helper()
-	c, ch := topotest.NewNS(t, "ebpfwd-tcc")
-	g, gh := topotest.NewNS(t, "ebpfwd-tcg")
-	s, sh := topotest.NewNS(t, "ebpfwd-tcs")
-	if err := topo.Veth(c, "c0", "10.20.1.2/24", g, "g0", "10.20.1.1/24"); err != nil {
-		t.Fatal(err)
-	}
-	if err := topo.Veth(g, "g1", "10.20.2.1/24", s, "s0", "10.20.2.2/24"); err != nil {
-		t.Fatal(err)
-	}
-	return gatewayTopology{client: ch, gateway: gh, server: sh}
+	c, ch := testutil.NewNSHandle(t, "ebpfwd-tcc", netns.Parse)
+	g, gh := testutil.NewNSHandle(t, "ebpfwd-tcg", netns.Parse)
+	s, sh := testutil.NewNSHandle(t, "ebpfwd-tcs", netns.Parse)
+	testutil.Veth(t, c, "c0", "10.20.1.2/24", g, "g0", "10.20.1.1/24")
+	testutil.Veth(t, g, "g1", "10.20.2.1/24", s, "s0", "10.20.2.2/24")
+	return gatewayTopology{client: ch, gateway: gh, server: sh, gatewayNS: g}
 }
 
 func TestForwardBetweenNamespaces(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, mode := range []struct {
 		name   string
 		attach AttachMode
@@ -211,7 +191,7 @@ func (tp gatewayTopology) dial(ctx context.Context, t *testing.T, addr netip.Add
 }
 
 func TestPinDirectory(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	l := load(t, Config{})
 	if _, err := Load(Config{Instance: l.cfg.Instance}); err == nil {
 		t.Fatal("a second Load of a live instance succeeded")
@@ -219,7 +199,7 @@ func TestPinDirectory(t *testing.T) {
 
 	// A crashed run leaves pins behind, and nobody holds the lock: a new
 	// Load must clean them and start over.
-	crashed := uniqueInstance(t)
+	crashed := testutil.UniqueName(t, "test")
 	stale := Config{Instance: crashed}.pinDir()
 	if err := os.MkdirAll(stale+"/leftover", 0o700); err != nil {
 		t.Fatal(err)
@@ -238,7 +218,7 @@ func TestPinDirectory(t *testing.T) {
 }
 
 func TestGarbageCollectionRemovesExpiredFlows(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
 	tp := newGatewayTopology(t)
@@ -314,7 +294,7 @@ func withinRetransmits(got, sent uint64) bool { return got >= sent && got <= sen
 // to a new flow. Collection must then remove the expired flow only, not
 // the reverse entry the new flow's replies need.
 func TestGarbageCollectionSparesReusedPort(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	l := load(t, Config{})
 	tuple := func(src, dst string) bpf.NATTuple {
 		s, d := netip.MustParseAddrPort(src), netip.MustParseAddrPort(dst)

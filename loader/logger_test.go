@@ -1,6 +1,7 @@
 package loader
 
 import (
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"log/slog"
 	"os"
 	"path/filepath"
@@ -14,9 +15,9 @@ import (
 // (cleaning the pin directory, releasing for a restart, taking a previous
 // run's maps over) reaches Config.Logger, not the process-wide default.
 func TestLoaderLogsThroughConfigLogger(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	var buf syncbuf.Buffer
-	cfg := Config{Instance: uniqueInstance(t), Logger: slog.New(slog.NewTextHandler(&buf, nil))}
+	cfg := Config{Instance: testutil.UniqueName(t, "test"), Logger: slog.New(slog.NewTextHandler(&buf, nil))}
 	probe := cfg
 	if err := probe.setDefaults(); err != nil {
 		t.Fatal(err)

@@ -13,7 +13,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
@@ -84,7 +84,7 @@ func attachedPrograms(t *testing.T, ns netns.NS, ifname string, mode AttachMode)
 // and removes its pins, and leaves alone the namespaces this run serves
 // and those another process holds.
 func TestPruneNamespaces(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, mode := range []struct {
 		name   string
 		attach AttachMode
@@ -93,7 +93,7 @@ func TestPruneNamespaces(t *testing.T) {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
 			tp := newGatewayTopology(t)
-			instance := uniqueInstance(t)
+			instance := testutil.UniqueName(t, "test")
 			t.Cleanup(func() { os.RemoveAll(Config{Instance: instance}.instanceDir()) }) // if the test failed half way
 			crashed, err := Load(Config{Instance: instance, Netns: tp.gateway, Attach: mode.attach})
 			if err != nil {
@@ -126,7 +126,7 @@ func TestPruneNamespaces(t *testing.T) {
 				t.Fatal(err)
 			}
 			defer served.Close()
-			_, heldElsewhere := topotest.NewNS(t, "held")
+			_, heldElsewhere := testutil.NewNSHandle(t, "held", netns.Parse)
 			busy, err := Load(Config{Instance: instance, Netns: heldElsewhere})
 			if err != nil {
 				t.Fatal(err)
@@ -173,11 +173,11 @@ func TestPruneNamespaces(t *testing.T) {
 // attachment: filters cannot be pinned, so a restart relies on the filter
 // staying on its interface and the next run replacing it in place.
 func TestLegacyReleaseAndTakeOver(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
 	tp := newGatewayTopology(t)
-	instance := uniqueInstance(t)
+	instance := testutil.UniqueName(t, "test")
 	t.Cleanup(func() { os.RemoveAll(Config{Instance: instance}.instanceDir()) })
 	cfg := Config{Instance: instance, Attach: AttachLegacy}
 

@@ -80,28 +80,20 @@ func hasMapPins(dir string) (bool, error) {
 // that re-executes itself hands the datapath to its next run, which Load
 // and Attach take it over in. The Loader is unusable afterwards.
 func (l *Loader) Release() error {
-	l.mu.Lock()
-	defer l.mu.Unlock()
-	if l.closed {
-		return nil
-	}
-	l.closed = true
-	var errs []error
-	for key, a := range l.attached {
-		if a.link != nil {
-			// Closing our fd leaves the link alive: its pin holds it.
-			if err := a.link.Close(); err != nil {
-				errs = append(errs, fmt.Errorf("close tcx link of %s: %w", a.ifname, err))
-			}
+	ended, err := l.finish(func(a *attachment) error {
+		if a.link == nil {
+			return nil
 		}
-		delete(l.attached, key)
+		// Closing our fd leaves the link alive: its pin holds it.
+		if err := a.link.Close(); err != nil {
+			return fmt.Errorf("close tcx link of %s: %w", a.ifname, err)
+		}
+		return nil
+	}, nil, nil)
+	if ended {
+		l.cfg.logger().Info("tc datapath released for restart: program stays attached, maps stay pinned", "dir", l.pinDir)
 	}
-	if err := l.objs.Close(); err != nil {
-		errs = append(errs, fmt.Errorf("close NAT objects: %w", err))
-	}
-	l.lock.Close() // releases the flock for the next run
-	l.cfg.logger().Info("tc datapath released for restart: program stays attached, maps stay pinned", "dir", l.pinDir)
-	return errors.Join(errs...)
+	return err
 }
 
 // adoptLink takes over the tcx link a previous run pinned for a's

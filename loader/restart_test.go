@@ -5,7 +5,6 @@ import (
 	"context"
 	"crypto/rand"
 	"errors"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"io"
 	"net"
 	"net/netip"
@@ -19,7 +18,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ebpfwd/ebpfwd/bpf"
-	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
@@ -81,30 +80,14 @@ func programID(t *testing.T, l *Loader) ebpf.ProgramID {
 // links with its own program, keeps the service's ID, and prunes the
 // service and the interface the next run does not have.
 func TestReleaseAndTakeOver(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
-	c0, client := topotest.NewNS(t, "ebpfwd-tcc")
-	g0, gateway := topotest.NewNS(t, "ebpfwd-tcg")
-	s0, server := topotest.NewNS(t, "ebpfwd-tcs")
-	x0, _ := topotest.NewNS(t, "ebpfwd-tcx")
-	for _, v := range []struct {
-		a, b         *topo.NS
-		aName, aCIDR string
-		bName, bCIDR string
-	}{
-		{c0, g0, "c0", "10.20.1.2/24", "g0", "10.20.1.1/24"},
-		{g0, s0, "g1", "10.20.2.1/24", "s0", "10.20.2.2/24"},
-		// A third interface that the next run will not attach to.
-		{g0, x0, "g2", "10.20.3.1/24", "x0", "10.20.3.2/24"},
-	} {
-		if err := topo.Veth(v.a, v.aName, v.aCIDR, v.b, v.bName, v.bCIDR); err != nil {
-			t.Fatal(err)
-		}
-	}
-	tp := gatewayTopology{client: client, gateway: gateway, server: server}
+	tp := newGatewayTopology(t)
+	// A third interface that the next run will not attach to.
+	testutil.Veth(t, tp.gatewayNS, "g2", "10.20.3.1/24", testutil.NewNS(t, "ebpfwd-tcx"), "x0", "10.20.3.2/24")
 
-	instance := uniqueInstance(t)
+	instance := testutil.UniqueName(t, "test")
 	pinDir := Config{Instance: instance}.pinDir()
 	t.Cleanup(func() { os.RemoveAll(filepath.Dir(pinDir)) }) // only if the test failed half way
 	first, err := Load(Config{Instance: instance, Attach: AttachTCX})
@@ -224,8 +207,8 @@ func TestReleaseAndTakeOver(t *testing.T) {
 // another shape cannot be reused; Load removes every pin of the instance
 // (links included) and starts fresh.
 func TestIncompatiblePinsWiped(t *testing.T) {
-	requireRoot(t)
-	instance := uniqueInstance(t)
+	testutil.RequireRoot(t)
+	instance := testutil.UniqueName(t, "test")
 	pinDir := Config{Instance: instance}.pinDir()
 	if err := os.MkdirAll(pinDir, 0o700); err != nil {
 		t.Fatal(err)
@@ -285,8 +268,8 @@ func TestIncompatiblePinsWiped(t *testing.T) {
 // TestUnknownPinEntriesRemoved: Load keeps a previous run's map and link
 // pins but removes anything else in the directory.
 func TestUnknownPinEntriesRemoved(t *testing.T) {
-	requireRoot(t)
-	instance := uniqueInstance(t)
+	testutil.RequireRoot(t)
+	instance := testutil.UniqueName(t, "test")
 	pinDir := Config{Instance: instance}.pinDir()
 	first, err := Load(Config{Instance: instance})
 	if err != nil {

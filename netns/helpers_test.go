@@ -2,11 +2,8 @@ package netns
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"errors"
 	"io"
-	"io/fs"
 	"net"
 	"os"
 	"os/exec"
@@ -17,30 +14,17 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // testTimeout bounds every wait in these tests.
 const testTimeout = 10 * time.Second
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces with `ip netns add`")
-	}
-}
-
 func testContext(t *testing.T) context.Context {
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	t.Cleanup(cancel)
 	return ctx
-}
-
-func randomSuffix(t *testing.T) string {
-	b := make([]byte, 4)
-	if _, err := rand.Read(b); err != nil {
-		t.Fatal(err)
-	}
-	return hex.EncodeToString(b)
 }
 
 func runCmd(t *testing.T, name string, args ...string) {
@@ -52,43 +36,27 @@ func runCmd(t *testing.T, name string, args ...string) {
 	}
 }
 
-// newTestNS creates a uniquely named namespace with lo up, and removes it
-// together with its /etc/netns directory when the test ends.
+// newTestNS creates a uniquely named namespace with lo up, removed when
+// the test ends.
 func newTestNS(t *testing.T) NS {
 	t.Helper()
-	requireRoot(t)
-	name := "ebpfwd-t-" + randomSuffix(t)
-	runCmd(t, "ip", "netns", "add", name)
-	t.Cleanup(func() { deleteTestNS(t, name) })
-	runCmd(t, "ip", "-n", name, "link", "set", "lo", "up")
-	ns, err := Parse(name)
-	if err != nil {
-		t.Fatal(err)
-	}
+	_, ns := testutil.NewNSHandle(t, "ebpfwd-t", Parse)
 	return ns
 }
 
-func deleteTestNS(t *testing.T, name string) {
-	if err := os.RemoveAll(filepath.Join(etcDir, name)); err != nil {
-		t.Errorf("remove %s: %v", filepath.Join(etcDir, name), err)
-	}
-	if _, err := os.Stat(filepath.Join(runDir, name)); errors.Is(err, fs.ErrNotExist) {
-		return // the test deleted it already
-	}
-	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
-	defer cancel()
-	if out, err := exec.CommandContext(ctx, "ip", "netns", "del", name).CombinedOutput(); err != nil {
-		t.Errorf("ip netns del %s: %v: %s", name, err, out)
-	}
-}
-
-// writeNSEtc writes /etc/netns/NAME/file; newTestNS removes the directory.
+// writeNSEtc writes /etc/netns/NAME/file and removes the directory when
+// the test ends: `ip netns del` leaves it behind.
 func writeNSEtc(t *testing.T, ns NS, file, content string) {
 	t.Helper()
 	dir := filepath.Join(etcDir, ns.name)
 	if err := os.MkdirAll(dir, 0o755); err != nil {
 		t.Fatal(err)
 	}
+	t.Cleanup(func() {
+		if err := os.RemoveAll(dir); err != nil {
+			t.Errorf("remove %s: %v", dir, err)
+		}
+	})
 	if err := os.WriteFile(filepath.Join(dir, file), []byte(content), 0o644); err != nil {
 		t.Fatal(err)
 	}
@@ -102,20 +70,7 @@ func echoListener(t *testing.T, ns NS) (net.Listener, string) {
 	if err != nil {
 		t.Fatalf("listen in %s: %v", ns, err)
 	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				c.SetDeadline(time.Now().Add(testTimeout))
-				io.Copy(c, c)
-			}()
-		}
-	}()
+	testutil.Serve(t, ln, testutil.Echo)
 	_, port, err := net.SplitHostPort(ln.Addr().String())
 	if err != nil {
 		t.Fatal(err)

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 func TestSocketsLiveInTheirNamespace(t *testing.T) {
@@ -127,8 +129,8 @@ func TestNamespaceByPath(t *testing.T) {
 }
 
 func TestCheckRejects(t *testing.T) {
-	requireRoot(t)
-	missing := "ebpfwd-t-missing-" + randomSuffix(t)
+	testutil.RequireRoot(t)
+	missing := testutil.UniqueName(t, "ebpfwd-t-missing")
 	plainFile := filepath.Join(t.TempDir(), "not-a-namespace")
 	if err := os.WriteFile(plainFile, nil, 0o644); err != nil {
 		t.Fatal(err)
@@ -402,7 +404,7 @@ func TestOwnNamespaceSockets(t *testing.T) {
 func TestFDCountStaysFlat(t *testing.T) {
 	ns := newTestNS(t)
 	ctx := testContext(t)
-	missing, err := Parse("ebpfwd-t-missing-" + randomSuffix(t))
+	missing, err := Parse(testutil.UniqueName(t, "ebpfwd-t-missing"))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -462,7 +464,7 @@ func TestRestoreFailureDiscardsThread(t *testing.T) {
 }
 
 func restoreFailureChild(t *testing.T, path string) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	ns, err := Parse(path)
 	if err != nil {
 		t.Fatal(err)

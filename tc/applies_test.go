@@ -1,22 +1,19 @@
 package tc
 
 import (
-	"os"
 	"strings"
 	"testing"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 func TestNodesReachable(t *testing.T) {
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces")
-	}
-	listenTopo, listen := topotest.NewNS(t, "tc-reach-l")
-	outTopo, out := topotest.NewNS(t, "tc-reach-o")
+	testutil.RequireRoot(t)
+	listenTopo, listen := testutil.NewNSHandle(t, "tc-reach-l", netns.Parse)
+	outTopo, out := testutil.NewNSHandle(t, "tc-reach-o", netns.Parse)
 	if err := topo.Veth(listenTopo, "l0", "10.41.0.1/24", outTopo, "o0", "10.41.0.2/24"); err != nil {
 		t.Fatal(err)
 	}

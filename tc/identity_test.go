@@ -13,8 +13,8 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/loader"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
@@ -23,12 +23,12 @@ import (
 // as its `ip netns` name and as /proc/PID/ns/net of a process in it share
 // one BPF instance, one pin directory and one attachment per interface.
 func TestTwoSpellingsOneNamespace(t *testing.T) {
-	requireRootForNetns(t)
+	testutil.RequireRoot(t)
 	if err := probe(); err != nil {
 		t.Skipf("kernel cannot run the tc datapath: %v", err)
 	}
-	gwTopo, gw := topotest.NewNS(t, "tcid-gw")
-	nodeTopo, _ := topotest.NewNS(t, "tcid-n")
+	gwTopo, gw := testutil.NewNSHandle(t, "tcid-gw", netns.Parse)
+	nodeTopo, _ := testutil.NewNSHandle(t, "tcid-n", netns.Parse)
 	if err := topo.Veth(gwTopo, "g0", "10.47.0.1/24", nodeTopo, "n0", "10.47.0.2/24"); err != nil {
 		t.Fatal(err)
 	}

@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"log/slog"
 	"maps"
-	"os"
 	"reflect"
 	"slices"
 	"sync"
@@ -14,8 +13,8 @@ import (
 
 	"github.com/vishvananda/netlink"
 
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/loader"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
@@ -242,13 +241,6 @@ func (g *gatedWatcher) cut() {
 
 func (g *gatedWatcher) open() { g.gateOnce.Do(func() { close(g.gate) }) }
 
-func requireRootForNetns(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("creates a network namespace and links in it: run as root")
-	}
-}
-
 // addVeth adds interface name (up or not) to ns, as one end of a veth pair
 // whose other end ("p" + name, or "peer" for long names) stays down there:
 // Ethernet, like the interfaces the watcher is for. Deleting name deletes
@@ -280,8 +272,7 @@ func ipIn(t *testing.T, ns *topo.NS, args ...string) {
 // while the subscription was lost are caught up by the re-listing; and a
 // stopped watcher detaches nothing and acts no more.
 func TestIfaceWatcherFollowsNamespace(t *testing.T) {
-	requireRootForNetns(t)
-	ns, h := topotest.NewNS(t, "tcw")
+	ns, h := testutil.NewNSHandle(t, "tcw", netns.Parse)
 	addVeth(t, ns, "d0", true)
 	addVeth(t, ns, "idle0", false)
 	addVeth(t, ns, "ebs0123456789ab", false)
@@ -347,8 +338,7 @@ func TestIfaceWatcherFollowsNamespace(t *testing.T) {
 // TestIfaceWatcherEndsWithNamespace: a watcher whose namespace was
 // deleted while its subscription was lost ends on its own.
 func TestIfaceWatcherEndsWithNamespace(t *testing.T) {
-	requireRootForNetns(t)
-	ns, h := topotest.NewNS(t, "tcw-gone")
+	ns, h := testutil.NewNSHandle(t, "tcw-gone", netns.Parse)
 	addVeth(t, ns, "d0", true)
 	f := &fakeLoader{attached: map[string]int{}}
 	w := newGatedWatcher(t, h, f)

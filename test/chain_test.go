@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -120,15 +121,15 @@ func expectClosedNoData(t *testing.T, ns *topo.NS, addr string) {
 // second can reach; with a wrong password for hop-1 the client gets
 // nothing and the daemon says why, and it keeps serving other services.
 func TestTwoHopChainWithAuth(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-chain-c")
-	h0 := newNS(t, "e2e-chain-h0")
-	h1 := newNS(t, "e2e-chain-h1")
-	tg := newNS(t, "e2e-chain-t")
-	veth(t, c, "veth-c", "10.0.10.2/24", h0, "veth-h0c", "10.0.10.1/24")
-	veth(t, h0, "veth-h0n", "10.0.11.2/24", h1, "veth-h1p", "10.0.11.1/24")
-	veth(t, h1, "veth-h1n", "10.0.12.1/24", tg, "veth-t", "10.0.12.2/24")
+	c := testutil.NewNS(t, "e2e-chain-c")
+	h0 := testutil.NewNS(t, "e2e-chain-h0")
+	h1 := testutil.NewNS(t, "e2e-chain-h1")
+	tg := testutil.NewNS(t, "e2e-chain-t")
+	testutil.Veth(t, c, "veth-c", "10.0.10.2/24", h0, "veth-h0c", "10.0.10.1/24")
+	testutil.Veth(t, h0, "veth-h0n", "10.0.11.2/24", h1, "veth-h1p", "10.0.11.1/24")
+	testutil.Veth(t, h1, "veth-h1n", "10.0.12.1/24", tg, "veth-t", "10.0.12.2/24")
 	target := echoIn(t, tg, "10.0.12.2:9000")
 
 	startDaemon(t, "proxies", config(twoHopProxies, map[string]string{"H0": h0.Name, "H1": h1.Name}), daemonOptions{})

@@ -8,15 +8,17 @@ import (
 	"regexp"
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestConnsListsLiveFlows holds a TCP connection and a UDP session open
 // through a running daemon and asks `ebpfwd conns` for them.
 func TestConnsListsLiveFlows(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-conns-c")
-	target := newNS(t, "e2e-conns-t")
+	c := testutil.NewNS(t, "e2e-conns-c")
+	target := testutil.NewNS(t, "e2e-conns-t")
 	echoIn(t, target, "127.0.0.1:9000")
 	udpEchoIn(t, target, "127.0.0.1:9001")
 	yaml := config(`services:

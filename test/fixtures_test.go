@@ -11,25 +11,8 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
-
-// newNS creates a uniquely named namespace removed (with its links) when
-// the test ends.
-func newNS(t *testing.T, prefix string) *topo.NS {
-	t.Helper()
-	ns, _ := topotest.NewNS(t, prefix)
-	return ns
-}
-
-// veth links a and b; see topo.Veth.
-func veth(t *testing.T, a *topo.NS, aName, aCIDR string, b *topo.NS, bName, bCIDR string) {
-	t.Helper()
-	if err := topo.Veth(a, aName, aCIDR, b, bName, bCIDR); err != nil {
-		t.Fatalf("veth: %v", err)
-	}
-}
 
 // handle opens ns for socket operations from the test process.
 func handle(t *testing.T, ns *topo.NS) netns.NS {

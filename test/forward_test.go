@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -44,7 +45,7 @@ type crossNS struct {
 
 func newCrossNS(t *testing.T, prefix string, opts daemonOptions) crossNS {
 	t.Helper()
-	f := crossNS{client: newNS(t, prefix+"-c"), target: newNS(t, prefix+"-t")}
+	f := crossNS{client: testutil.NewNS(t, prefix+"-c"), target: testutil.NewNS(t, prefix+"-t")}
 	f.target0 = echoIn(t, f.target, "127.0.0.1:9000")
 	f.d = startDaemon(t, prefix, config(forwardTCP, map[string]string{
 		"LISTEN": f.client.Name, "OUT": f.target.Name,
@@ -94,11 +95,11 @@ func processIn(t *testing.T, ns *topo.NS) string {
 // the bind mount under /var/run/netns, and /proc/PID/ns/net of a process
 // living in the namespace (how one joins a container's namespace).
 func TestListenByPath(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	byMount := newNS(t, "e2e-path-a")
-	byProc := newNS(t, "e2e-path-b")
-	target := newNS(t, "e2e-path-t")
+	byMount := testutil.NewNS(t, "e2e-path-a")
+	byProc := testutil.NewNS(t, "e2e-path-b")
+	target := testutil.NewNS(t, "e2e-path-t")
 	echoIn(t, target, "127.0.0.1:9000")
 	procPath := processIn(t, byProc)
 
@@ -135,12 +136,12 @@ func TestListenByPath(t *testing.T) {
 // TestNetnsOut listens in A and dials the target from B, where the target
 // is reachable while it is not from A.
 func TestNetnsOut(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	a := newNS(t, "e2e-out-a")
-	b := newNS(t, "e2e-out-b")
-	tg := newNS(t, "e2e-out-t")
-	veth(t, b, "veth-b", "10.0.2.1/24", tg, "veth-t", "10.0.2.2/24")
+	a := testutil.NewNS(t, "e2e-out-a")
+	b := testutil.NewNS(t, "e2e-out-b")
+	tg := testutil.NewNS(t, "e2e-out-t")
+	testutil.Veth(t, b, "veth-b", "10.0.2.1/24", tg, "veth-t", "10.0.2.2/24")
 	target := echoIn(t, tg, "10.0.2.2:9000")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -174,7 +175,7 @@ func TestNetnsOut(t *testing.T) {
 // TestNodeFailover: with one of two nodes down (nothing listening), every
 // connection must still reach the other, whichever the selector tries first.
 func TestNodeFailover(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tests := []struct {
 		name string
@@ -186,7 +187,7 @@ func TestNodeFailover(t *testing.T) {
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
 			t.Parallel()
-			ns := newNS(t, "e2e-failover")
+			ns := testutil.NewNS(t, "e2e-failover")
 			ports := []int{9001, 9002}
 			echoIn(t, ns, fmt.Sprintf("127.0.0.1:%d", ports[1-tc.down]))
 			yaml := config(`services:
@@ -216,13 +217,13 @@ func TestNodeFailover(t *testing.T) {
 // TestUDP forwards datagrams from clients in one namespace, through a udp
 // service in a second, to an echo server in a third, all over veth links.
 func TestUDP(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	cl := newNS(t, "e2e-udp-cl")
-	svc := newNS(t, "e2e-udp-svc")
-	tg := newNS(t, "e2e-udp-t")
-	veth(t, cl, "veth-cl", "10.0.21.2/24", svc, "veth-in", "10.0.21.1/24")
-	veth(t, svc, "veth-out", "10.0.20.1/24", tg, "veth-t", "10.0.20.2/24")
+	cl := testutil.NewNS(t, "e2e-udp-cl")
+	svc := testutil.NewNS(t, "e2e-udp-svc")
+	tg := testutil.NewNS(t, "e2e-udp-t")
+	testutil.Veth(t, cl, "veth-cl", "10.0.21.2/24", svc, "veth-in", "10.0.21.1/24")
+	testutil.Veth(t, svc, "veth-out", "10.0.20.1/24", tg, "veth-t", "10.0.20.2/24")
 	udpEchoIn(t, tg, "10.0.20.2:9053")
 	yaml := config(`services:
 - name: udp-svc
@@ -265,7 +266,7 @@ func TestUDP(t *testing.T) {
 // TestConcurrent100x1MiB runs 100 connections at once, 1 MiB each way,
 // every byte verified in both directions.
 func TestConcurrent100x1MiB(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	f := newCrossNS(t, "e2e-conc", daemonOptions{})
 	const conns, size = 100, 1 << 20
@@ -297,7 +298,7 @@ func TestConcurrent100x1MiB(t *testing.T) {
 
 // TestFDsFlatUnderChurn: 2000 short connections must not leak descriptors.
 func TestFDsFlatUnderChurn(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	f := newCrossNS(t, "e2e-fds", daemonOptions{})
 	churn := func(n int) {

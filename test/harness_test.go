@@ -9,7 +9,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -20,6 +19,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -37,7 +37,7 @@ func TestMain(m *testing.M) {
 }
 
 func runTests(m *testing.M) int {
-	if os.Geteuid() != 0 {
+	if !testutil.IsRoot() {
 		// Every test skips on its own with the reason; building is pointless.
 		return m.Run()
 	}
@@ -77,14 +77,6 @@ func buildDaemon(dir string) (string, error) {
 	return bin, nil
 }
 
-// requireRoot skips tests that need to create namespaces.
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("end-to-end tests create network namespaces and run ebpfwd in them: run as root")
-	}
-}
-
 // daemon is one running ebpfwd process.
 type daemon struct {
 	name     string
@@ -121,7 +113,7 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 	ready := filepath.Join(dir, name+".ready")
 	// A unique instance keeps parallel tests (and other runs on the
 	// machine) from sharing a control socket.
-	instance := fmt.Sprintf("e2e-%s-%08x", name, rand.Uint32())
+	instance := testutil.UniqueName(t, "e2e-"+name)
 	args := append([]string{"run", "--instance", instance, "--ready-file", ready}, opts.Args...)
 	args = append(args, cfg)
 	cmd := exec.Command(ebpfwdBin, args...)

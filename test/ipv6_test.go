@@ -6,19 +6,20 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestIPv6 forwards TCP and UDP between namespaces over IPv6 only: the
 // client reaches the service over one veth, the daemon dials the target
 // over another, and the target sees the gateway's IPv6 address.
 func TestIPv6(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	client := newNS(t, "e2e-v6-c")
-	gw := newNS(t, "e2e-v6-g")
-	server := newNS(t, "e2e-v6-s")
-	veth(t, client, "c0", "fd00:10::2/64", gw, "g0", "fd00:10::1/64")
-	veth(t, gw, "g1", "fd00:20::1/64", server, "s0", "fd00:20::2/64")
+	client := testutil.NewNS(t, "e2e-v6-c")
+	gw := testutil.NewNS(t, "e2e-v6-g")
+	server := testutil.NewNS(t, "e2e-v6-s")
+	testutil.Veth(t, client, "c0", "fd00:10::2/64", gw, "g0", "fd00:10::1/64")
+	testutil.Veth(t, gw, "g1", "fd00:20::1/64", server, "s0", "fd00:20::2/64")
 	target := echoIn(t, server, "[fd00:20::2]:9000")
 	udpEchoIn(t, server, "[fd00:20::2]:9001")
 

@@ -2,8 +2,6 @@ package test
 
 import (
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"net"
 	"os"
 	"os/exec"
@@ -17,6 +15,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -26,11 +25,11 @@ import (
 // dialing through it: new connections are closed, the daemon says which
 // namespace failed, and its other service keeps working.
 func TestNetnsDeletedWhileRunning(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-del-c")
-	doomed := newNS(t, "e2e-del-d")
-	kept := newNS(t, "e2e-del-k")
+	c := testutil.NewNS(t, "e2e-del-c")
+	doomed := testutil.NewNS(t, "e2e-del-d")
+	kept := testutil.NewNS(t, "e2e-del-k")
 	echoIn(t, doomed, "127.0.0.1:9000")
 	echoIn(t, kept, "127.0.0.1:9000")
 	yaml := config(`services:
@@ -76,15 +75,13 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
 // TestCheckBadConfig: `ebpfwd check` must report every problem at once,
 // each with its position, and fail.
 func TestCheckBadConfig(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	suffix := make([]byte, 4)
-	_, _ = rand.Read(suffix)
-	missing := "e2e-missing-" + hex.EncodeToString(suffix)
+	missing := testutil.UniqueName(t, "e2e-missing")
 	if topo.Exists(missing) {
 		t.Fatalf("namespace %s exists", missing)
 	}
-	existing := newNS(t, "e2e-check")
+	existing := testutil.NewNS(t, "e2e-check")
 	// What run would refuse and the file alone cannot tell: a listen
 	// address another process holds, a log output that is a directory.
 	echoIn(t, existing, "127.0.0.1:8100")
@@ -220,7 +217,7 @@ func (c *pacedConn) Read(p []byte) (int, error) {
 // TestGracefulShutdown: on SIGTERM the daemon stops accepting at once,
 // lets the transfer in flight finish byte-exact, then exits 0.
 func TestGracefulShutdown(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	f := newCrossNS(t, "e2e-drain", daemonOptions{Args: []string{"--drain-timeout", "30s"}})
 

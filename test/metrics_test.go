@@ -1,7 +1,6 @@
 package test
 
 import (
-	"bufio"
 	"bytes"
 	"context"
 	"crypto/rand"
@@ -9,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"math"
 	"net"
 	"net/http"
@@ -24,11 +24,15 @@ import (
 	"testing"
 	"time"
 
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
 	"gopkg.in/yaml.v3"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
 const (
@@ -116,7 +120,7 @@ chains:
       connector: {type: http, auth: {username: $PUSER, password: $PPASS}}
       dialer: {type: tcp}
 metrics:
-  addr: "127.0.0.1:$MPORT"
+  addr: "$MADDR"
   path: /metrics
   auth: {username: $MUSER, password: $MPASS}
 `
@@ -126,7 +130,7 @@ metrics:
 // prometheus scrapes the daemon, and every panel query must return series
 // with real numbers. The counters must also match the bytes sent exactly.
 func TestDashboardQueriesHaveData(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	for _, bin := range []string{prometheusBin, promtoolBin} {
 		if _, err := os.Stat(bin); err != nil {
 			t.Skipf("%s is missing (apt-get install prometheus; .ci/run installs it): %v", bin, err)
@@ -135,21 +139,20 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 	t.Parallel()
 	dash := loadDashboard(t)
 
-	c := newNS(t, "e2e-metrics-c")
-	tg := newNS(t, "e2e-metrics-t")
+	c := testutil.NewNS(t, "e2e-metrics-c")
+	tg := testutil.NewNS(t, "e2e-metrics-t")
 	echoIn(t, tg, "127.0.0.1:9000")
 	udpEchoIn(t, tg, "127.0.0.1:9053")
 	// tc-svc is a gateway on the tc datapath: client namespace -> $G -> the
 	// target namespace, over veths (its packets must cross interfaces).
-	tcClient := newNS(t, "e2e-metrics-tcc")
-	gw := newNS(t, "e2e-metrics-g")
-	veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
-	veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
+	tcClient := testutil.NewNS(t, "e2e-metrics-tcc")
+	gw := testutil.NewNS(t, "e2e-metrics-g")
+	testutil.Veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
+	testutil.Veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
 	echoIn(t, tg, "10.33.2.2:9100")
-	port := freeLoopbackPort(t)
-	metricsAddr := net.JoinHostPort("127.0.0.1", strconv.Itoa(port))
+	metricsAddr := testutil.FreeLoopbackAddr(t)
 	startDaemon(t, "metrics", config(metricsTopology, map[string]string{
-		"C": c.Name, "T": tg.Name, "G": gw.Name, "MPORT": strconv.Itoa(port),
+		"C": c.Name, "T": tg.Name, "G": gw.Name, "MADDR": metricsAddr,
 		"MUSER": metricsUser, "MPASS": metricsPassword,
 		"PUSER": proxyUser, "PPASS": proxyPassword,
 	}), daemonOptions{})
@@ -321,39 +324,11 @@ func connectRefused(t *testing.T, ns *topo.NS, proxy, target string) {
 		t.Fatalf("dial proxy %s: %v", proxy, err)
 	}
 	defer conn.Close()
-	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
-	req, err := http.NewRequest(http.MethodConnect, "http://"+target, nil)
-	if err != nil {
-		t.Fatal(err)
+	_, err = httpconnect.Handshake(ctx, conn, target, &httpconnect.Auth{Username: proxyUser, Password: proxyPassword})
+	var refused *httpconnect.StatusError
+	if !errors.As(err, &refused) || refused.Code != http.StatusBadGateway {
+		t.Fatalf("CONNECT %s (nothing listening) via %s: %v, want a 502 Bad Gateway refusal", target, proxy, err)
 	}
-	req.Host = target
-	req.SetBasicAuth(proxyUser, proxyPassword)
-	// Proxies take Proxy-Authorization, not Authorization.
-	req.Header.Set("Proxy-Authorization", req.Header.Get("Authorization"))
-	req.Header.Del("Authorization")
-	if err := req.Write(conn); err != nil {
-		t.Fatalf("CONNECT %s via %s: %v", target, proxy, err)
-	}
-	resp, err := http.ReadResponse(bufio.NewReader(conn), req)
-	if err != nil {
-		t.Fatalf("CONNECT %s via %s: read response: %v", target, proxy, err)
-	}
-	resp.Body.Close()
-	if resp.StatusCode != http.StatusBadGateway {
-		t.Fatalf("CONNECT %s (nothing listening) via %s: status %d, want 502", target, proxy, resp.StatusCode)
-	}
-}
-
-// freeLoopbackPort asks the kernel for a port that is free on 127.0.0.1
-// right now.
-func freeLoopbackPort(t *testing.T) int {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("find a free loopback port: %v", err)
-	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
 }
 
 var httpClient = &http.Client{Timeout: httpTimeout}
@@ -413,96 +388,21 @@ func scrapeMetrics(endpoint string) ([]byte, error) {
 	return body, nil
 }
 
-// sample is one line of the text exposition.
-type sample struct {
-	name   string
-	labels map[string]string
-	value  float64
-}
-
 // parseExposition reads the Prometheus text format (what client_golang
-// serves without content negotiation). Comments and blank lines are skipped.
-func parseExposition(data []byte) ([]sample, error) {
-	var out []sample
-	sc := bufio.NewScanner(bytes.NewReader(data))
-	sc.Buffer(make([]byte, 0, 64<<10), 1<<20)
-	for line := 1; sc.Scan(); line++ {
-		text := strings.TrimSpace(sc.Text())
-		if text == "" || strings.HasPrefix(text, "#") {
-			continue
-		}
-		s, err := parseSampleLine(text)
-		if err != nil {
-			return nil, fmt.Errorf("exposition line %d %q: %w", line, text, err)
-		}
-		out = append(out, s)
-	}
-	return out, sc.Err()
-}
-
-func parseSampleLine(text string) (sample, error) {
-	s := sample{labels: map[string]string{}}
-	i := strings.IndexAny(text, "{ ")
-	if i < 0 {
-		return s, errors.New("no value")
-	}
-	s.name = text[:i]
-	rest := text[i:]
-	if strings.HasPrefix(rest, "{") {
-		rest = rest[1:]
-		for {
-			rest = strings.TrimLeft(rest, ", ")
-			if strings.HasPrefix(rest, "}") {
-				rest = rest[1:]
-				break
-			}
-			name, after, ok := strings.Cut(rest, `="`)
-			if !ok {
-				return s, errors.New("malformed label")
-			}
-			value, remaining, err := unquoteLabelValue(after)
-			if err != nil {
-				return s, err
-			}
-			s.labels[name] = value
-			rest = remaining
-		}
-	}
-	fields := strings.Fields(rest)
-	if len(fields) == 0 {
-		return s, errors.New("no value")
-	}
-	v, err := strconv.ParseFloat(fields[0], 64)
+// serves without content negotiation) into one sample per exposition
+// line: histograms come out as their _bucket, _sum and _count series,
+// which is what the expectations name.
+func parseExposition(data []byte) (model.Vector, error) {
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	families, err := parser.TextToMetricFamilies(bytes.NewReader(data))
 	if err != nil {
-		return s, fmt.Errorf("value: %w", err)
+		return nil, fmt.Errorf("parse exposition: %w", err)
 	}
-	s.value = v
-	return s, nil
-}
-
-// unquoteLabelValue reads a label value up to its closing quote, undoing
-// the format's escapes (\\, \", \n).
-func unquoteLabelValue(s string) (value, rest string, err error) {
-	var b strings.Builder
-	for i := 0; i < len(s); i++ {
-		switch s[i] {
-		case '"':
-			return b.String(), s[i+1:], nil
-		case '\\':
-			if i+1 == len(s) {
-				return "", "", errors.New("dangling escape")
-			}
-			i++
-			if s[i] == 'n' {
-				b.WriteByte('\n')
-			} else {
-				b.WriteByte(s[i])
-			}
-		default:
-			b.WriteByte(s[i])
-		}
+	samples, err := expfmt.ExtractSamples(&expfmt.DecodeOptions{Timestamp: model.Now()}, slices.Collect(maps.Values(families))...)
+	if err != nil {
+		return nil, fmt.Errorf("exposition samples: %w", err)
 	}
-	return "", "", errors.New("unterminated label value")
+	return samples, nil
 }
 
 // selectorRE splits the simple selectors expectedSeries use:
@@ -511,7 +411,7 @@ var selectorRE = regexp.MustCompile(`^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?$`)
 
 // sumMatching adds up the samples a simple equality selector matches, and
 // says whether any did.
-func sumMatching(samples []sample, selector string) (float64, bool) {
+func sumMatching(samples model.Vector, selector string) (float64, bool) {
 	m := selectorRE.FindStringSubmatch(selector)
 	if m == nil {
 		return 0, false
@@ -526,18 +426,18 @@ func sumMatching(samples []sample, selector string) (float64, bool) {
 	var sum float64
 	found := false
 	for _, s := range samples {
-		if s.name != m[1] {
+		if string(s.Metric[model.MetricNameLabel]) != m[1] {
 			continue
 		}
 		match := true
 		for k, v := range want {
-			if s.labels[k] != v {
+			if string(s.Metric[model.LabelName(k)]) != v {
 				match = false
 				break
 			}
 		}
 		if match {
-			sum += s.value
+			sum += float64(s.Value)
 			found = true
 		}
 	}
@@ -568,7 +468,7 @@ func waitExposition(t *testing.T, endpoint string, want []expectedSeries) []byte
 		body, err := scrapeMetrics(endpoint)
 		var bad []string
 		if err == nil {
-			var samples []sample
+			var samples model.Vector
 			samples, err = parseExposition(body)
 			if err == nil {
 				bad = mismatches(want, func(sel string) (float64, bool) { return sumMatching(samples, sel) })
@@ -689,7 +589,7 @@ scrape_configs:
 	if err := os.WriteFile(cfg, []byte(conf), 0o600); err != nil {
 		t.Fatalf("write prometheus config: %v", err)
 	}
-	listen := net.JoinHostPort("127.0.0.1", strconv.Itoa(freeLoopbackPort(t)))
+	listen := testutil.FreeLoopbackAddr(t)
 	p := &prometheus{api: "http://" + listen, output: &syncbuf.Buffer{}}
 	cmd := exec.Command(prometheusBin,
 		"--config.file="+cfg,

@@ -8,18 +8,20 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestWithoutPrivileges runs ebpfwd with every capability dropped (uid 0
 // kept, so it can still read its files): it must name what is missing and
 // exit non-zero instead of failing deep inside a namespace switch.
 func TestWithoutPrivileges(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	if _, err := exec.LookPath("setpriv"); err != nil {
 		t.Skip("setpriv (util-linux) is not installed")
 	}
-	ns := newNS(t, "e2e-priv")
+	ns := testutil.NewNS(t, "e2e-priv")
 	cfg := filepath.Join(t.TempDir(), "gost.yaml")
 	yaml := config(`services:
 - name: svc

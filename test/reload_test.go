@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"io"
 	"net"
 	"os"
@@ -78,11 +79,11 @@ func (h *heldConn) roundTrip(t *testing.T, when string) {
 // stops; an added one starts. A configuration that does not load is
 // refused and the previous one keeps running.
 func TestReloadInPlace(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-rl-c")
-	t1 := newNS(t, "e2e-rl-t1")
-	t2 := newNS(t, "e2e-rl-t2")
+	c := testutil.NewNS(t, "e2e-rl-c")
+	t1 := testutil.NewNS(t, "e2e-rl-t1")
+	t2 := testutil.NewNS(t, "e2e-rl-t2")
 	echoIn(t, t1, "127.0.0.1:9000")
 	second := echoIn(t, t2, "127.0.0.1:9000")
 	vars := map[string]string{"C": c.Name, "T1": t1.Name, "A": t1.Name}
@@ -242,13 +243,13 @@ const reloadTC = `services:
 // keep going, new flows go to the new node, in the kernel, and no
 // connection is refused meanwhile.
 func TestReloadTC(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	client := newNS(t, "e2e-rltc-c")
-	gw := newNS(t, "e2e-rltc-g")
-	server := newNS(t, "e2e-rltc-s")
-	veth(t, client, "c0", "10.36.1.2/24", gw, "g0", "10.36.1.1/24")
-	veth(t, gw, "g1", "10.36.2.1/24", server, "s0", "10.36.2.2/24")
+	client := testutil.NewNS(t, "e2e-rltc-c")
+	gw := testutil.NewNS(t, "e2e-rltc-g")
+	server := testutil.NewNS(t, "e2e-rltc-s")
+	testutil.Veth(t, client, "c0", "10.36.1.2/24", gw, "g0", "10.36.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.36.2.1/24", server, "s0", "10.36.2.2/24")
 	if err := server.IP("addr", "add", "10.36.2.3/24", "dev", "s0"); err != nil {
 		t.Fatal(err)
 	}

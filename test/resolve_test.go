@@ -5,16 +5,18 @@ import (
 	"path/filepath"
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestHostnameResolvedInDialingNamespace: a node given by name is resolved
 // inside netns.out as `ip netns exec` would resolve it there, through
 // /etc/netns/NAME/hosts, which the daemon's own namespace knows nothing of.
 func TestHostnameResolvedInDialingNamespace(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-res-c")
-	out := newNS(t, "e2e-res-o")
+	c := testutil.NewNS(t, "e2e-res-c")
+	out := testutil.NewNS(t, "e2e-res-o")
 	echoIn(t, out, "127.0.0.7:9000")
 
 	dir := filepath.Join("/etc/netns", out.Name)

@@ -6,6 +6,8 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // seedPath is GOST's netns documentation page, whose chain example ebpfwd
@@ -97,13 +99,13 @@ func TestSeedYAMLIsTheSeeds(t *testing.T) {
 // runs there), ns1 and ns2 hang off it by veth pairs as the seed's ip
 // commands describe, and a second ebpfwd is the HTTP proxy hop in ns2.
 func TestSeed000(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	host := newNS(t, "e2e-seed-host")
-	ns1 := newNS(t, "e2e-seed-ns1")
-	ns2 := newNS(t, "e2e-seed-ns2")
-	veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
-	veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
+	host := testutil.NewNS(t, "e2e-seed-host")
+	ns1 := testutil.NewNS(t, "e2e-seed-ns1")
+	ns2 := testutil.NewNS(t, "e2e-seed-ns2")
+	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
+	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
 	target := echoIn(t, host, "10.0.1.11:8000")
 
 	proxy := startDaemon(t, "hop-proxy", config(seedHopProxy, map[string]string{"NS2": ns2.Name}), daemonOptions{})

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestTCDeadNodeGetsNoFlows: with one of two nodes down, the kernel must
@@ -16,13 +17,13 @@ import (
 // would send every other flow to the dead node: those connections would be
 // refused, those datagrams lost.
 func TestTCDeadNodeGetsNoFlows(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	client := newNS(t, "e2e-tch-c")
-	gw := newNS(t, "e2e-tch-g")
-	server := newNS(t, "e2e-tch-s")
-	veth(t, client, "c0", "10.35.1.2/24", gw, "g0", "10.35.1.1/24")
-	veth(t, gw, "g1", "10.35.2.1/24", server, "s0", "10.35.2.2/24")
+	client := testutil.NewNS(t, "e2e-tch-c")
+	gw := testutil.NewNS(t, "e2e-tch-g")
+	server := testutil.NewNS(t, "e2e-tch-s")
+	testutil.Veth(t, client, "c0", "10.35.1.2/24", gw, "g0", "10.35.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.35.2.1/24", server, "s0", "10.35.2.2/24")
 	// Nothing listens on :9001 (TCP) or :9011 (UDP).
 	echoIn(t, server, "10.35.2.2:9000")
 	udpEchoIn(t, server, "10.35.2.2:9010")

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // tcHotplug is one tc service in a gateway namespace; client networks are
@@ -37,13 +38,13 @@ const hotplugWait = 10 * time.Second
 // while the first client network keeps being served; a stop leaves no
 // program and no pin.
 func TestTCHotplug(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	client := newNS(t, "e2e-hot-c")
-	gw := newNS(t, "e2e-hot-g")
-	server := newNS(t, "e2e-hot-s")
-	veth(t, client, "c0", "10.36.1.2/24", gw, "g0", "10.36.1.1/24")
-	veth(t, gw, "g1", "10.36.2.1/24", server, "s0", "10.36.2.2/24")
+	client := testutil.NewNS(t, "e2e-hot-c")
+	gw := testutil.NewNS(t, "e2e-hot-g")
+	server := testutil.NewNS(t, "e2e-hot-s")
+	testutil.Veth(t, client, "c0", "10.36.1.2/24", gw, "g0", "10.36.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.36.2.1/24", server, "s0", "10.36.2.2/24")
 	echoIn(t, server, "10.36.2.2:9000")
 
 	d := startDaemon(t, "tc-hotplug", config(tcHotplug, map[string]string{"GW": gw.Name}), daemonOptions{})
@@ -56,8 +57,8 @@ func TestTCHotplug(t *testing.T) {
 	}
 
 	// Plug a second client network in.
-	client2 := newNS(t, "e2e-hot-c2")
-	veth(t, client2, "c0", "10.36.3.2/24", gw, "g2", "10.36.3.1/24")
+	client2 := testutil.NewNS(t, "e2e-hot-c2")
+	testutil.Veth(t, client2, "c0", "10.36.3.2/24", gw, "g2", "10.36.3.1/24")
 	if err := client2.AddRoute("10.36.1.0/24", "10.36.3.1"); err != nil {
 		t.Fatal(err)
 	}
@@ -117,7 +118,7 @@ func TestTCHotplug(t *testing.T) {
 			t.Fatal(err)
 		}
 		d.waitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g3", "peer_redirect=false")
-		client3 := newNS(t, "e2e-hot-c3")
+		client3 := testutil.NewNS(t, "e2e-hot-c3")
 		for _, step := range []func() error{
 			func() error { return gw.IP("link", "set", "p3", "netns", client3.Name) },
 			func() error { return client3.IP("addr", "add", "10.36.4.2/24", "dev", "p3") },

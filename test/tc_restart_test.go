@@ -15,6 +15,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -49,9 +50,9 @@ type restartTopo struct {
 
 func newRestartTopo(t *testing.T, prefix string) restartTopo {
 	t.Helper()
-	tp := restartTopo{client: newNS(t, prefix+"-c"), gw: newNS(t, prefix+"-g"), server: newNS(t, prefix+"-s")}
-	veth(t, tp.client, "c0", "10.34.1.2/24", tp.gw, "g0", "10.34.1.1/24")
-	veth(t, tp.gw, "g1", "10.34.2.1/24", tp.server, "s0", "10.34.2.2/24")
+	tp := restartTopo{client: testutil.NewNS(t, prefix+"-c"), gw: testutil.NewNS(t, prefix+"-g"), server: testutil.NewNS(t, prefix+"-s")}
+	testutil.Veth(t, tp.client, "c0", "10.34.1.2/24", tp.gw, "g0", "10.34.1.1/24")
+	testutil.Veth(t, tp.gw, "g1", "10.34.2.1/24", tp.server, "s0", "10.34.2.2/24")
 	echoIn(t, tp.server, "10.34.2.2:9000")
 	return tp
 }
@@ -159,7 +160,7 @@ func tcFlow(service, client string) *regexp.Regexp {
 // it, stays listed, and new connections work afterwards. SIGTERM then
 // removes everything.
 func TestTCRestartKeepsFlows(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newRestartTopo(t, "e2e-rst")
 	instance, opts := fixedInstance("tc-restart")
@@ -205,7 +206,7 @@ func TestTCRestartKeepsFlows(t *testing.T) {
 // TestTCRestartKeepsSpliceFlows: a flow over a splice link (netns.out)
 // survives a restart in place; the link is adopted, not recreated.
 func TestTCRestartKeepsSpliceFlows(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-rspl")
 	instance, opts := fixedInstance("tc-restart-splice")
@@ -257,12 +258,12 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 // dropped service, and removes the link of an interface that vanished
 // meanwhile.
 func TestTCCrashKeepsFlowsAndPrunes(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newRestartTopo(t, "e2e-crash")
 	// A third interface of the gateway, deleted while no daemon runs.
-	other := newNS(t, "e2e-crash-o")
-	veth(t, tp.gw, "g2", "10.34.3.1/24", other, "o0", "10.34.3.2/24")
+	other := testutil.NewNS(t, "e2e-crash-o")
+	testutil.Veth(t, tp.gw, "g2", "10.34.3.1/24", other, "o0", "10.34.3.2/24")
 	instance, opts := fixedInstance("tc-crash")
 	vars := map[string]string{"GW": tp.gw.Name}
 

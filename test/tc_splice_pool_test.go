@@ -3,12 +3,14 @@ package test
 import (
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // TestTCSplicePoolFlag: `run --splice-pool4` moves the splice link's
 // addresses, which the node sees as the source of forwarded flows.
 func TestTCSplicePoolFlag(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-splp")
 	d := startDaemon(t, "tc-splice-pool", config(spliceOut, tp.vars),

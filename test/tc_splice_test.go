@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
@@ -124,13 +125,13 @@ func heldFlow(t *testing.T, ns *topo.NS, addr string) net.Conn {
 // the daemon runs), and ns1 cannot route there. The splice link is the
 // only way across.
 func TestTCSpliceSeed(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	host := newNS(t, "e2e-spl-host")
-	ns1 := newNS(t, "e2e-spl-ns1")
-	ns2 := newNS(t, "e2e-spl-ns2")
-	veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
-	veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
+	host := testutil.NewNS(t, "e2e-spl-host")
+	ns1 := testutil.NewNS(t, "e2e-spl-ns1")
+	ns2 := testutil.NewNS(t, "e2e-spl-ns2")
+	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
+	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
 	target := echoIn(t, host, "10.0.1.11:8000")
 
 	d := startDaemon(t, "tc-splice-seed", config(seedOnTC, map[string]string{"NS1": ns1.Name}), daemonOptions{In: host})
@@ -213,11 +214,11 @@ type spliceOutTopo struct {
 
 func newSpliceOutTopo(t *testing.T, prefix string) spliceOutTopo {
 	t.Helper()
-	tp := spliceOutTopo{client: newNS(t, prefix+"-c"), a: newNS(t, prefix+"-a"), b: newNS(t, prefix+"-b")}
-	veth(t, tp.client, "c0", "10.33.1.2/24", tp.a, "a0", "10.33.1.1/24")
+	tp := spliceOutTopo{client: testutil.NewNS(t, prefix+"-c"), a: testutil.NewNS(t, prefix+"-a"), b: testutil.NewNS(t, prefix+"-b")}
+	testutil.Veth(t, tp.client, "c0", "10.33.1.2/24", tp.a, "a0", "10.33.1.1/24")
 	// The targets' addresses sit on a veth pair inside B (this kernel may
 	// have no dummy driver): local to B, on an interface, not loopback.
-	veth(t, tp.b, "t0", "10.33.9.2/24", tp.b, "t1", "")
+	testutil.Veth(t, tp.b, "t0", "10.33.9.2/24", tp.b, "t1", "")
 	for _, step := range []struct {
 		ns   *topo.NS
 		args []string
@@ -250,7 +251,7 @@ func newSpliceOutTopo(t *testing.T, prefix string) spliceOutTopo {
 // TestTCSpliceNetnsOut forwards TCP (IPv4 and IPv6) and UDP from A to
 // targets in B over the splice link, 100 concurrent flows each.
 func TestTCSpliceNetnsOut(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-splo")
 	d := startDaemon(t, "tc-splice-out", config(spliceOut, tp.vars), daemonOptions{})
@@ -344,7 +345,7 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 // leaves them, and the next start of the same instance adopts them (so
 // flows over them would survive) and forwards again.
 func TestTCSpliceCrashRecovery(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-splk")
 	instance := fmt.Sprintf("e2e-splice-crash-%08x", rand.Uint32())
@@ -402,7 +403,7 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 // configuration that serves nothing in A, removes all of it: the dropped
 // namespace must not go on translating a service nobody runs.
 func TestTCCrashThenNamespaceDropped(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-spld")
 	instance := fmt.Sprintf("e2e-splice-drop-%08x", rand.Uint32())

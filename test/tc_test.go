@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/link"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 // tcGateway is client ns -> gateway ns (the service, datapath tc) -> server
@@ -75,17 +76,17 @@ func tcxPrograms(t *testing.T, gw netNSHandle, ifname string) int {
 type netNSHandle interface{ Do(func() error) error }
 
 func TestTCDatapath(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	client := newNS(t, "e2e-tc-c")
-	gw := newNS(t, "e2e-tc-g")
-	server := newNS(t, "e2e-tc-s")
-	veth(t, client, "c0", "10.31.1.2/24", gw, "g0", "10.31.1.1/24")
-	veth(t, gw, "g1", "10.31.2.1/24", server, "s0", "10.31.2.2/24")
+	client := testutil.NewNS(t, "e2e-tc-c")
+	gw := testutil.NewNS(t, "e2e-tc-g")
+	server := testutil.NewNS(t, "e2e-tc-s")
+	testutil.Veth(t, client, "c0", "10.31.1.2/24", gw, "g0", "10.31.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.31.2.1/24", server, "s0", "10.31.2.2/24")
 	// A second client network: its flows leave the gateway towards the
 	// node from the same SNAT address as the first client's.
-	client2 := newNS(t, "e2e-tc-c2")
-	veth(t, client2, "c0", "10.31.3.2/24", gw, "g2", "10.31.3.1/24")
+	client2 := testutil.NewNS(t, "e2e-tc-c2")
+	testutil.Veth(t, client2, "c0", "10.31.3.2/24", gw, "g2", "10.31.3.1/24")
 	if err := client2.IP("route", "add", "10.31.1.0/24", "via", "10.31.3.1"); err != nil {
 		t.Fatal(err)
 	}

@@ -5,6 +5,7 @@ import (
 	"io"
 	"log/slog"
 	"os"
+	"strings"
 
 	"github.com/ebpfwd/ebpfwd/config"
 )
@@ -43,5 +44,12 @@ func orDefault(s, def string) string {
 	if s == "" {
 		return def
 	}
+	return s
+}
+
+// firstLine is the first line of err, for a log record: the whole error
+// goes to stderr.
+func firstLine(err error) string {
+	s, _, _ := strings.Cut(err.Error(), "\n")
 	return s
 }

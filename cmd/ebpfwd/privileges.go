@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"errors"
 	"fmt"
 	"net"
 	"os"
@@ -32,6 +33,9 @@ func effectiveCaps() (uint64, error) {
 	}
 	return 0, fmt.Errorf("no CapEff in /proc/self/status")
 }
+
+// errNoPrivileges is what missingPrivileges wraps.
+var errNoPrivileges = errors.New("missing privileges")
 
 // missingPrivileges names the capabilities cfg needs that this process
 // lacks, so an unprivileged start fails with a message instead of an EPERM

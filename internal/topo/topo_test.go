@@ -1,4 +1,4 @@
-package topo
+package topo_test
 
 import (
 	"fmt"
@@ -13,28 +13,10 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
-
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("topo tests create network namespaces and need root (run as root or with CAP_SYS_ADMIN+CAP_NET_ADMIN)")
-	}
-}
-
-func newNS(t *testing.T, prefix string) *NS {
-	t.Helper()
-	ns, err := CreateUnique(prefix)
-	if err != nil {
-		t.Fatalf("CreateUnique(%q): %v", prefix, err)
-	}
-	t.Cleanup(func() {
-		if err := ns.Delete(); err != nil {
-			t.Errorf("cleanup: %v", err)
-		}
-	})
-	return ns
-}
 
 // inNS runs fn on a thread switched into the namespace at path. Sockets
 // created by fn stay in that namespace after the thread switches back.
@@ -68,7 +50,7 @@ func inNS(path string, fn func() error) error {
 
 // roundTrip listens on listenAddr inside srv and dials it from cli, proving
 // the two namespaces can reach each other over TCP.
-func roundTrip(t *testing.T, srv, cli *NS, listenAddr string) error {
+func roundTrip(t *testing.T, srv, cli *topo.NS, listenAddr string) error {
 	t.Helper()
 	var l net.Listener
 	if err := inNS(srv.Path(), func() (err error) {
@@ -119,8 +101,7 @@ func linkNames(t *testing.T, args ...string) string {
 }
 
 func TestCreate(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "topo-c")
+	ns := testutil.NewNS(t, "topo-c")
 
 	if !regexp.MustCompile(`^topo-c-[0-9a-f]{6}$`).MatchString(ns.Name) {
 		t.Errorf("CreateUnique name %q, want topo-c-<6 hex>", ns.Name)
@@ -128,14 +109,14 @@ func TestCreate(t *testing.T) {
 	if ns.Path() != "/var/run/netns/"+ns.Name {
 		t.Errorf("Path() = %q", ns.Path())
 	}
-	if !Exists(ns.Name) {
+	if !topo.Exists(ns.Name) {
 		t.Errorf("Exists(%q) = false after Create", ns.Name)
 	}
 	if lo := linkNames(t, "-n", ns.Name); !strings.Contains(lo, "lo:") || !strings.Contains(lo, "UP") {
 		t.Errorf("lo is not up in new namespace: %s", lo)
 	}
 
-	_, err := Create(ns.Name)
+	_, err := topo.Create(ns.Name)
 	if want := "namespace " + ns.Name + " already exists"; err == nil || err.Error() != want {
 		t.Errorf("Create(existing) error = %v, want %q", err, want)
 	}
@@ -143,7 +124,7 @@ func TestCreate(t *testing.T) {
 	if err := ns.Delete(); err != nil {
 		t.Fatalf("Delete: %v", err)
 	}
-	if Exists(ns.Name) {
+	if topo.Exists(ns.Name) {
 		t.Errorf("Exists(%q) = true after Delete", ns.Name)
 	}
 	if err := ns.Delete(); err != nil {
@@ -153,15 +134,14 @@ func TestCreate(t *testing.T) {
 
 func TestCreateInvalidName(t *testing.T) {
 	for _, name := range []string{"", "a/b", "a b"} {
-		if _, err := Create(name); err == nil {
+		if _, err := topo.Create(name); err == nil {
 			t.Errorf("Create(%q) succeeded, want error", name)
 		}
 	}
 }
 
 func TestIPErrorCarriesOutput(t *testing.T) {
-	requireRoot(t)
-	ns := newNS(t, "topo-e")
+	ns := testutil.NewNS(t, "topo-e")
 	err := ns.IP("link", "set", "dev", "nosuchdev0", "up")
 	if err == nil {
 		t.Fatal("ip on a missing device succeeded")
@@ -174,7 +154,6 @@ func TestIPErrorCarriesOutput(t *testing.T) {
 }
 
 func TestVeth(t *testing.T) {
-	requireRoot(t)
 	tests := []struct {
 		name         string
 		aCIDR, bCIDR string
@@ -185,10 +164,10 @@ func TestVeth(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			a := newNS(t, "topo-va")
-			b := newNS(t, "topo-vb")
+			a := testutil.NewNS(t, "topo-va")
+			b := testutil.NewNS(t, "topo-vb")
 			aDev, bDev := "tva"+a.Name[len(a.Name)-6:], "tvb"+b.Name[len(b.Name)-6:]
-			if err := Veth(a, aDev, tc.aCIDR, b, bDev, tc.bCIDR); err != nil {
+			if err := topo.Veth(a, aDev, tc.aCIDR, b, bDev, tc.bCIDR); err != nil {
 				t.Fatalf("Veth: %v", err)
 			}
 			if root := linkNames(t); strings.Contains(root, aDev) || strings.Contains(root, bDev) {
@@ -218,10 +197,9 @@ func TestVeth(t *testing.T) {
 }
 
 func TestVethBadCIDR(t *testing.T) {
-	requireRoot(t)
-	a := newNS(t, "topo-ba")
-	b := newNS(t, "topo-bb")
-	if err := Veth(a, "tbad0", "not-a-cidr", b, "tbad1", ""); err == nil {
+	a := testutil.NewNS(t, "topo-ba")
+	b := testutil.NewNS(t, "topo-bb")
+	if err := topo.Veth(a, "tbad0", "not-a-cidr", b, "tbad1", ""); err == nil {
 		t.Fatal("Veth with a bad CIDR succeeded")
 	}
 }
@@ -229,15 +207,14 @@ func TestVethBadCIDR(t *testing.T) {
 // TestRouting builds client <-> router <-> server and proves AddRoute and
 // EnableForwarding let the client reach the server's subnet.
 func TestRouting(t *testing.T) {
-	requireRoot(t)
-	cli := newNS(t, "topo-rc")
-	rtr := newNS(t, "topo-rr")
-	srv := newNS(t, "topo-rs")
+	cli := testutil.NewNS(t, "topo-rc")
+	rtr := testutil.NewNS(t, "topo-rr")
+	srv := testutil.NewNS(t, "topo-rs")
 	sfx := cli.Name[len(cli.Name)-6:]
-	if err := Veth(cli, "rc"+sfx, "10.78.1.2/24", rtr, "rr1"+sfx, "10.78.1.1/24"); err != nil {
+	if err := topo.Veth(cli, "rc"+sfx, "10.78.1.2/24", rtr, "rr1"+sfx, "10.78.1.1/24"); err != nil {
 		t.Fatal(err)
 	}
-	if err := Veth(srv, "rs"+sfx, "10.78.2.2/24", rtr, "rr2"+sfx, "10.78.2.1/24"); err != nil {
+	if err := topo.Veth(srv, "rs"+sfx, "10.78.2.2/24", rtr, "rr2"+sfx, "10.78.2.1/24"); err != nil {
 		t.Fatal(err)
 	}
 	if err := cli.AddRoute("10.78.2.0/24", "10.78.1.1"); err != nil {

@@ -3,38 +3,25 @@ package splice
 import (
 	"bytes"
 	"context"
-	"crypto/rand"
-	"encoding/hex"
 	"io"
 	"net"
 	"net/netip"
-	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/vishvananda/netlink"
 
-	"github.com/ebpfwd/ebpfwd/internal/topo/topotest"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
-func requireRoot(t *testing.T) {
-	t.Helper()
-	if os.Geteuid() != 0 {
-		t.Skip("needs root: creates network namespaces and veth pairs in them")
-	}
-}
-
-// newNS creates a namespace removed (with its links) when the test ends.
+// newLinks makes the splice links of instance, or of a fresh unique
+// instance if it is "".
 func newLinks(t *testing.T, instance string) *Links {
 	t.Helper()
 	if instance == "" {
-		b := make([]byte, 4)
-		if _, err := rand.Read(b); err != nil {
-			t.Fatal(err)
-		}
-		instance = "test-" + hex.EncodeToString(b)
+		instance = testutil.UniqueName(t, "test")
 	}
 	s, err := NewLinks(instance, Pool{}, nil)
 	if err != nil {
@@ -73,9 +60,8 @@ func linkIn(t *testing.T, ns netns.NS, name string) (attrs *netlink.LinkAttrs, a
 }
 
 func TestCreateAndDelete(t *testing.T) {
-	requireRoot(t)
-	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
-	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
+	_, a := testutil.NewNSHandle(t, "ebpfwd-splice-a", netns.Parse)
+	_, b := testutil.NewNSHandle(t, "ebpfwd-splice-b", netns.Parse)
 	s := newLinks(t, "")
 	l, err := s.Create(a, b)
 	if err != nil {
@@ -167,10 +153,9 @@ func exchangeOver(t *testing.T, a, b netns.NS, addr string) {
 }
 
 func TestSubnetsAndNamesPerPair(t *testing.T) {
-	requireRoot(t)
-	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
-	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
-	_, c := topotest.NewNS(t, "ebpfwd-splice-c")
+	_, a := testutil.NewNSHandle(t, "ebpfwd-splice-a", netns.Parse)
+	_, b := testutil.NewNSHandle(t, "ebpfwd-splice-b", netns.Parse)
+	_, c := testutil.NewNSHandle(t, "ebpfwd-splice-c", netns.Parse)
 	s := newLinks(t, "")
 	ab, err := s.Create(a, b)
 	if err != nil {
@@ -214,10 +199,9 @@ func TestSubnetsAndNamesPerPair(t *testing.T) {
 // going), and RemoveUnused deletes the instance's other leftovers but not
 // another instance's links.
 func TestRestartAdoptsAndRemovesUnused(t *testing.T) {
-	requireRoot(t)
-	_, a := topotest.NewNS(t, "ebpfwd-splice-a")
-	_, b := topotest.NewNS(t, "ebpfwd-splice-b")
-	_, c := topotest.NewNS(t, "ebpfwd-splice-c")
+	_, a := testutil.NewNSHandle(t, "ebpfwd-splice-a", netns.Parse)
+	_, b := testutil.NewNSHandle(t, "ebpfwd-splice-b", netns.Parse)
+	_, c := testutil.NewNSHandle(t, "ebpfwd-splice-c", netns.Parse)
 	crashed := newLinks(t, "")
 	stale, err := crashed.Create(a, b)
 	if err != nil {
@@ -274,7 +258,7 @@ func TestRestartAdoptsAndRemovesUnused(t *testing.T) {
 // TestRestartReplacesBrokenLink: a leftover link that is not as Create
 // makes it is deleted and built anew, never adopted.
 func TestRestartReplacesBrokenLink(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	tests := []struct {
 		name   string
 		damage func(t *testing.T, l *Link)
@@ -306,8 +290,8 @@ func TestRestartReplacesBrokenLink(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			_, a := topotest.NewNS(t, "ebpfwd-splice-a")
-			_, b := topotest.NewNS(t, "ebpfwd-splice-b")
+			_, a := testutil.NewNSHandle(t, "ebpfwd-splice-a", netns.Parse)
+			_, b := testutil.NewNSHandle(t, "ebpfwd-splice-b", netns.Parse)
 			first := newLinks(t, "")
 			old, err := first.Create(a, b)
 			if err != nil {

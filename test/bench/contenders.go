@@ -193,7 +193,7 @@ var hopAddr = hostPort(gatewaySide, 8080)
 const hopProxyConfig = `services:
 - name: hop-proxy
   addr: "%s"
-  handler: {type: http}
+  handler: {type: http, auth: {username: bench, password: bench}}
   listener: {type: tcp}
 `
 
@@ -204,7 +204,7 @@ const chainConfig = `chains:
     nodes:
     - name: hop-proxy
       addr: "%s"
-      connector: {type: http}
+      connector: {type: http, auth: {username: bench, password: bench}}
       dialer: {type: tcp}
 `
 

@@ -301,7 +301,7 @@ rewrites this file.
 - **direct** is the ceiling: the gateway namespace only routes. **iptables** is the kernel's own port forward (DNAT to
   the server, SNAT to the gateway) with conntrack. The **ebpfwd** columns run the daemon in the gateway namespace
   (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and
-  dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain whose hop is a second ebpfwd running
+  dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain (Basic auth on the hop, as an exposed proxy needs) whose hop is a second ebpfwd running
   the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted).
 - Higher is better for throughput and connection rate; lower is better for latency, CPU and memory.
 - A new datapath (tc, sockmap) gets its columns by one line in ` + "`test/bench/contenders.go`" + `

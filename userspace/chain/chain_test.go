@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/peer"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
@@ -38,28 +39,9 @@ func relayBoth(_ context.Context, a, b net.Conn) error {
 // startProxy runs ebpfwd's HTTP proxy on loopback and returns its address.
 func startProxy(t *testing.T, auth *httpconnect.Auth) string {
 	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var d net.Dialer
 	srv := &httpproxy.Server{Auth: auth, Dial: d.DialContext, Relay: relayBoth, Logger: slog.New(slog.DiscardHandler)}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := l.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() { defer wg.Done(); srv.ServeConn(ctx, c) }()
-		}
-	}()
-	t.Cleanup(func() { l.Close(); cancel(); wg.Wait() })
-	return l.Addr().String()
+	return testutil.ServeLoopback(t, srv.ServeConn)
 }
 
 func startEcho(t *testing.T) string {
@@ -70,18 +52,6 @@ func startEcho(t *testing.T) string {
 	}
 	t.Cleanup(peer.ServeEcho(l))
 	return l.Addr().String()
-}
-
-// deadAddr is a loopback address nothing listens on.
-func deadAddr(t *testing.T) string {
-	t.Helper()
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	addr := l.Addr().String()
-	l.Close()
-	return addr
 }
 
 type nodeSpec struct {
@@ -130,7 +100,7 @@ func TestChainDial(t *testing.T) {
 		},
 		{
 			name:      "first node of hop 0 is down: next node",
-			chain:     buildChain([]nodeSpec{{deadAddr(t), authA}, {proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
+			chain:     buildChain([]nodeSpec{{testutil.FreeLoopbackAddr(t), authA}, {proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
 			unhealthy: [2]int{0, 0}, checkDeath: true,
 		},
 		{
@@ -143,14 +113,14 @@ func TestChainDial(t *testing.T) {
 		},
 		{
 			name:      "hop 0 cannot reach hop 1: hop 1's node is blamed",
-			chain:     buildChain([]nodeSpec{{proxyA, authA}}, []nodeSpec{{deadAddr(t), authB}}),
+			chain:     buildChain([]nodeSpec{{proxyA, authA}}, []nodeSpec{{testutil.FreeLoopbackAddr(t), authB}}),
 			wantHop:   "hop-0",
 			unhealthy: [2]int{1, 0}, checkDeath: true,
 		},
 		{
 			name:      "target unreachable: the chain is fine",
 			chain:     buildChain([]nodeSpec{{proxyA, authA}}, []nodeSpec{{proxyB, authB}}),
-			target:    deadAddr(t),
+			target:    testutil.FreeLoopbackAddr(t),
 			wantHop:   "hop-1",
 			wantFinal: true,
 		},
@@ -201,24 +171,13 @@ func TestChainDial(t *testing.T) {
 func TestChainPendingBytesAfterResponse(t *testing.T) {
 	// A proxy that answers 200 and the target's first bytes in one write:
 	// the tunnel must deliver those bytes.
-	l, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer l.Close()
-	go func() {
-		c, err := l.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		buf := make([]byte, 4096)
-		c.Read(buf)
-		c.Write([]byte("HTTP/1.1 200 Connection established\r\n\r\nhello from the target"))
-	}()
+	proxy, _ := testutil.StartScriptedProxy(t, testutil.ProxyReply{
+		Chunks: [][]byte{[]byte("HTTP/1.1 200 Connection established\r\n\r\nhello from the target")},
+		Close:  true,
+	})
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	conn, err := buildChain([]nodeSpec{{l.Addr().String(), nil}}).Dial(ctx, Request{Target: "10.9.9.9:1"})
+	conn, err := buildChain([]nodeSpec{{proxy, nil}}).Dial(ctx, Request{Target: "10.9.9.9:1"})
 	if err != nil {
 		t.Fatal(err)
 	}

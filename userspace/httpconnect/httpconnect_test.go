@@ -13,67 +13,11 @@ import (
 	"strings"
 	"testing"
 	"time"
+
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
 const testTarget = "10.0.1.11:8000"
-
-// proxyReply is what a fake proxy does after reading the CONNECT request.
-type proxyReply struct {
-	chunks [][]byte // written in order, each its own Write
-	close  bool     // close the connection after writing
-	hang   bool     // write nothing and keep the connection open
-}
-
-// startFakeProxy accepts one loopback connection, captures the CONNECT
-// request and answers with reply. The request is delivered on the returned
-// channel (nil if it could not be parsed).
-func startFakeProxy(t *testing.T, reply proxyReply) (addr string, requests <-chan *http.Request) {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	reqs := make(chan *http.Request, 1)
-	done := make(chan struct{})
-	t.Cleanup(func() {
-		ln.Close()
-		select {
-		case <-done:
-		case <-time.After(5 * time.Second):
-			t.Error("fake proxy did not finish")
-		}
-	})
-	go func() {
-		defer close(done)
-		c, err := ln.Accept()
-		if err != nil {
-			return
-		}
-		defer c.Close()
-		_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-		req, err := http.ReadRequest(bufio.NewReader(c))
-		if err != nil {
-			reqs <- nil
-			return
-		}
-		reqs <- req
-		if reply.hang {
-			// Hold the connection until the client gives up.
-			_, _ = io.Copy(io.Discard, c)
-			return
-		}
-		for _, chunk := range reply.chunks {
-			if _, err := c.Write(chunk); err != nil {
-				return
-			}
-		}
-		if !reply.close {
-			// Keep the tunnel open until the client closes.
-			_, _ = io.Copy(io.Discard, c)
-		}
-	}()
-	return ln.Addr().String(), reqs
-}
 
 func dialProxy(t *testing.T, addr string) *net.TCPConn {
 	t.Helper()
@@ -95,7 +39,7 @@ func TestHandshake(t *testing.T) {
 	}
 	tests := []struct {
 		name     string
-		reply    proxyReply
+		reply    testutil.ProxyReply
 		ctxLimit time.Duration
 		wantErr  func(error) bool
 		wantSame bool   // tunnel must be the original *net.TCPConn
@@ -103,37 +47,37 @@ func TestHandshake(t *testing.T) {
 	}{
 		{
 			name:     "200 without following bytes",
-			reply:    proxyReply{chunks: bs("HTTP/1.1 200 Connection established\r\n\r\n")},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 Connection established\r\n\r\n")},
 			wantSame: true,
 		},
 		{
 			name:     "200 with following bytes in the same write",
-			reply:    proxyReply{chunks: bs("HTTP/1.1 200 OK\r\n\r\nSSH-2.0-OpenSSH_9.6\r\n"), close: true},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 OK\r\n\r\nSSH-2.0-OpenSSH_9.6\r\n"), Close: true},
 			wantData: "SSH-2.0-OpenSSH_9.6\r\n",
 		},
 		{
 			name:     "200 with headers",
-			reply:    proxyReply{chunks: bs("HTTP/1.1 200 Connection established\r\nProxy-Agent: gost/3.0\r\nX-Foo: bar\r\n\r\n")},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 Connection established\r\nProxy-Agent: gost/3.0\r\nX-Foo: bar\r\n\r\n")},
 			wantSame: true,
 		},
 		{
 			name:     "HTTP/1.0 200 with bare LF",
-			reply:    proxyReply{chunks: bs("HTTP/1.0 200\n\nhello"), close: true},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.0 200\n\nhello"), Close: true},
 			wantData: "hello",
 		},
 		{
 			name:     "100 Continue before 200 is skipped",
-			reply:    proxyReply{chunks: bs("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nafter"), close: true},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n\r\nafter"), Close: true},
 			wantData: "after",
 		},
 		{
 			name:     "response split across writes",
-			reply:    proxyReply{chunks: bs("HTTP/1.1 20", "0 OK\r\nA: b\r", "\n\r\n")},
+			reply:    testutil.ProxyReply{Chunks: bs("HTTP/1.1 20", "0 OK\r\nA: b\r", "\n\r\n")},
 			wantSame: true,
 		},
 		{
 			name:  "407",
-			reply: proxyReply{chunks: bs("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\r\n"), close: true},
+			reply: testutil.ProxyReply{Chunks: bs("HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"x\"\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool {
 				var se *StatusError
 				return errors.Is(err, ErrProxyAuthRequired) && errors.As(err, &se) && se.Code == 407 &&
@@ -142,7 +86,7 @@ func TestHandshake(t *testing.T) {
 		},
 		{
 			name:  "502",
-			reply: proxyReply{chunks: bs("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nbad"), close: true},
+			reply: testutil.ProxyReply{Chunks: bs("HTTP/1.1 502 Bad Gateway\r\nContent-Length: 3\r\n\r\nbad"), Close: true},
 			wantErr: func(err error) bool {
 				var se *StatusError
 				return errors.As(err, &se) && se.Code == 502 && !errors.Is(err, ErrProxyAuthRequired) &&
@@ -151,7 +95,7 @@ func TestHandshake(t *testing.T) {
 		},
 		{
 			name:  "503",
-			reply: proxyReply{chunks: bs("HTTP/1.1 503 Service Unavailable\r\n\r\n"), close: true},
+			reply: testutil.ProxyReply{Chunks: bs("HTTP/1.1 503 Service Unavailable\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool {
 				var se *StatusError
 				return errors.As(err, &se) && se.Code == 503
@@ -159,37 +103,37 @@ func TestHandshake(t *testing.T) {
 		},
 		{
 			name:    "garbage reply",
-			reply:   proxyReply{chunks: bs("SSH-2.0-OpenSSH_9.6\r\n\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("SSH-2.0-OpenSSH_9.6\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 		{
 			name:    "bad status code",
-			reply:   proxyReply{chunks: bs("HTTP/1.1 2000 OK\r\n\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("HTTP/1.1 2000 OK\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 		{
 			name:    "HTTP/2 status line",
-			reply:   proxyReply{chunks: bs("HTTP/2.0 200 OK\r\n\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("HTTP/2.0 200 OK\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 		{
 			name:    "malformed header field",
-			reply:   proxyReply{chunks: bs("HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 OK\r\nno colon here\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 		{
 			name:    "closed mid-header",
-			reply:   proxyReply{chunks: bs("HTTP/1.1 200 OK\r\nProxy-Agent: x\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 OK\r\nProxy-Agent: x\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, io.ErrUnexpectedEOF) },
 		},
 		{
 			name:    "closed without a byte",
-			reply:   proxyReply{close: true},
+			reply:   testutil.ProxyReply{Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, io.ErrUnexpectedEOF) },
 		},
 		{
 			name:     "timeout",
-			reply:    proxyReply{hang: true},
+			reply:    testutil.ProxyReply{Hang: true},
 			ctxLimit: 200 * time.Millisecond,
 			wantErr: func(err error) bool {
 				return errors.Is(err, os.ErrDeadlineExceeded) || errors.Is(err, context.DeadlineExceeded)
@@ -197,18 +141,18 @@ func TestHandshake(t *testing.T) {
 		},
 		{
 			name:    "oversized header",
-			reply:   proxyReply{chunks: bs("HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", MaxHeaderBytes) + "\r\n\r\n"), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs("HTTP/1.1 200 OK\r\nX-Big: " + strings.Repeat("a", MaxHeaderBytes) + "\r\n\r\n"), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 		{
 			name:    "endless interim responses",
-			reply:   proxyReply{chunks: bs(strings.Repeat("HTTP/1.1 100 Continue\r\n\r\n", maxInterimResponses+1)), close: true},
+			reply:   testutil.ProxyReply{Chunks: bs(strings.Repeat("HTTP/1.1 100 Continue\r\n\r\n", maxInterimResponses+1)), Close: true},
 			wantErr: func(err error) bool { return errors.Is(err, ErrMalformedResponse) },
 		},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			addr, reqs := startFakeProxy(t, tt.reply)
+			addr, reqs := testutil.StartScriptedProxy(t, tt.reply)
 			conn := dialProxy(t, addr)
 			limit := tt.ctxLimit
 			if limit == 0 {
@@ -274,7 +218,7 @@ func TestHandshakeRequest(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			addr, reqs := startFakeProxy(t, proxyReply{chunks: [][]byte{[]byte("HTTP/1.1 200 OK\r\n\r\n")}})
+			addr, reqs := testutil.StartScriptedProxy(t, testutil.ProxyReply{Chunks: [][]byte{[]byte("HTTP/1.1 200 OK\r\n\r\n")}})
 			conn := dialProxy(t, addr)
 			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 			defer cancel()

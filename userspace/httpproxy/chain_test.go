@@ -7,10 +7,10 @@ import (
 	"io"
 	"log/slog"
 	"net"
-	"sync"
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
 )
@@ -19,44 +19,6 @@ const (
 	chainTimeout = 20 * time.Second
 	payloadSize  = 1 << 20
 )
-
-// serve runs srv on a loopback listener until the test ends.
-func serve(t *testing.T, srv *httpproxy.Server) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				srv.ServeConn(ctx, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		cancel()
-		ln.Close()
-		done := make(chan struct{})
-		go func() { wg.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(chainTimeout):
-			t.Error("proxy connections did not finish")
-		}
-	})
-	return ln.Addr().String()
-}
 
 // exchangeResult is what the final server saw and sent.
 type exchangeResult struct {
@@ -117,8 +79,8 @@ func startExchangeServer(t *testing.T) (string, <-chan exchangeResult) {
 func TestChainedHandshake(t *testing.T) {
 	quiet := slog.New(slog.NewTextHandler(io.Discard, nil))
 	authB := &httpconnect.Auth{Username: "hop2", Password: "pw2"}
-	proxyA := serve(t, &httpproxy.Server{Relay: httpproxy.CopyRelay, Logger: quiet})
-	proxyB := serve(t, &httpproxy.Server{Relay: httpproxy.CopyRelay, Logger: quiet, Auth: authB})
+	proxyA := testutil.ServeLoopback(t, (&httpproxy.Server{Relay: httpproxy.CopyRelay, Logger: quiet}).ServeConn)
+	proxyB := testutil.ServeLoopback(t, (&httpproxy.Server{Relay: httpproxy.CopyRelay, Logger: quiet, Auth: authB}).ServeConn)
 	final, results := startExchangeServer(t)
 
 	ctx, cancel := context.WithTimeout(context.Background(), chainTimeout)

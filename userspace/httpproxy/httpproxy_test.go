@@ -12,11 +12,11 @@ import (
 	"net/http/httptest"
 	"net/url"
 	"strings"
-	"sync"
 	"syscall"
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
@@ -26,10 +26,6 @@ const testTimeout = 10 * time.Second
 // the results it reports. Everything is torn down in t.Cleanup.
 func startProxy(t *testing.T, srv *Server) (string, <-chan Result) {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
 	results := make(chan Result, 16)
 	srv.OnResult = func(r Result) {
 		select {
@@ -40,60 +36,7 @@ func startProxy(t *testing.T, srv *Server) (string, <-chan Result) {
 	if srv.Logger == nil {
 		srv.Logger = slog.New(slog.NewTextHandler(io.Discard, nil))
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	var wg sync.WaitGroup
-	wg.Add(1)
-	go func() {
-		defer wg.Done()
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			wg.Add(1)
-			go func() {
-				defer wg.Done()
-				srv.ServeConn(ctx, c)
-			}()
-		}
-	}()
-	t.Cleanup(func() {
-		cancel()
-		ln.Close()
-		done := make(chan struct{})
-		go func() { wg.Wait(); close(done) }()
-		select {
-		case <-done:
-		case <-time.After(testTimeout):
-			t.Error("proxy connections did not finish after cancel")
-		}
-	})
-	return ln.Addr().String(), results
-}
-
-// startEcho serves a loopback echo that half-closes when its client does.
-func startEcho(t *testing.T) string {
-	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatalf("listen: %v", err)
-	}
-	t.Cleanup(func() { ln.Close() })
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			go func() {
-				defer c.Close()
-				_ = c.SetDeadline(time.Now().Add(testTimeout))
-				_, _ = io.Copy(c, c)
-				_ = c.(*net.TCPConn).CloseWrite()
-			}()
-		}
-	}()
-	return ln.Addr().String()
+	return testutil.ServeLoopback(t, srv.ServeConn), results
 }
 
 func dial(t *testing.T, addr string) net.Conn {
@@ -151,7 +94,7 @@ func TestConnectAuth(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			echo := startEcho(t)
+			echo := testutil.ServeLoopback(t, testutil.Echo)
 			proxy, results := startProxy(t, &Server{Auth: tt.serverAuth})
 			c := dial(t, proxy)
 			ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
@@ -212,7 +155,7 @@ func TestConnectPipelined(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			echo := startEcho(t)
+			echo := testutil.ServeLoopback(t, testutil.Echo)
 			proxy, _ := startProxy(t, &Server{})
 			c := dial(t, proxy)
 			payload := make([]byte, tt.size)
