@@ -149,16 +149,16 @@ type PacketForwarder interface {
 
 // Flow is one connection or flow as a datapath sees it, for listing.
 type Flow struct {
-	Service   string
-	Datapath  Kind
-	Network   string // "tcp" or "udp"
-	Client    string // client address:port
-	Node      string // node name ("" when unknown, e.g. proxy targets)
-	Upstream  string // address the datapath reaches the node at
-	State     string // e.g. "established"; datapath-specific
-	Started   time.Time
-	BytesUp   uint64
-	BytesDown uint64
+	Service   string    `json:"service"`
+	Datapath  Kind      `json:"datapath"`
+	Network   string    `json:"network"`            // "tcp" or "udp"
+	Client    string    `json:"client"`             // client address:port
+	Node      string    `json:"node,omitempty"`     // node name ("" when unknown, e.g. proxy targets)
+	Upstream  string    `json:"upstream,omitempty"` // address the datapath reaches the node at
+	State     string    `json:"state,omitempty"`    // e.g. "established"; datapath-specific
+	Started   time.Time `json:"started"`
+	BytesUp   uint64    `json:"bytes_up"`
+	BytesDown uint64    `json:"bytes_down"`
 }
 
 // FlowLister is implemented by attachments that can list their flows.

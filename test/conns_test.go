@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"io"
 	"os/exec"
 	"regexp"
@@ -92,6 +93,24 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	for _, want := range wants {
 		if !want.MatchString(out) {
 			t.Errorf("conns output lacks %s:\n%s", want, out)
+		}
+	}
+
+	// The same flows for scripts.
+	jsonOut, err := exec.CommandContext(ctx, ebpfwdBin, "conns", "--json", "--instance", d.instance).Output()
+	if err != nil {
+		t.Fatalf("ebpfwd conns --json: %v", err)
+	}
+	var flows []struct {
+		Service, Datapath, Network, Client string
+		BytesUp                            uint64 `json:"bytes_up"`
+	}
+	if err := json.Unmarshal(jsonOut, &flows); err != nil || len(flows) == 0 {
+		t.Fatalf("ebpfwd conns --json: %v, %d flows:\n%s", err, len(flows), jsonOut)
+	}
+	for _, f := range flows {
+		if f.Service == "" || f.Datapath == "" || f.Network == "" || f.Client == "" {
+			t.Errorf("flow without its service, datapath, network or client: %+v", f)
 		}
 	}
 

@@ -2,6 +2,7 @@ package main
 
 import (
 	"encoding/json"
+	"flag"
 	"fmt"
 	"net/http"
 	"path/filepath"
@@ -22,7 +23,10 @@ func instanceOf(configPath string) string {
 }
 
 func cmdConns(e env, args []string) int {
-	instance, ok := instanceArg(e, "conns", args)
+	var asJSON bool
+	instance, ok := instanceArg(e, "conns", args, func(fs *flag.FlagSet) {
+		fs.BoolVar(&asJSON, "json", false, "print the flows as a JSON array, for scripts")
+	})
 	if !ok {
 		return 2
 	}
@@ -30,6 +34,18 @@ func cmdConns(e env, args []string) int {
 	if err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
 		return 1
+	}
+	if asJSON {
+		if flows == nil {
+			flows = []datapath.Flow{} // [] rather than null: nothing is open
+		}
+		enc := json.NewEncoder(e.stdout)
+		enc.SetIndent("", "  ")
+		if err := enc.Encode(flows); err != nil {
+			fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
+			return 1
+		}
+		return 0
 	}
 	printFlows(e, flows, time.Now())
 	return 0

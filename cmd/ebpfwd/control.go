@@ -15,11 +15,15 @@ import (
 )
 
 // instanceArg reads the instance a control command talks to: --instance
-// NAME, or the CONFIG the instance runs (named after it).
-func instanceArg(e env, cmd string, args []string) (string, bool) {
+// NAME, or the CONFIG the instance runs (named after it). more adds the
+// command's own flags (nil: none).
+func instanceArg(e env, cmd string, args []string, more func(*flag.FlagSet)) (string, bool) {
 	fs := flag.NewFlagSet(cmd, flag.ContinueOnError)
 	fs.SetOutput(e.stderr)
 	instance := fs.String("instance", "", "the instance to ask (default: the CONFIG file's name without extension)")
+	if more != nil {
+		more(fs)
+	}
 	if fs.Parse(args) != nil {
 		return "", false
 	}

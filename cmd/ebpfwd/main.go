@@ -23,7 +23,7 @@ func commands() []command {
 	return []command{
 		{"run", "run [--instance NAME] [--ready-file PATH] [--drain-timeout D] CONFIG", "run the services of CONFIG in the foreground (SIGHUP: reload; SIGUSR2: restart in place)", cmdRun},
 		{"reload", "reload [--instance NAME | CONFIG]", "reload the configuration of a running instance, as SIGHUP does, and print the outcome", cmdReload},
-		{"conns", "conns [--instance NAME | CONFIG]", "list the live connections and flows of a running instance", cmdConns},
+		{"conns", "conns [--json] [--instance NAME | CONFIG]", "list the live connections and flows of a running instance", cmdConns},
 		{"check", "check CONFIG", "validate CONFIG and open every namespace it names", cmdCheck},
 		{"plan", "plan CONFIG", "print the datapath chosen for each service, and why", cmdPlan},
 		{"version", "version", "print the version", cmdVersion},

@@ -16,7 +16,7 @@ const reloadTimeout = time.Minute
 // cmdReload asks a running instance to reload its configuration file, as
 // SIGHUP does, and prints what it did or why it refused.
 func cmdReload(e env, args []string) int {
-	instance, ok := instanceArg(e, "reload", args)
+	instance, ok := instanceArg(e, "reload", args, nil)
 	if !ok {
 		return 2
 	}
