@@ -9,6 +9,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -103,4 +104,68 @@ func processIn(t *testing.T, ns netns.NS) netns.NS {
 			t.Fatal("the process never entered the namespace")
 		}
 	}
+}
+
+// TestSNATPortsReserved: while the program serves a namespace, its SNAT
+// range is in the namespace's ip_local_reserved_ports (next to what was
+// there), so the namespace's own connections never take a translated
+// flow's port, whatever its ip_local_port_range; the last service's close
+// restores the namespace's value.
+func TestSNATPortsReserved(t *testing.T) {
+	testutil.RequireRoot(t)
+	if err := probe(); err != nil {
+		t.Skipf("kernel cannot run the tc datapath: %v", err)
+	}
+	gwTopo, gw := testutil.NewNSHandle(t, "tcports-gw", netns.Parse)
+	nodeTopo, _ := testutil.NewNSHandle(t, "tcports-n", netns.Parse)
+	testutil.Veth(t, gwTopo, "g0", "10.48.0.1/24", nodeTopo, "n0", "10.48.0.2/24")
+	// A busy gateway's tuning, and a reservation of the operator's own.
+	if err := writeSysctl(gw, "/proc/sys/net/ipv4/ip_local_port_range", "1024 65000"); err != nil {
+		t.Fatal(err)
+	}
+	if err := writeSysctl(gw, reservedPortsSysctl, "40000"); err != nil {
+		t.Fatal(err)
+	}
+	instance := fmt.Sprintf("test-tcports-%d", os.Getpid())
+	t.Cleanup(func() { os.RemoveAll(filepath.Join(loader.DefaultBPFFS, "ebpfwd", instance)) })
+	d := &Datapath{Instance: instance, Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
+	svc := datapath.Service{Name: "s", Network: "tcp", ListenNS: gw, OutNS: gw,
+		Nodes: []datapath.Node{testNode("n", "10.48.0.2:9000")}}
+	listenAt(&svc, "10.48.0.1:8000")
+	a, err := d.Setup(context.Background(), svc)
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := false
+	t.Cleanup(func() {
+		if !closed {
+			a.Close()
+		}
+	})
+	got, err := readSysctl(gw, reservedPortsSysctl)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := "1024-32767"; !strings.Contains(got, want) || !strings.Contains(got, "40000") {
+		t.Fatalf("reserved ports while serving = %q, want %s and the operator's 40000", got, want)
+	}
+	if err := a.Close(); err != nil {
+		t.Fatal(err)
+	}
+	closed = true
+	if got, err := readSysctl(gw, reservedPortsSysctl); err != nil || got != "40000" {
+		t.Fatalf("reserved ports after the last service closed = %q, %v; want the namespace's 40000", got, err)
+	}
+	if _, err := os.Stat(portStateFile(instance, mustID(t, gw))); !os.IsNotExist(err) {
+		t.Fatalf("state file left after restoring: %v", err)
+	}
+}
+
+func mustID(t *testing.T, ns netns.NS) netns.ID {
+	t.Helper()
+	id, err := ns.ID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return id
 }

@@ -27,6 +27,7 @@ type nsLoader struct {
 	stopGC  context.CancelFunc
 	gcDone  chan struct{}
 	watch   *ifaceWatcher           // attaches to interfaces as they come and go
+	ports   *portReservation        // nil when the SNAT ports could not be reserved
 	splices map[netns.ID]*spliceRef // by netns.out's identity
 	// services counts the attachments of each service ID in the maps:
 	// FinishSetup prunes every other service a previous run left.
@@ -98,22 +99,34 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 	if err != nil {
 		return nil, err
 	}
-	d.warnPortOverlap(ns)
+	ports, err := reservePorts(d.Instance, ns, id)
+	if err != nil {
+		d.logger().Warn("could not keep the SNAT ports from the namespace's own connections", "netns", ns.String(), "err", err)
+		d.warnPortOverlap(ns)
+	}
+	undo := func() {
+		l.Close()
+		if ports != nil {
+			if err := ports.restore(); err != nil {
+				d.logger().Error("restore reserved ports", "netns", ns.String(), "err", err)
+			}
+		}
+	}
 	// The watcher attaches to the interfaces there now before start
 	// returns, and to those that come later.
 	watch := newIfaceWatcher(ns, l, d.logger())
 	if err := watch.start(); err != nil {
-		l.Close()
+		undo()
 		return nil, err
 	}
 	if len(watch.interfaces()) == 0 {
 		watch.close()
-		l.Close()
+		undo()
 		return nil, fmt.Errorf("netns %s has no Ethernet interface to attach to", ns)
 	}
 	gcCtx, stop := context.WithCancel(context.Background())
 	nl := &nsLoader{ns: ns, id: id, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), watch: watch,
-		services: map[loader.ServiceID]int{}}
+		ports: ports, services: map[loader.ServiceID]int{}}
 	go d.collectGarbage(gcCtx, nl)
 	if d.loaders == nil {
 		d.loaders = map[netns.ID]*nsLoader{}
@@ -122,8 +135,8 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 	return nl, nil
 }
 
-// warnPortOverlap warns when the namespace's ip_local_port_range reaches
-// into the SNAT range: a connection the namespace's own sockets open to a
+// warnPortOverlap warns, when the SNAT ports could not be reserved, if the
+// namespace's ip_local_port_range reaches into the SNAT range: a connection the namespace's own sockets open to a
 // node (the listener's dials, node probes) could then get a source port a
 // translated flow holds, and their packets would cross.
 func (d *Datapath) warnPortOverlap(ns netns.NS) {
@@ -172,6 +185,14 @@ func (d *Datapath) release(nl *nsLoader) {
 		}
 		if err := nl.l.Close(); err != nil {
 			d.logger().Error("detach tc datapath", "netns", nl.ns.String(), "err", err)
+		}
+		// After the program: no translated flow needs the ports now.
+		// (A restart in place keeps them reserved, and its state file
+		// tells the next run what to restore.)
+		if nl.ports != nil {
+			if err := nl.ports.restore(); err != nil {
+				d.logger().Error("restore reserved ports", "netns", nl.ns.String(), "err", err)
+			}
 		}
 	}
 	delete(d.loaders, nl.id)

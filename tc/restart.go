@@ -67,6 +67,11 @@ func (d *Datapath) FinishSetup() error {
 	if err != nil {
 		errs = append(errs, err)
 	}
+	for _, ns := range pruned {
+		if err := restoreLeftPorts(d.Instance, ns); err != nil {
+			errs = append(errs, err)
+		}
+	}
 	nss = append(nss, pruned...)
 	if len(nss) > 0 {
 		if d.links == nil {

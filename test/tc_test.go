@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"regexp"
+	"strings"
 	"sync"
 	"testing"
 	"time"
@@ -222,5 +223,87 @@ func TestTCDatapath(t *testing.T) {
 				t.Errorf("pin directory %s left after exit", e.Name())
 			}
 		}
+	}
+}
+
+// TestTCWideLocalPortRange: a gateway tuned with ip_local_port_range
+// 1024-65000 (its own connections may take any of those ports) still
+// serves: the SNAT ports are reserved in the namespace while the daemon
+// runs, so the listener's own dials to the node and the node probes never
+// collide with translated flows; the node stays healthy; and the
+// namespace's sysctls are as they were once the daemon is gone.
+func TestTCWideLocalPortRange(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	client := testutil.NewNS(t, "e2e-tcpr-c")
+	gw := testutil.NewNS(t, "e2e-tcpr-g")
+	server := testutil.NewNS(t, "e2e-tcpr-s")
+	testutil.Veth(t, client, "c0", "10.37.1.2/24", gw, "g0", "10.37.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.37.2.1/24", server, "s0", "10.37.2.2/24")
+	gwNS := handle(t, gw)
+	sysctl := func(path string) string {
+		var value string
+		if err := gwNS.Do(func() error {
+			b, err := os.ReadFile(path)
+			value = strings.Join(strings.Fields(string(b)), " ")
+			return err
+		}); err != nil {
+			t.Fatalf("read %s in %s: %v", path, gw.Name, err)
+		}
+		return value
+	}
+	const portRange, reserved = "/proc/sys/net/ipv4/ip_local_port_range", "/proc/sys/net/ipv4/ip_local_reserved_ports"
+	if err := gwNS.Do(func() error { return os.WriteFile(portRange, []byte("1024 65000\n"), 0o644) }); err != nil {
+		t.Fatalf("set the port range: %v", err)
+	}
+	echoIn(t, server, "10.37.2.2:9000")
+	yaml := config(`services:
+- name: tc-wide
+  addr: "10.37.1.1:8000"
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: server-0, addr: "10.37.2.2:9000"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+`, map[string]string{"GW": gw.Name})
+	d := startDaemon(t, "tc-wide", yaml, daemonOptions{})
+	if got := sysctl(reserved); !strings.Contains(got, "1024-32767") {
+		t.Fatalf("reserved ports while serving: %q, want the SNAT range 1024-32767", got)
+	}
+	// Translated flows from outside, and the listener's own dials (a
+	// client inside the gateway namespace), at the same time.
+	var wg sync.WaitGroup
+	errs := make(chan error, 400)
+	for i := range 400 {
+		from := client
+		if i%4 == 0 {
+			from = gw
+		}
+		wg.Go(func() {
+			if err := exchange(t, from, "10.37.1.1:8000", 8<<10, 30*time.Second); err != nil {
+				errs <- fmt.Errorf("connection %d from %s: %w", i, from.Name, err)
+			}
+		})
+		if i%20 == 19 {
+			wg.Wait() // 20 at a time
+		}
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		t.Error(err)
+	}
+	time.Sleep(2500 * time.Millisecond) // a probe round after the load
+	if out := d.output.String(); strings.Contains(out, "node probe failed") || strings.Contains(out, "no node reachable") {
+		t.Fatalf("the node was judged dead under a wide local port range:\n%s", out)
+	}
+	if code, err := d.stop(); err != nil || code != 0 {
+		t.Fatalf("stop: %d, %v", code, err)
+	}
+	if got := sysctl(reserved); got != "" {
+		t.Fatalf("reserved ports after the daemon stopped: %q, want the namespace's own (none)", got)
+	}
+	if got := sysctl(portRange); got != "1024 65000" {
+		t.Fatalf("port range after the daemon stopped: %q, want 1024 65000 as set", got)
 	}
 }
