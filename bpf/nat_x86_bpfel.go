@@ -49,6 +49,9 @@ type NATCtEntry struct {
 	Pad           uint8
 	ToClient      NATL2Path
 	ToNode        NATL2Path
+	CreatedNs     uint64
+	BytesUp       uint64
+	BytesDown     uint64
 }
 
 type NATCtState uint32

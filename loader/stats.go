@@ -104,7 +104,11 @@ type Conn struct {
 	Node    netip.AddrPort
 	State   FlowState
 	Idle    time.Duration // since the last packet
+	Age     time.Duration // since the first packet
 	Expired bool          // past its timeout, waiting for garbage collection
+	// L4 payload moved client -> node and back, as the program counted it
+	// (a segment TCP retransmits counts again).
+	BytesUp, BytesDown uint64
 }
 
 // Conns lists the conntrack table. The program keeps running while it is
@@ -135,16 +139,21 @@ func (l *Loader) conn(key bpf.NATTuple, ct bpf.NATCtEntry, now uint64) Conn {
 		network = "tcp"
 	}
 	c := Conn{
-		Service: ServiceID(ct.ServiceId),
-		Network: network,
-		Client:  netip.AddrPortFrom(bpf.AddrFrom(key.Src, key.Family), bpf.PortFrom(key.Sport)),
-		VIP:     netip.AddrPortFrom(bpf.AddrFrom(key.Dst, key.Family), bpf.PortFrom(key.Dport)),
-		SNAT:    netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Dst, key.Family), bpf.PortFrom(ct.Reply.Dport)),
-		Node:    netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Src, key.Family), bpf.PortFrom(ct.Reply.Sport)),
-		State:   FlowState(ct.State),
+		Service:   ServiceID(ct.ServiceId),
+		Network:   network,
+		Client:    netip.AddrPortFrom(bpf.AddrFrom(key.Src, key.Family), bpf.PortFrom(key.Sport)),
+		VIP:       netip.AddrPortFrom(bpf.AddrFrom(key.Dst, key.Family), bpf.PortFrom(key.Dport)),
+		SNAT:      netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Dst, key.Family), bpf.PortFrom(ct.Reply.Dport)),
+		Node:      netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Src, key.Family), bpf.PortFrom(ct.Reply.Sport)),
+		State:     FlowState(ct.State),
+		BytesUp:   ct.BytesUp,
+		BytesDown: ct.BytesDown,
 	}
 	if now > ct.LastSeenNs {
 		c.Idle = time.Duration(now - ct.LastSeenNs)
+	}
+	if now > ct.CreatedNs {
+		c.Age = time.Duration(now - ct.CreatedNs)
 	}
 	c.Expired = c.Idle > l.timeout(ct)
 	return c

@@ -3,6 +3,7 @@ package test
 import (
 	"bytes"
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
@@ -126,6 +127,33 @@ func TestTCDatapath(t *testing.T) {
 		}
 		if regexp.MustCompile(`(?m)^tc-tcp\s+userspace`).MatchString(out) {
 			t.Fatalf("the connection reached the userspace listener:\n%s", out)
+		}
+		// Its age and bytes are the kernel's own: 4 bytes each way.
+		var flows []struct {
+			Client  string
+			Started time.Time
+			Up      uint64 `json:"bytes_up"`
+			Down    uint64 `json:"bytes_down"`
+		}
+		raw, err := exec.Command(ebpfwdBin, "conns", "--json", "--instance", d.instance).Output()
+		if err != nil || json.Unmarshal(raw, &flows) != nil {
+			t.Fatalf("conns --json: %v\n%s", err, raw)
+		}
+		found := false
+		for _, f := range flows {
+			if f.Client != c.LocalAddr().String() {
+				continue
+			}
+			found = true
+			if f.Up != 4 || f.Down != 4 {
+				t.Errorf("kernel flow bytes up %d, down %d; want 4 and 4", f.Up, f.Down)
+			}
+			if age := time.Since(f.Started); age < 0 || age > time.Minute {
+				t.Errorf("kernel flow age %v, want the few seconds since it began", age)
+			}
+		}
+		if !found {
+			t.Errorf("conns --json lists no flow of %s:\n%s", c.LocalAddr(), raw)
 		}
 		// The node sees the gateway's address on its side (SNAT).
 		if srcs := target.sources(); len(srcs) == 0 || srcs[len(srcs)-1] != "10.31.2.1" {

@@ -65,6 +65,12 @@ struct ct_entry {
 	// bpf_fib_lookup refuses, and these take its place.
 	struct l2_path to_client;
 	struct l2_path to_node;
+	// For `ebpfwd conns`: when the flow began (bpf_ktime_get_ns) and the
+	// L4 payload moved each way. One flow's packets of both directions
+	// may be handled on two CPUs at once: ct_add_bytes adds atomically.
+	__u64 created_ns;
+	__u64 bytes_up;
+	__u64 bytes_down;
 };
 
 // Puts enum ct_state in BTF for bpf2go (see btf_counter in counters.h).
@@ -148,6 +154,15 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 }
 
 // forget_flow removes a flow from both maps.
+// ct_add_bytes counts a packet's payload in its flow.
+static __always_inline void ct_add_bytes(struct ct_entry *ct, int from_client, __u32 payload_len)
+{
+	if (from_client)
+		__sync_fetch_and_add(&ct->bytes_up, payload_len);
+	else
+		__sync_fetch_and_add(&ct->bytes_down, payload_len);
+}
+
 static __always_inline void forget_flow(const struct tuple *orig, const struct ct_entry *ct)
 {
 	struct tuple reply = ct->reply;

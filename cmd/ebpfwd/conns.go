@@ -78,10 +78,18 @@ func printFlows(e env, flows []datapath.Flow, now time.Time) {
 	fmt.Fprintln(w, "SERVICE\tDATAPATH\tPROTO\tCLIENT\tNODE\tUPSTREAM\tSTATE\tAGE\tUP\tDOWN")
 	for _, f := range flows {
 		fmt.Fprintf(w, "%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%d\t%d\n", f.Service, f.Datapath, f.Network, f.Client,
-			dash(f.Node), dash(f.Upstream), f.State, now.Sub(f.Started).Round(time.Second), f.BytesUp, f.BytesDown)
+			dash(f.Node), dash(f.Upstream), f.State, age(f.Started, now), f.BytesUp, f.BytesDown)
 	}
 	w.Flush()
 	fmt.Fprintf(e.stdout, "%d flows\n", len(flows))
+}
+
+// age is how long ago a flow started, "-" when its datapath does not know.
+func age(started, now time.Time) string {
+	if started.IsZero() {
+		return "-"
+	}
+	return now.Sub(started).Round(time.Second).String()
 }
 
 func dash(s string) string {
