@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strconv"
 	"strings"
 	"syscall"
@@ -97,6 +98,9 @@ type daemonOptions struct {
 	In *topo.NS
 	// Args are extra flags for `ebpfwd run`, such as --drain-timeout.
 	Args []string
+	// CommandLine runs GOST's command line (-L, -F...) instead of a
+	// configuration file; yaml is then ignored.
+	CommandLine []string
 }
 
 // startDaemon writes yaml to a temp file, runs `ebpfwd run --ready-file`
@@ -116,6 +120,9 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 	instance := testutil.UniqueName(t, "e2e-"+name)
 	args := append([]string{"run", "--instance", instance, "--ready-file", ready}, opts.Args...)
 	args = append(args, cfg)
+	if opts.CommandLine != nil {
+		args = append(append(slices.Clone(opts.CommandLine), "--instance", instance, "--ready-file", ready), opts.Args...)
+	}
 	cmd := exec.Command(ebpfwdBin, args...)
 	if opts.In != nil {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.

@@ -42,6 +42,9 @@ func dispatch(e env, args []string) int {
 		}
 		return 0
 	}
+	if isGOSTCommandLine(args) {
+		return cmdGOST(e, args)
+	}
 	for _, c := range commands() {
 		if c.name == args[0] {
 			return c.run(e, args[1:])
@@ -53,7 +56,7 @@ func dispatch(e env, args []string) int {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprintln(w, "usage: ebpfwd COMMAND [ARGS]\n\ncommands:")
+	fmt.Fprintln(w, "usage: ebpfwd COMMAND [ARGS]\n       ebpfwd -L URL... [-F URL...] [-D] [-O yaml] | -C FILE | -V   (GOST's command line)\n\ncommands:")
 	for _, c := range commands() {
 		fmt.Fprintf(w, "  %-52s %s\n", c.usage, c.help)
 	}
