@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"slices"
+	"strings"
 
 	"gopkg.in/yaml.v3"
 
@@ -155,6 +156,7 @@ func (d *decoder) hopBody(f field, fs fields, name string) *Hop {
 		h.Metadata = md
 		if nsf, ok := known["netns"]; ok {
 			h.NetNS, _ = d.netns(nsf)
+			h.NetNSPos = posOf(nsf.value)
 		}
 	}
 	nf, hasNodes := fs["nodes"]
@@ -218,6 +220,7 @@ func (d *decoder) node(f field, i int, inHop bool) *Node {
 		n.Metadata = md
 		if nsf, ok := known["netns"]; ok {
 			n.NetNS, _ = d.netns(nsf)
+			n.NetNSPos = posOf(nsf.value)
 		}
 	}
 	return n
@@ -287,6 +290,7 @@ func (d *decoder) selector(f field) Selector {
 	}
 	if sf, ok := fs["strategy"]; ok {
 		if v, ok := d.str(sf); ok && v != "" {
+			v = strings.ToLower(v) // GOST's strategy names are matched in any case
 			if alias, isAlias := selectorStrategyAliases[v]; isAlias {
 				v = alias
 			}

@@ -63,6 +63,9 @@ type Service struct {
 	// NetNSOut is metadata "netns.out": the namespace nodes are dialed from;
 	// the zero NS is the daemon's own.
 	NetNSOut netns.NS
+	// Where the namespaces were given (zero when they were not), so that
+	// a namespace that cannot be opened is reported at its key.
+	NetNSPos, NetNSOutPos Pos
 	// Datapath is ebpfwd's own metadata key "datapath":
 	// "auto" (default), "tc", "sockmap" or "userspace".
 	Datapath string
@@ -118,6 +121,7 @@ type Hop struct {
 	Name     string
 	Selector Selector
 	NetNS    netns.NS // metadata "netns": namespace the hop's nodes are dialed from
+	NetNSPos Pos      // where it was given
 	Nodes    []*Node
 	Metadata map[string]any
 	Pos      Pos
@@ -136,6 +140,7 @@ type Node struct {
 	Connector Connector // type defaults to "http" (GOST's default) in hops
 	Dialer    Dialer    // type defaults to "tcp" in hops
 	NetNS     netns.NS  // node metadata "netns" (overrides the hop's)
+	NetNSPos  Pos       // where it was given
 	Metadata  map[string]any
 	Pos       Pos
 }

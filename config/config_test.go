@@ -285,7 +285,7 @@ func TestMultipleErrorsSorted(t *testing.T) {
 		path + `:4:11: services[0].handler.type: "socks5" is not supported by ebpfwd (supported: tcp, udp, http)`,
 		path + `:7:9: services[1].addr: missing port in address "10.0.0.1"`,
 		path + `:12:13: services[1].forwarder.nodes[0].addr: port "99999" must be a number from 1 to 65535 in address ":99999"`,
-		path + `:14:15: services[1].metadata.datapath: invalid value "ebpf" (must be one of: auto, tc, sockmap, userspace)`,
+		path + `:14:15: services[1].metadata.datapath: invalid value "ebpf" (must be one of: auto, tc, userspace)`,
 		path + `:16:1: tls: "tls" is a GOST feature ebpfwd does not support`,
 	}
 	var got []string
@@ -370,5 +370,37 @@ func TestAliasExpansionIsBounded(t *testing.T) {
 		}
 	case <-time.After(10 * time.Second):
 		t.Fatal("Parse did not finish within 10s")
+	}
+}
+
+// TestValuesAnyCase: enumerated values are read in any case, as GOST reads
+// its strategy names.
+func TestValuesAnyCase(t *testing.T) {
+	yaml := "services:\n- addr: :80\n  handler: {type: tcp}\n  forwarder:\n    selector: {strategy: Round}\n    nodes: [{addr: 10.0.0.2:80}]\n  metadata: {datapath: TC}\n"
+	cfg, _, err := Parse("case.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s := cfg.Services[0]; s.Datapath != "tc" || s.Forwarder.Selector.Strategy != "round" {
+		t.Fatalf("datapath %q strategy %q, want tc and round", s.Datapath, s.Forwarder.Selector.Strategy)
+	}
+}
+
+// TestForwarderTargets: GOST's older forwarder.targets is a list of
+// addresses, read as nodes target-N.
+func TestForwarderTargets(t *testing.T) {
+	yaml := "services:\n- addr: :80\n  handler: {type: tcp}\n  forwarder:\n    targets: [10.0.0.2:80, \"db.internal:5432\"]\n"
+	cfg, _, err := Parse("targets.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodes := cfg.Services[0].Forwarder.Nodes
+	if len(nodes) != 2 || nodes[0].Name != "target-0" || nodes[0].Addr != "10.0.0.2:80" || !nodes[0].IP.IsValid() ||
+		nodes[1].Name != "target-1" || nodes[1].Addr != "db.internal:5432" {
+		t.Fatalf("nodes %+v", nodes)
+	}
+	both := "services:\n- addr: :80\n  handler: {type: tcp}\n  forwarder:\n    nodes: [{addr: 10.0.0.3:80}]\n    targets: [10.0.0.2:80]\n"
+	if _, _, err := Parse("both.yaml", []byte(both)); err == nil || !strings.Contains(err.Error(), "not both") {
+		t.Fatalf("nodes and targets: err = %v, want a refusal", err)
 	}
 }

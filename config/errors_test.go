@@ -360,7 +360,12 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "datapath invalid",
 			yaml: base + "  metadata:\n    datapath: xdp\n",
-			errs: []want{{10, 15, "services[0].metadata.datapath", `invalid value "xdp" (must be one of: auto, tc, sockmap, userspace)`}},
+			errs: []want{{10, 15, "services[0].metadata.datapath", `invalid value "xdp" (must be one of: auto, tc, userspace)`}},
+		},
+		{
+			name: "datapath not built",
+			yaml: base + "  metadata:\n    datapath: SockMap\n",
+			errs: []want{{10, 15, "services[0].metadata.datapath", `datapath sockmap is not built yet (available: auto, tc, userspace)`}},
 		},
 		{
 			name: "netns relative path",

@@ -58,8 +58,10 @@ var (
 		unsupported: []string{"chain", "chainGroup", "auther", "authers", "auth", "tls"},
 	}
 	forwarderSection = section{
-		// name is deprecated in GOST and has no effect; it is accepted with a warning.
-		keys: []string{"nodes", "selector", "name"},
+		// name is deprecated in GOST and has no effect; it is accepted with a
+		// warning. targets is GOST's older spelling of nodes: a list of
+		// addresses.
+		keys: []string{"nodes", "selector", "name", "targets"},
 	}
 	forwardNodeSection = section{
 		keys:        []string{"name", "addr", "metadata"},
@@ -107,12 +109,14 @@ var (
 // relay, tls, kcp...) is rejected with the supported list, plus a typo
 // suggestion when one is close.
 var (
-	handlerTypes            = []string{"tcp", "udp", "http"}
-	listenerTypes           = []string{"tcp", "udp"}
-	connectorTypes          = []string{"http"}
-	dialerTypes             = []string{"tcp"}
-	selectorStrategies      = []string{"round", "rand", "fifo", "hash"}
-	datapathKinds           = []string{"auto", "tc", "sockmap", "userspace"}
+	handlerTypes       = []string{"tcp", "udp", "http"}
+	listenerTypes      = []string{"tcp", "udp"}
+	connectorTypes     = []string{"http"}
+	dialerTypes        = []string{"tcp"}
+	selectorStrategies = []string{"round", "rand", "fifo", "hash"}
+	// datapathKinds lists the datapaths this build has (sockmap joins
+	// when it is built): an error lists only values that work.
+	datapathKinds           = []string{"auto", "tc", "userspace"}
 	logLevels               = []string{"debug", "info", "warn", "error"}
 	logFormats              = []string{"text", "json"}
 	selectorStrategyAliases = map[string]string{"rr": "round", "random": "rand", "ha": "fifo"}

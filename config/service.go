@@ -68,6 +68,7 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 	if hasLegacyNS {
 		d.warnf(legacyNS.key, legacyNS.path, "the service-level netns field is deprecated; write it as metadata.netns")
 		svc.NetNS, _ = d.netns(legacyNS)
+		svc.NetNSPos = posOf(legacyNS.value)
 	}
 
 	hf, hasHandler := fs["handler"]
@@ -110,17 +111,21 @@ func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, ha
 			if hasLegacyNS && !svc.NetNS.IsOwn() && svc.NetNS != ns {
 				d.errorf(nf.pos(), nf.path, "conflicts with the service-level netns %q at line %d; set the namespace once", svc.NetNS.String(), legacyNS.value.Line)
 			}
-			svc.NetNS = ns
+			svc.NetNS, svc.NetNSPos = ns, posOf(nf.value)
 		}
 	}
 	if of, ok := known["netns.out"]; ok {
 		svc.NetNSOut, _ = d.netns(of)
+		svc.NetNSOutPos = posOf(of.value)
 	}
 	if df, ok := known["datapath"]; ok {
 		if dp, ok := d.str(df); ok {
-			if slices.Contains(datapathKinds, dp) {
+			switch dp = strings.ToLower(dp); {
+			case slices.Contains(datapathKinds, dp):
 				svc.Datapath = dp
-			} else {
+			case dp == "sockmap":
+				d.errorf(df.pos(), df.path, "datapath sockmap is not built yet (available: %s)", joinList(datapathKinds))
+			default:
 				d.errorf(df.pos(), df.path, "%s", oneOf(dp, datapathKinds))
 			}
 		}
@@ -274,7 +279,29 @@ func (d *decoder) forwarder(f field) (*Forwarder, fields) {
 	if nf, ok := fs["nodes"]; ok {
 		fw.Nodes = d.nodes(nf, false)
 	}
+	if tf, ok := fs["targets"]; ok {
+		if _, both := fs["nodes"]; both {
+			d.errorf(tf.pos(), tf.path, "give the forwarder nodes or its targets (GOST's older spelling), not both")
+		} else {
+			fw.Nodes = d.targets(tf)
+			// The checks of the service look for nodes at the key
+			// that gave them.
+			fs["nodes"] = tf
+		}
+	}
 	return fw, fs
+}
+
+// targets decodes GOST's older `forwarder.targets`: a list of addresses,
+// each a node named target-N, as GOST names them.
+func (d *decoder) targets(f field) []*Node {
+	var nodes []*Node
+	for i, item := range d.sequence(f) {
+		if addr, ip, ok := d.addr(item, dialAddr); ok {
+			nodes = append(nodes, &Node{Name: fmt.Sprintf("target-%d", i), Addr: addr, IP: ip, Pos: posOf(item.value)})
+		}
+	}
+	return nodes
 }
 
 // joinList formats a set of values for messages: "tcp, udp, http".

@@ -143,6 +143,14 @@ func (d *Daemon) build(cfg *config.Config) ([]*service, []*chain.Chain, error) {
 	return services, chains, errors.Join(errs...)
 }
 
+// at is pos, or fallback when pos was not recorded.
+func at(pos, fallback config.Pos) config.Pos {
+	if pos == (config.Pos{}) {
+		return fallback
+	}
+	return pos
+}
+
 // located formats an error at a config position, as config's diagnostics do.
 func located(cfg *config.Config, pos config.Pos, field string, err error) error {
 	return fmt.Errorf("%s:%d:%d: %s: %w", cfg.Path, pos.Line, pos.Column, field, err)
@@ -195,8 +203,8 @@ func CheckNamespaces(cfg *config.Config) error {
 			continue
 		}
 		field := fmt.Sprintf("services[%d].metadata", i)
-		check(s.NetNS, s.Pos, field+".netns")
-		check(s.NetNSOut, s.Pos, field+".netns.out")
+		check(s.NetNS, at(s.NetNSPos, s.Pos), field+".netns")
+		check(s.NetNSOut, at(s.NetNSOutPos, s.Pos), field+".netns.out")
 	}
 	for _, cc := range cfg.Chains {
 		if cc == nil {
@@ -207,10 +215,10 @@ func CheckNamespaces(cfg *config.Config) error {
 				continue
 			}
 			field := fmt.Sprintf("chains[%s].hops[%d]", cc.Name, hi)
-			check(hc.NetNS, hc.Pos, field+".metadata.netns")
+			check(hc.NetNS, at(hc.NetNSPos, hc.Pos), field+".metadata.netns")
 			for ni, nc := range hc.Nodes {
 				if nc != nil {
-					check(nc.NetNS, nc.Pos, fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni))
+					check(nc.NetNS, at(nc.NetNSPos, nc.Pos), fmt.Sprintf("%s.nodes[%d].metadata.netns", field, ni))
 				}
 			}
 		}

@@ -4,9 +4,11 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/config"
 	"io"
 	"net"
 	"os"
+	"strings"
 	"syscall"
 	"testing"
 
@@ -77,5 +79,19 @@ func TestNodesFault(t *testing.T) {
 		if got := nodesFault(tt.err); got != tt.want {
 			t.Errorf("nodesFault(%v) = %v, want %v", tt.err, got, tt.want)
 		}
+	}
+}
+
+// TestMissingNamespaceAtItsKey: a namespace that cannot be opened is
+// reported where it is written, not at the service's first line.
+func TestMissingNamespaceAtItsKey(t *testing.T) {
+	yaml := "services:\n- name: s\n  addr: :80\n  handler: {type: tcp}\n  forwarder: {nodes: [{addr: 10.0.0.2:80}]}\n  metadata:\n    netns: ebpfwd-no-such-namespace-here\n"
+	cfg, _, err := config.Parse("ns.yaml", []byte(yaml))
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = CheckNamespaces(cfg)
+	if err == nil || !strings.HasPrefix(err.Error(), "ns.yaml:7:12: services[0].metadata.netns: ") {
+		t.Fatalf("err = %v, want it at 7:12, the netns key's value", err)
 	}
 }
