@@ -22,7 +22,7 @@ import (
 // testTimeout bounds every wait in these tests.
 const testTimeout = 10 * time.Second
 
-func requireRoot(t *testing.T) {
+func requireRoot(t testing.TB) {
 	t.Helper()
 	if os.Geteuid() != 0 {
 		t.Skip("needs root: creates network namespaces with `ip netns add`")
@@ -35,7 +35,7 @@ func testContext(t *testing.T) context.Context {
 	return ctx
 }
 
-func randomSuffix(t *testing.T) string {
+func randomSuffix(t testing.TB) string {
 	b := make([]byte, 4)
 	if _, err := rand.Read(b); err != nil {
 		t.Fatal(err)
@@ -43,7 +43,7 @@ func randomSuffix(t *testing.T) string {
 	return hex.EncodeToString(b)
 }
 
-func runCmd(t *testing.T, name string, args ...string) {
+func runCmd(t testing.TB, name string, args ...string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), testTimeout)
 	defer cancel()
@@ -54,7 +54,7 @@ func runCmd(t *testing.T, name string, args ...string) {
 
 // newTestNS creates a uniquely named namespace with lo up, and removes it
 // together with its /etc/netns directory when the test ends.
-func newTestNS(t *testing.T) NS {
+func newTestNS(t testing.TB) NS {
 	t.Helper()
 	requireRoot(t)
 	name := "ebpfwd-t-" + randomSuffix(t)
@@ -68,7 +68,7 @@ func newTestNS(t *testing.T) NS {
 	return ns
 }
 
-func deleteTestNS(t *testing.T, name string) {
+func deleteTestNS(t testing.TB, name string) {
 	if err := os.RemoveAll(filepath.Join(etcDir, name)); err != nil {
 		t.Errorf("remove %s: %v", filepath.Join(etcDir, name), err)
 	}
