@@ -7,12 +7,14 @@ import (
 	"errors"
 	"io"
 	"io/fs"
+	"maps"
 	"net"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"strconv"
+	"strings"
 	"testing"
 	"time"
 
@@ -159,8 +161,9 @@ func originalInode(t *testing.T) uint64 {
 	return st.Ino
 }
 
-// assertThreadsInOriginal checks every thread of the process, and a batch of
-// freshly locked goroutines, against the original namespace.
+// assertThreadsInOriginal checks every thread of the process but the socket
+// makers', and a batch of freshly locked goroutines, against the original
+// namespace.
 func assertThreadsInOriginal(t *testing.T) {
 	t.Helper()
 	want := originalInode(t)
@@ -168,7 +171,11 @@ func assertThreadsInOriginal(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	makerTIDs := makerThreads()
 	for _, task := range tasks {
+		if tid, err := strconv.Atoi(task.Name()); err == nil && makerTIDs[tid] {
+			continue
+		}
 		ino, err := nsInode(filepath.Join("/proc/self/task", task.Name(), "ns/net"))
 		if errors.Is(err, unix.ENOENT) {
 			continue // the thread exited meanwhile
@@ -207,4 +214,36 @@ func openFDs(t *testing.T) int {
 		t.Fatal(err)
 	}
 	return len(entries)
+}
+
+// makerThreads returns the ids of the threads socket makers hold in other
+// namespaces on purpose.
+func makerThreads() map[int]bool {
+	makers.mu.Lock()
+	defer makers.mu.Unlock()
+	return maps.Clone(makers.threads)
+}
+
+// inChildWithNS runs the calling test again in a child process, with the
+// path of a fresh test namespace in the environment variable env; in the
+// child, it calls child with that path instead. Tests that break a thread
+// on purpose use it, so that the broken thread cannot leak into other
+// tests. It returns the child's output in the parent, "" in the child.
+func inChildWithNS(t *testing.T, env string, child func(t *testing.T, path string)) string {
+	t.Helper()
+	if path := os.Getenv(env); path != "" {
+		child(t, path)
+		return ""
+	}
+	ns := newTestNS(t)
+	cmd := exec.CommandContext(testContext(t), os.Args[0], "-test.run=^"+t.Name()+"$", "-test.v", "-test.count=1")
+	cmd.Env = append(os.Environ(), env+"="+ns.Path())
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("child: %v\n%s", err, out)
+	}
+	if !strings.Contains(string(out), "--- PASS: "+t.Name()) {
+		t.Fatalf("child did not run the test:\n%s", out)
+	}
+	return string(out)
 }
