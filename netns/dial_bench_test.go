@@ -52,8 +52,8 @@ func dialAndAbort(b *testing.B, ns NS, addr string) {
 }
 
 // discardListener listens on 127.0.0.1:0 in ns and closes every connection
-// it accepts, until the benchmark ends. It returns the address.
-func discardListener(b *testing.B, ns NS) string {
+// it accepts, until the test or benchmark ends. It returns the address.
+func discardListener(b testing.TB, ns NS) string {
 	b.Helper()
 	ln, err := ns.Listen(context.Background(), "tcp", "127.0.0.1:0")
 	if err != nil {

@@ -329,11 +329,7 @@ func TestDialAfterDeleteWithMaker(t *testing.T) {
 	assertEcho(t, conn)
 
 	handle.Close()
-	for deadline := time.Now().Add(testTimeout); hasMaker(id); time.Sleep(10 * time.Millisecond) {
-		if time.Now().After(deadline) {
-			t.Fatal("the maker of a namespace no path names still runs")
-		}
-	}
+	waitNoMaker(t, id) // no path of its own names its namespace
 	assertThreadsInOriginal(t)
 
 	// Same name, another namespace: no listener there.
@@ -382,11 +378,7 @@ func TestIdleMakerExits(t *testing.T) {
 			t.Fatalf("round %d: dial: %v", round, err)
 		}
 		assertEcho(t, conn)
-		for deadline := time.Now().Add(testTimeout); hasMaker(id); time.Sleep(10 * time.Millisecond) {
-			if time.Now().After(deadline) {
-				t.Fatalf("round %d: an idle maker still runs", round)
-			}
-		}
+		waitNoMaker(t, id)
 		assertThreadsInOriginal(t)
 	}
 }
@@ -449,4 +441,51 @@ func makerRestoreFailureChild(t *testing.T, path string) {
 func statErr(path string) error {
 	_, err := os.Stat(path)
 	return err
+}
+
+// TestSparesServeDials: dials in quick succession take spare sockets and
+// still land in the maker's namespace, and a maker's exit closes the spares
+// nobody took.
+func TestSparesServeDials(t *testing.T) {
+	setMakerTiming(t, makerTiming{tick: 10 * time.Millisecond, idleTicks: 3})
+	ns := newTestNS(t)
+	ctx := testContext(t)
+	// Not an echo listener: its splice(2) pipes stay pooled and would be
+	// counted as open fds.
+	addr := discardListener(t, ns)
+	id, err := ns.ID()
+	if err != nil {
+		t.Fatal(err)
+	}
+	before := openFDs(t)
+	for i := range 3 * spareCap {
+		conn, err := ns.Dial(ctx, "tcp", addr)
+		if err != nil {
+			t.Fatalf("dial %d: %v", i, err)
+		}
+		conn.Close()
+	}
+	if !hasMaker(id) {
+		t.Fatal("no maker after the dials")
+	}
+	if n := spareFDs(id); n == 0 || n > spareCap {
+		t.Errorf("the maker holds %d spares, want 1 to %d", n, spareCap)
+	}
+	waitNoMaker(t, id)
+	// The listener closes its ends as the dialer's closes reach it.
+	for deadline := time.Now().Add(testTimeout); openFDs(t) > before; time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatalf("open fds: %d before the dials, %d after the maker exited", before, openFDs(t))
+		}
+	}
+}
+
+// waitNoMaker waits until namespace id has no maker.
+func waitNoMaker(t *testing.T, id ID) {
+	t.Helper()
+	for deadline := time.Now().Add(testTimeout); hasMaker(id); time.Sleep(10 * time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("a maker that should have exited still runs")
+		}
+	}
 }

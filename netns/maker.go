@@ -55,6 +55,11 @@ type maker struct {
 	ns   NS // the spec that started it; its path is re-checked every tick
 	reqs chan *socketRequest
 	makerTiming
+	// spares holds sockets made ahead, per kind (see spareKind), so that
+	// most dials take one without waiting for the maker's thread to be
+	// scheduled; kick asks the maker to top them up.
+	spares [len(spareKinds)]chan int
+	kick   chan struct{}
 	// done is closed when the maker stops receiving requests. err, set
 	// before, says why it could not start; nil means it retired and a
 	// fresh maker may be asked.
@@ -116,7 +121,11 @@ func makerFor(n NS, id ID) *maker {
 	if m := makers.byID[id]; m != nil {
 		return m
 	}
-	m := &maker{id: id, ns: n, reqs: make(chan *socketRequest), makerTiming: makers.timing, done: make(chan struct{})}
+	m := &maker{id: id, ns: n, reqs: make(chan *socketRequest), makerTiming: makers.timing,
+		kick: make(chan struct{}, 1), done: make(chan struct{})}
+	for i := range m.spares {
+		m.spares[i] = make(chan int, spareCap)
+	}
 	makers.byID[id] = m
 	go m.run()
 	return m
@@ -125,6 +134,19 @@ func makerFor(n NS, id ID) *maker {
 // socket sends one request. served is false when the maker stopped (or
 // never started) before taking it.
 func (m *maker) socket(domain, typ, proto int) (fd int, served bool, err error) {
+	if k, ok := spareKind(domain, typ, proto); ok {
+		select {
+		case fd := <-m.spares[k]:
+			if len(m.spares[k]) <= spareCap/2 {
+				select {
+				case m.kick <- struct{}{}:
+				default: // a kick is pending already
+				}
+			}
+			return fd, true, nil
+		default:
+		}
+	}
 	req := requests.Get().(*socketRequest)
 	req.domain, req.typ, req.proto = domain, typ, proto
 	select {
@@ -217,15 +239,27 @@ func (m *maker) serve() {
 	tick := time.NewTicker(m.tick)
 	defer tick.Stop()
 	idle := 0
+	defer m.dropSpares()
+	var wanted [len(m.spares)]bool // kinds asked for since the maker started
 	for {
 		select {
 		case req := <-m.reqs:
 			idle = 0
-			fd, err := unix.Socket(req.domain, req.typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, req.proto)
-			if err != nil {
-				fd, err = -1, os.NewSyscallError("socket", err)
-			}
+			// req goes back to its pool once replied to.
+			domain, typ, proto := req.domain, req.typ, req.proto
+			fd, err := newSocket(domain, typ, proto)
 			req.reply <- socketResult{fd: fd, err: err}
+			if k, ok := spareKind(domain, typ, proto); ok {
+				wanted[k] = true
+				m.fillSpares(k)
+			}
+		case <-m.kick:
+			idle = 0
+			for k := range wanted {
+				if wanted[k] {
+					m.fillSpares(k)
+				}
+			}
 		case <-tick.C:
 			idle++
 			// Exiting when the path no longer names the namespace
@@ -237,6 +271,66 @@ func (m *maker) serve() {
 			}
 		}
 	}
+}
+
+// Spare sockets. The maker's thread is locked, so waking it for a request
+// means handing a P to it and back, which costs more than the socket(2)
+// itself. Spares let a dial take a socket made earlier instead, and the
+// maker top up in batches, once for every spareCap/2 dials. A spare is an
+// unconnected socket made with the namespace's settings of its time; at
+// most spareCap of each kind wait, and they are closed when the maker exits.
+const spareCap = 16
+
+// spareKinds are the sockets Dial makes, TCP and UDP over IPv4 and IPv6;
+// their indexes number the maker's spares.
+var spareKinds = [...]struct{ domain, typ int }{
+	{unix.AF_INET, unix.SOCK_STREAM},
+	{unix.AF_INET, unix.SOCK_DGRAM},
+	{unix.AF_INET6, unix.SOCK_STREAM},
+	{unix.AF_INET6, unix.SOCK_DGRAM},
+}
+
+func spareKind(domain, typ, proto int) (int, bool) {
+	for k, kind := range spareKinds {
+		if proto == 0 && kind.domain == domain && kind.typ == typ {
+			return k, true
+		}
+	}
+	return 0, false
+}
+
+// fillSpares tops up spares of kind k. A socket(2) failure (say, the fd
+// limit) just stops it: the next dial asks for its socket directly and
+// gets the error.
+func (m *maker) fillSpares(k int) {
+	for len(m.spares[k]) < spareCap {
+		fd, err := newSocket(spareKinds[k].domain, spareKinds[k].typ, 0)
+		if err != nil {
+			return
+		}
+		m.spares[k] <- fd // only the maker sends, so there is room
+	}
+}
+
+// dropSpares closes the spares nobody took.
+func (m *maker) dropSpares() {
+	for _, spares := range m.spares {
+		for len(spares) > 0 {
+			select {
+			case fd := <-spares:
+				unix.Close(fd)
+			default: // a dial took the last one meanwhile
+			}
+		}
+	}
+}
+
+func newSocket(domain, typ, proto int) (int, error) {
+	fd, err := unix.Socket(domain, typ|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, proto)
+	if err != nil {
+		return -1, os.NewSyscallError("socket", err)
+	}
+	return fd, nil
 }
 
 // retire unregisters the maker and tells waiting requesters. err is the

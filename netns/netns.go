@@ -33,9 +33,11 @@
 //     any dial. A dial pending towards an unresponsive peer therefore holds
 //     no thread: holding one per dial, as running the whole connect inside
 //     Do did, let a burst of dials to a blackholed node exhaust the
-//     runtime's thread limit and kill the daemon. It also makes a new
-//     connection in another namespace cost about what one in the daemon's
-//     own costs. A maker never runs on the main thread (whose namespace is
+//     runtime's thread limit and kill the daemon. Waking a locked thread
+//     costs more than socket(2) itself, so a maker also keeps a few spare
+//     sockets of each kind made ahead and tops them up in batches; a new
+//     connection in another namespace then costs about what one in the
+//     daemon's own costs. A maker never runs on the main thread (whose namespace is
 //     what /proc/PID/ns/net shows for the whole process), and it exits,
 //     returning its thread, after some seconds without requests or as soon
 //     as its path no longer names its namespace, so that it does not keep a
