@@ -88,16 +88,7 @@ func (n NS) runLocked(fn func() error, done chan<- outcome) {
 		out.err = err
 		return
 	}
-	err = setns(fd, unix.CLONE_NEWNET)
-	if err != nil {
-		// setns says only EINVAL for a path that is not a network
-		// namespace; verify explains what the path is instead.
-		if verr := n.verify(fd); verr != nil {
-			err = verr
-		} else {
-			err = &nsError{ns: n, err: os.NewSyscallError("setns", err)}
-		}
-	}
+	err = n.enter(fd)
 	// The thread holds its own reference to the namespace now; keeping the
 	// fd would only leak it.
 	unix.Close(fd)
@@ -119,4 +110,18 @@ func (n NS) runLocked(fn func() error, done chan<- outcome) {
 		inOriginal = true
 	}()
 	out = outcome{err: fn()}
+}
+
+// enter moves the calling (locked) thread into the namespace open as fd.
+func (n NS) enter(fd int) error {
+	err := setns(fd, unix.CLONE_NEWNET)
+	if err == nil {
+		return nil
+	}
+	// setns says only EINVAL for a path that is not a network namespace;
+	// verify explains what the path is instead.
+	if verr := n.verify(fd); verr != nil {
+		return verr
+	}
+	return &nsError{ns: n, err: os.NewSyscallError("setns", err)}
 }

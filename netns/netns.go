@@ -9,15 +9,55 @@
 // the namespace its creating thread was in at socket(2) time. It stays there
 // for its whole life, whichever thread later reads or writes it.
 //
-// Go multiplexes goroutines over a pool of threads, so this package follows
-// one rule: a namespace switch happens only on a fresh goroutine that holds
-// runtime.LockOSThread, lasts for exactly one function (NS.Do), and the thread
-// is switched back to the daemon's original namespace before it is unlocked.
-// If switching back fails, the goroutine exits still locked, which makes the
-// Go runtime destroy the thread instead of returning it to the pool in the
-// wrong namespace. A function run by Do must create its sockets on its own
-// goroutine: goroutines it starts run on other threads, in the original
-// namespace.
+// Go multiplexes goroutines over a pool of threads, so a thread that is in
+// another namespace must never run anything but the code meant for it:
+// namespace switches happen only on a fresh goroutine that holds
+// runtime.LockOSThread, and the thread is switched back to the daemon's
+// original namespace before it is unlocked. If switching back fails, the
+// goroutine exits still locked, which makes the Go runtime destroy the
+// thread instead of returning it to the pool in the wrong namespace. Two
+// kinds of goroutine do this:
+//
+//   - NS.Do runs one function in the namespace. It costs an open(2) and two
+//     setns(2), and the thread is held until the function returns. A
+//     function run by Do must create its sockets on its own goroutine:
+//     goroutines it starts run on other threads, in the original namespace.
+//     Listen, ListenPacket and the rare dials Dial leaves to the net package
+//     (see below) use it; none of them waits for a remote peer.
+//
+//   - A socket maker serves NS.Dial. Since only socket(2) must happen in the
+//     namespace, each namespace (by identity, see ID) gets one long-lived
+//     goroutine, locked to a thread that entered the namespace once, which
+//     creates sockets on request and nothing else. connect(2) and the wait
+//     for it then happen on the dialing goroutine, on Go's netpoller, like
+//     any dial. A dial pending towards an unresponsive peer therefore holds
+//     no thread: holding one per dial, as running the whole connect inside
+//     Do did, let a burst of dials to a blackholed node exhaust the
+//     runtime's thread limit and kill the daemon. Waking a locked thread
+//     costs more than socket(2) itself, so a maker also keeps a few spare
+//     sockets of each kind made ahead and tops them up in batches; a new
+//     connection in another namespace then costs about what one in the
+//     daemon's own costs. A maker never runs on the main thread (whose namespace is
+//     what /proc/PID/ns/net shows for the whole process), and it exits,
+//     returning its thread, after some seconds without requests or as soon
+//     as its path no longer names its namespace, so that it does not keep a
+//     deleted namespace alive.
+//
+// Dial creates sockets itself for TCP and UDP to IP addresses, which is every
+// dial after name resolution. Other networks, addresses the net package
+// would reject, and an empty host (the local system) go to the net
+// package's dialer inside Do, so that they behave and fail exactly as it
+// does.
+//
+// # Namespaces that disappear
+//
+// Target namespaces are looked up by path on every use: Do and Listen open
+// the path, and every Dial checks with stat(2) that the path still names
+// the namespace whose maker it asks. So a namespace removed with `ip netns
+// del` while the daemon runs makes new operations fail with an error
+// wrapping ErrGone instead of silently using a namespace nobody else can
+// reach anymore, and a namespace re-created under the same name is a new
+// one. Sockets already open keep working.
 //
 // # Namespaces that disappear
 //

@@ -443,24 +443,7 @@ func TestFDCountStaysFlat(t *testing.T) {
 }
 
 func TestRestoreFailureDiscardsThread(t *testing.T) {
-	const childEnv = "EBPFWD_NETNS_RESTORE_CHILD_NS"
-	if path := os.Getenv(childEnv); path != "" {
-		restoreFailureChild(t, path)
-		return
-	}
-	// The child breaks a thread on purpose; a separate process keeps that
-	// from leaking into the other tests.
-	ns := newTestNS(t)
-	ctx := testContext(t)
-	cmd := exec.CommandContext(ctx, os.Args[0], "-test.run=^TestRestoreFailureDiscardsThread$", "-test.v", "-test.count=1")
-	cmd.Env = append(os.Environ(), childEnv+"="+ns.Path())
-	out, err := cmd.CombinedOutput()
-	if err != nil {
-		t.Fatalf("child: %v\n%s", err, out)
-	}
-	if !strings.Contains(string(out), "--- PASS: TestRestoreFailureDiscardsThread") {
-		t.Fatalf("child did not run the test:\n%s", out)
-	}
+	inChildWithNS(t, "EBPFWD_NETNS_RESTORE_CHILD_NS", restoreFailureChild)
 }
 
 func restoreFailureChild(t *testing.T, path string) {

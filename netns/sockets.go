@@ -103,20 +103,6 @@ func (n NS) dialShare(ctx context.Context, network, addr string, remaining int) 
 	return n.dialOne(ctx, network, addr)
 }
 
-// dialOne dials an address that needs no resolution, creating the socket
-// inside the namespace. The whole DialContext runs inside Do: the locked
-// goroutine simply waits for connect to finish.
-func (n NS) dialOne(ctx context.Context, network, addr string) (net.Conn, error) {
-	var conn net.Conn
-	err := n.Do(func() error {
-		var d net.Dialer // zero KeepAlive: the net package's default keep-alive
-		var err error
-		conn, err = d.DialContext(ctx, network, addr)
-		return err
-	})
-	return conn, err
-}
-
 // bindAddr resolves the host part of a listen address inside the namespace.
 func (n NS) bindAddr(ctx context.Context, network, addr string) (string, error) {
 	host, port, err := net.SplitHostPort(addr)
