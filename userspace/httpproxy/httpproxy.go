@@ -27,10 +27,22 @@ import (
 )
 
 const (
-	// DefaultHandshakeTimeout bounds reading the client's request.
+	// DefaultHandshakeTimeout bounds reading the client's request, from
+	// accept until its header is in.
 	DefaultHandshakeTimeout = 10 * time.Second
-	// DefaultDialTimeout bounds dialing the upstream.
-	DefaultDialTimeout = 10 * time.Second
+	// DefaultDialTimeout bounds dialing the upstream. It is half the
+	// handshake deadline on purpose: a client gives the whole exchange a
+	// budget of about that deadline (ebpfwd's own chain client allows 10s
+	// per attempt), so a proxy that dials for as long answers its 504 when
+	// the client has given up, and the client then blames the proxy (a
+	// timeout) instead of the target (a 504, which a chain charges to the
+	// next node). Half leaves room for a slowly sent request and the reply.
+	DefaultDialTimeout = 5 * time.Second
+	// DefaultReplyTimeout bounds writing one reply (the 200, 100 Continue
+	// or an error status), counted from when it is ready: a reply after a
+	// slow dial must not find the handshake deadline already spent, and a
+	// client that does not read its reply costs at most this long.
+	DefaultReplyTimeout = 2 * time.Second
 	// maxRequestHeaderBytes bounds a request header; net/http uses 1 MiB for
 	// servers, a proxy handshake needs far less.
 	maxRequestHeaderBytes = 64 << 10
@@ -44,11 +56,19 @@ const (
 
 // Result describes how one client connection ended.
 type Result struct {
-	Method string        // request method; "" if no request was read
-	Target string        // host:port asked for
-	Status int           // status sent to the client; 0 if none was sent
-	Err    error         // nil when the exchange ended cleanly
-	Dial   time.Duration // time spent dialing the upstream
+	Method string // request method; "" if no request was read
+	Target string // host:port asked for
+	Status int    // status answered to the client; 0 if none was
+	// Sent reports whether the reply carrying Status was written in full
+	// to the client's socket. False with a Status means the client got no
+	// reply or a cut one: it was gone, or did not read within the reply
+	// timeout.
+	Sent bool
+	// ReplyErr is why the reply was not sent; nil when it was or when
+	// there was none.
+	ReplyErr error
+	Err      error         // nil when the exchange ended cleanly
+	Dial     time.Duration // time spent dialing the upstream
 }
 
 // Server is the HTTP proxy handler. The zero value serves without auth,
@@ -67,11 +87,16 @@ type Server struct {
 	Relay func(ctx context.Context, client, upstream net.Conn) error
 	// Logger receives one line per failed connection. Nil uses slog.Default.
 	Logger *slog.Logger
-	// HandshakeTimeout bounds reading the request and writing the
-	// handshake reply. Zero means DefaultHandshakeTimeout.
+	// HandshakeTimeout bounds reading the request. Zero means
+	// DefaultHandshakeTimeout.
 	HandshakeTimeout time.Duration
-	// DialTimeout bounds dialing the upstream. Zero means DefaultDialTimeout.
+	// DialTimeout bounds dialing the upstream; a dial that runs out is
+	// answered 504. Zero means DefaultDialTimeout. Keep it below
+	// HandshakeTimeout, for the reason given at DefaultDialTimeout.
 	DialTimeout time.Duration
+	// ReplyTimeout bounds writing each reply to the client, from when it
+	// is ready. Zero means DefaultReplyTimeout.
+	ReplyTimeout time.Duration
 	// OnResult, when set, is called once per connection with its outcome
 	// (for metrics). It must not block.
 	OnResult func(r Result)
@@ -93,16 +118,18 @@ func (e *requestError) Unwrap() error { return e.err }
 // ServeConn handles one accepted client connection and closes it when done.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
 	res := s.serve(ctx, conn)
+	// status_sent tells a status the client received from one it never
+	// saw: the log must not claim a 504 that did not reach anyone.
+	attrs := []any{"client", conn.RemoteAddr().String(),
+		"method", res.Method, "target", res.Target,
+		"status", res.Status, "status_sent", res.Sent}
+	if res.ReplyErr != nil {
+		attrs = append(attrs, "reply_error", res.ReplyErr)
+	}
 	if res.Err != nil {
-		s.logger().Warn("http proxy request failed",
-			"client", conn.RemoteAddr().String(),
-			"method", res.Method, "target", res.Target,
-			"status", res.Status, "error", res.Err)
+		s.logger().Warn("http proxy request failed", append(attrs, "error", res.Err)...)
 	} else {
-		s.logger().Debug("http proxy request done",
-			"client", conn.RemoteAddr().String(),
-			"method", res.Method, "target", res.Target,
-			"status", res.Status, "dial", res.Dial)
+		s.logger().Debug("http proxy request done", append(attrs, "dial", res.Dial)...)
 	}
 	if s.OnResult != nil {
 		s.OnResult(res)
@@ -148,7 +175,7 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 		if limited.N <= 0 {
 			status = http.StatusRequestHeaderFieldsTooLarge
 		}
-		res.Status = s.reply(conn, status, nil)
+		s.answer(ctx, conn, &res, status, nil)
 		return res
 	}
 	limited.N = math.MaxInt64
@@ -157,7 +184,7 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 	if err := s.authorize(req); err != nil {
 		res.Target = requestTarget(req)
 		res.Err = err
-		res.Status = s.reply(conn, http.StatusProxyAuthRequired,
+		s.answer(ctx, conn, &res, http.StatusProxyAuthRequired,
 			http.Header{"Proxy-Authenticate": {`Basic realm="` + realm + `"`}})
 		return res
 	}
@@ -172,7 +199,7 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 		res.Err = err
 		var re *requestError
 		if errors.As(err, &re) && res.Status == 0 {
-			res.Status = s.reply(conn, re.status, nil)
+			s.answer(ctx, conn, &res, re.status, nil)
 		}
 		return res
 	}
@@ -207,11 +234,13 @@ func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, r
 	if err != nil {
 		return nil, err
 	}
-	if _, err := io.WriteString(conn, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
+	res.Status = http.StatusOK
+	if err := s.writeReply(ctx, conn, "HTTP/1.1 200 Connection established\r\n\r\n"); err != nil {
 		upstream.Close()
+		res.ReplyErr = fmt.Errorf("write 200 reply: %w", err)
 		return nil, fmt.Errorf("reply 200 to client: %w", err)
 	}
-	res.Status = http.StatusOK
+	res.Sent = true
 
 	if n := br.Buffered(); n > 0 {
 		early, _ := br.Peek(n) // cannot fail: n bytes are buffered
@@ -264,7 +293,7 @@ func (s *Server) forward(ctx context.Context, conn net.Conn, req *http.Request, 
 		// The client holds its body until it hears 100; req.Write sends
 		// the body without waiting, so answer here and drop Expect.
 		req.Header.Del("Expect")
-		if _, err := io.WriteString(conn, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
+		if err := s.writeReply(ctx, conn, "HTTP/1.1 100 Continue\r\n\r\n"); err != nil {
 			upstream.Close()
 			return nil, fmt.Errorf("reply 100 to client: %w", err)
 		}
@@ -390,8 +419,37 @@ func isUpgrade(h http.Header) string {
 	return ""
 }
 
-// reply writes a bodiless response and returns its status.
-func (s *Server) reply(conn net.Conn, status int, header http.Header) int {
+// answer replies status to the client with a bodiless response and records
+// in res what was answered and whether it reached the client. A failed
+// write changes nothing else: the connection is closed next either way.
+func (s *Server) answer(ctx context.Context, conn net.Conn, res *Result, status int, header http.Header) {
+	res.Status = status
+	if err := s.writeReply(ctx, conn, statusReply(status, header)); err != nil {
+		res.ReplyErr = fmt.Errorf("write %d reply: %w", status, err)
+		return
+	}
+	res.Sent = true
+}
+
+// writeReply writes one handshake reply under a write deadline of its own,
+// counted from now, not from the handshake deadline: a reply that follows a
+// slow dial (a 504 at the dial timeout, a 200 from a slow target) must not
+// find the deadline already spent. Once ctx is done (shutdown) the deadline
+// is left alone, so the cancellation hook's past deadline still holds.
+// The caller closes conn or clears its deadlines next.
+func (s *Server) writeReply(ctx context.Context, conn net.Conn, reply string) error {
+	if ctx.Err() == nil {
+		if err := conn.SetWriteDeadline(time.Now().Add(orDefault(s.ReplyTimeout, DefaultReplyTimeout))); err != nil {
+			return fmt.Errorf("set reply deadline: %w", err)
+		}
+	}
+	// The callers say which reply failed.
+	_, err := io.WriteString(conn, reply)
+	return err
+}
+
+// statusReply is a bodiless response with status and header.
+func statusReply(status int, header http.Header) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "HTTP/1.1 %d %s\r\n", status, http.StatusText(status))
 	for name, values := range header {
@@ -400,11 +458,7 @@ func (s *Server) reply(conn net.Conn, status int, header http.Header) int {
 		}
 	}
 	b.WriteString("Content-Length: 0\r\nConnection: close\r\n\r\n")
-	// The handshake deadline still applies; a client that does not read
-	// its error costs at most that long. A failed write changes nothing:
-	// the connection is closed next either way.
-	_, _ = io.WriteString(conn, b.String())
-	return status
+	return b.String()
 }
 
 func (s *Server) relay() func(ctx context.Context, client, upstream net.Conn) error {

@@ -192,10 +192,6 @@ func TestDialFailure(t *testing.T) {
 	refusedAddr := closed.Addr().String()
 	closed.Close()
 
-	blockingDial := func(ctx context.Context, network, addr string) (net.Conn, error) {
-		<-ctx.Done()
-		return nil, fmt.Errorf("dial %s: %w", addr, ctx.Err())
-	}
 	tests := []struct {
 		name       string
 		srv        *Server

@@ -92,6 +92,13 @@ type Tunnel interface {
 // mistakes a truncated stream for a complete one, and the error is returned.
 // A clean end returns nil.
 //
+// While the relay runs, both sockets carry SO_LINGER{on, 0}: should the
+// process die (SIGKILL, the OOM killer, a crash), the kernel closes them
+// with a reset, not the FIN an orderly end sends, so a peer never mistakes
+// a stream cut by the relay's death for a complete one. A clean end clears
+// it before the final close, so the peers see a graceful close and bytes
+// still queued for them are delivered.
+//
 // A destination without CloseWrite cannot be half-closed; the other
 // direction then runs until its own end, an error, the idle timeout or ctx.
 //
@@ -115,6 +122,12 @@ func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *
 	clientRaw, clientPending := unwrap(client)
 	upstreamRaw, upstreamPending := unwrap(upstream)
 	r.raw = [...]net.Conn{clientRaw, upstreamRaw}
+	// Once per socket per stream, not per chunk. A half-close is
+	// shutdown(SHUT_WR), which sends FIN whatever the linger, so the option
+	// can stay on until abort decides how the final close ends.
+	for i, raw := range r.raw {
+		r.lingering[i] = setLinger(raw, 0)
+	}
 	r.dirs = [...]*direction{
 		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, c.up()),
 		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, c.down()),
@@ -159,8 +172,25 @@ type tcpRelay struct {
 	// nanoseconds since start.
 	lastActive atomic.Int64
 
+	// lingering records which raw sockets got SO_LINGER{on, 0} at start:
+	// closed as they are, they reset their peer.
+	lingering [2]bool
+
 	closeOnce sync.Once
 	reason    error // first reason the relay ended; set once in abort
+}
+
+// lingerer is a socket whose close can be made to discard unsent data and
+// reset the peer (*net.TCPConn).
+type lingerer interface{ SetLinger(sec int) error }
+
+// setLinger sets c's SO_LINGER as (*net.TCPConn).SetLinger does: 0 makes a
+// close reset, -1 restores the default graceful close. It reports whether
+// c took it; a socket without the option (a Unix stream) just keeps its
+// default, and a failure leaves the stream to end as it would have anyway.
+func setLinger(c net.Conn, sec int) bool {
+	l, ok := c.(lingerer)
+	return ok && l.SetLinger(sec) == nil
 }
 
 // direction is one way of a relay.
@@ -227,10 +257,16 @@ func (r *tcpRelay) abort(reason error, reset bool) {
 	r.closeOnce.Do(func() {
 		r.reason = reason
 		for i := range r.raw {
-			if reset {
-				if tc, ok := r.raw[i].(interface{ SetLinger(int) error }); ok {
-					_ = tc.SetLinger(0) // best effort: Close below still ends the stream
-				}
+			switch {
+			case reset && !r.lingering[i]:
+				// Not armed at start: best effort now, Close below still
+				// ends the stream.
+				setLinger(r.raw[i], 0)
+			case !reset && r.lingering[i]:
+				// Closed with linger{on, 0}, the socket would drop what the
+				// peer has not acknowledged yet (the tail of a stream whose
+				// reader is slow) and reset it instead of closing.
+				setLinger(r.raw[i], -1)
 			}
 			_ = r.raw[i].Close()
 			if r.conns[i] != r.raw[i] {
