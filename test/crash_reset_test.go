@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"net"
 	"sync/atomic"
 	"syscall"
@@ -85,10 +86,10 @@ func upload(c net.Conn) <-chan error {
 // CONNECT tunnel: the servers must see a reset, never a clean EOF after a
 // truncated upload, and the clients an error, not a clean close.
 func TestDaemonDeathResetsStreams(t *testing.T) {
-	requireRoot(t)
+	testutil.RequireRoot(t)
 	t.Parallel()
-	c := newNS(t, "e2e-crst-c")
-	s := newNS(t, "e2e-crst-s")
+	c := testutil.NewNS(t, "e2e-crst-c")
+	s := testutil.NewNS(t, "e2e-crst-s")
 	tcpSink := startSlowSink(t, s, "127.0.0.1:9000")
 	proxySink := startSlowSink(t, s, "127.0.0.1:9001")
 	yaml := config(`services:
