@@ -105,6 +105,9 @@ type daemonOptions struct {
 	In *topo.NS
 	// Args are extra flags for `ebpfwd run`, such as --drain-timeout.
 	Args []string
+	// FDLimit, when set, runs the daemon with RLIMIT_NOFILE at this
+	// (soft and hard) through util-linux prlimit, which execs in place.
+	FDLimit int
 }
 
 // startDaemon writes yaml to a temp file, runs `ebpfwd run --ready-file`
@@ -124,11 +127,17 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 	instance := fmt.Sprintf("e2e-%s-%08x", name, rand.Uint32())
 	args := append([]string{"run", "--instance", instance, "--ready-file", ready}, opts.Args...)
 	args = append(args, cfg)
-	cmd := exec.Command(ebpfwdBin, args...)
+	argv := append([]string{ebpfwdBin}, args...)
 	if opts.In != nil {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.
-		cmd = exec.Command("nsenter", append([]string{"--net=" + opts.In.Path(), ebpfwdBin}, args...)...)
+		argv = append([]string{"nsenter", "--net=" + opts.In.Path()}, argv...)
 	}
+	if opts.FDLimit > 0 {
+		// So does prlimit, after setting the limit on itself.
+		n := strconv.Itoa(opts.FDLimit)
+		argv = append([]string{"prlimit", "--nofile=" + n + ":" + n}, argv...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	d := &daemon{name: name, instance: instance, config: cfg, cmd: cmd, output: &syncbuf.Buffer{}, exited: make(chan struct{})}
 	cmd.Stdout = d.output
 	cmd.Stderr = d.output
