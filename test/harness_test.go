@@ -101,6 +101,9 @@ type daemonOptions struct {
 	// CommandLine runs GOST's command line (-L, -F...) instead of a
 	// configuration file; yaml is then ignored.
 	CommandLine []string
+	// FDLimit, when set, runs the daemon with RLIMIT_NOFILE at this
+	// (soft and hard) through util-linux prlimit, which execs in place.
+	FDLimit int
 }
 
 // startDaemon writes yaml to a temp file, runs `ebpfwd run --ready-file`
@@ -123,11 +126,17 @@ func startDaemon(t *testing.T, name, yaml string, opts daemonOptions) *daemon {
 	if opts.CommandLine != nil {
 		args = append(append(slices.Clone(opts.CommandLine), "--instance", instance, "--ready-file", ready), opts.Args...)
 	}
-	cmd := exec.Command(ebpfwdBin, args...)
+	argv := append([]string{ebpfwdBin}, args...)
 	if opts.In != nil {
 		// nsenter execs ebpfwd in place, so cmd.Process.Pid is the daemon.
-		cmd = exec.Command("nsenter", append([]string{"--net=" + opts.In.Path(), ebpfwdBin}, args...)...)
+		argv = append([]string{"nsenter", "--net=" + opts.In.Path()}, argv...)
 	}
+	if opts.FDLimit > 0 {
+		// So does prlimit, after setting the limit on itself.
+		n := strconv.Itoa(opts.FDLimit)
+		argv = append([]string{"prlimit", "--nofile=" + n + ":" + n}, argv...)
+	}
+	cmd := exec.Command(argv[0], argv[1:]...)
 	d := &daemon{name: name, instance: instance, config: cfg, cmd: cmd, output: &syncbuf.Buffer{}, exited: make(chan struct{})}
 	cmd.Stdout = d.output
 	cmd.Stderr = d.output
