@@ -1,4 +1,4 @@
-package test
+package e2e
 
 import (
 	"context"
@@ -14,8 +14,8 @@ import (
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
-// handle opens ns for socket operations from the test process.
-func handle(t *testing.T, ns *topo.NS) netns.NS {
+// Handle opens ns for socket operations from the test process.
+func Handle(t testing.TB, ns *topo.NS) netns.NS {
 	t.Helper()
 	h, err := netns.Parse(ns.Path())
 	if err != nil {
@@ -24,17 +24,18 @@ func handle(t *testing.T, ns *topo.NS) netns.NS {
 	return h
 }
 
-// acceptLog wraps a listener and records the remote address of every
+// AcceptLog wraps a listener and records the remote address of every
 // connection that sends it data, so a test can tell which hop the target
 // saw. Connections that send nothing (the tc datapath's node probes) are
 // not traffic and are not recorded.
-type acceptLog struct {
+type AcceptLog struct {
 	net.Listener
 	mu      sync.Mutex
 	remotes []string
 }
 
-func (l *acceptLog) Accept() (net.Conn, error) {
+// Accept wraps the next connection so that its first byte logs it.
+func (l *AcceptLog) Accept() (net.Conn, error) {
 	c, err := l.Listener.Accept()
 	if err != nil {
 		return nil, err
@@ -45,7 +46,7 @@ func (l *acceptLog) Accept() (net.Conn, error) {
 // loggedConn records its remote address with its first byte.
 type loggedConn struct {
 	net.Conn
-	log  *acceptLog
+	log  *AcceptLog
 	once sync.Once
 }
 
@@ -69,15 +70,15 @@ func (c *loggedConn) CloseWrite() error {
 	return nil
 }
 
-// count is how many connections sent data.
-func (l *acceptLog) count() int {
+// Count is how many connections sent data.
+func (l *AcceptLog) Count() int {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	return len(l.remotes)
 }
 
-// sources returns the distinct IPs connections came from.
-func (l *acceptLog) sources() []string {
+// Sources returns the distinct IPs connections came from.
+func (l *AcceptLog) Sources() []string {
 	l.mu.Lock()
 	defer l.mu.Unlock()
 	seen := map[string]bool{}
@@ -92,53 +93,53 @@ func (l *acceptLog) sources() []string {
 	return out
 }
 
-// echoIn starts a TCP echo-with-digest server at addr inside ns.
-func echoIn(t *testing.T, ns *topo.NS, addr string) *acceptLog {
+// EchoIn starts a TCP echo-with-digest server at addr inside ns.
+func EchoIn(t testing.TB, ns *topo.NS, addr string) *AcceptLog {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	l, err := handle(t, ns).Listen(ctx, "tcp", addr)
+	l, err := Handle(t, ns).Listen(ctx, "tcp", addr)
 	if err != nil {
 		t.Fatalf("echo listen %s in %s: %v", addr, ns.Name, err)
 	}
-	al := &acceptLog{Listener: l}
+	al := &AcceptLog{Listener: l}
 	t.Cleanup(peer.ServeEcho(al))
 	return al
 }
 
-// udpEchoIn starts a UDP echo server at addr inside ns.
-func udpEchoIn(t *testing.T, ns *topo.NS, addr string) {
+// UDPEchoIn starts a UDP echo server at addr inside ns.
+func UDPEchoIn(t testing.TB, ns *topo.NS, addr string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	pc, err := handle(t, ns).ListenPacket(ctx, "udp", addr)
+	pc, err := Handle(t, ns).ListenPacket(ctx, "udp", addr)
 	if err != nil {
 		t.Fatalf("udp echo listen %s in %s: %v", addr, ns.Name, err)
 	}
 	t.Cleanup(peer.ServeUDPEcho(pc))
 }
 
-// dialFrom dials addr from inside ns.
-func dialFrom(ctx context.Context, t *testing.T, ns *topo.NS, network, addr string) (net.Conn, error) {
+// DialFrom dials addr from inside ns.
+func DialFrom(ctx context.Context, t testing.TB, ns *topo.NS, network, addr string) (net.Conn, error) {
 	t.Helper()
-	return handle(t, ns).Dial(ctx, network, addr)
+	return Handle(t, ns).Dial(ctx, network, addr)
 }
 
-// exchange dials addr from ns and runs peer.Exchange of n bytes over it.
-func exchange(t *testing.T, ns *topo.NS, addr string, n int, timeout time.Duration) error {
+// Exchange dials addr from ns and runs peer.Exchange of n bytes over it.
+func Exchange(t testing.TB, ns *topo.NS, addr string, n int, timeout time.Duration) error {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
-	c, err := dialFrom(ctx, t, ns, "tcp", addr)
+	c, err := DialFrom(ctx, t, ns, "tcp", addr)
 	if err != nil {
 		return err
 	}
 	return peer.Exchange(ctx, c, n)
 }
 
-// config fills a YAML template: every key of vars (written $NAME in the
+// Config fills a YAML template: every key of vars (written $NAME in the
 // template) is replaced by its value.
-func config(template string, vars map[string]string) string {
+func Config(template string, vars map[string]string) string {
 	// Longest names first, so that $NS1 is never read as $NS followed by 1.
 	keys := make([]string, 0, len(vars))
 	for k := range vars {
