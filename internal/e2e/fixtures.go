@@ -77,6 +77,14 @@ func (l *AcceptLog) Count() int {
 	return len(l.remotes)
 }
 
+// Remotes returns the remote address of every connection that sent data,
+// in the order they sent it.
+func (l *AcceptLog) Remotes() []string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return append([]string(nil), l.remotes...)
+}
+
 // Sources returns the distinct IPs connections came from.
 func (l *AcceptLog) Sources() []string {
 	l.mu.Lock()
