@@ -172,8 +172,8 @@ func newNS(t *testing.T, role string) *topo.NS {
 	return testutil.NewNS(t, "topo-"+role)
 }
 
-// ends is the address part of "IP/len", for the other end of a veth.
-func addr(cidr string) string {
-	a, _, _ := strings.Cut(cidr, "/")
-	return a
+// hostOf is the host part of "host:port".
+func hostOf(hostport string) string {
+	host, _, _ := net.SplitHostPort(hostport)
+	return host
 }
