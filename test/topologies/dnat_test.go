@@ -30,26 +30,6 @@ var dnatRules = []string{
 	"-t nat -A PREROUTING ! -i br0 -p udp -m udp --dport 80 -j DNAT --to-destination 10.1.1.2:80",
 }
 
-// portMap is ebpfwd doing what the rule does, on the host.
-const portMap = `services:
-- name: map-tcp
-  addr: "192.168.50.1:80"
-  handler: {type: tcp}
-  listener: {type: tcp}
-  forwarder:
-    nodes:
-    - {name: ns1, addr: "10.1.1.2:80"}
-  metadata: {datapath: $DP}
-- name: map-udp
-  addr: "192.168.50.1:80"
-  handler: {type: udp}
-  listener: {type: udp}
-  forwarder:
-    nodes:
-    - {name: ns1, addr: "10.1.1.2:80"}
-  metadata: {datapath: $DP}
-`
-
 type bridgeHost struct {
 	host, client, ns1, ns2 *topo.NS
 	web                    *e2e.AcceptLog
@@ -94,7 +74,7 @@ func TestSeed003PortMapping(t *testing.T) {
 		b := newBridgeHost(t, false)
 		for _, dp := range datapaths {
 			t.Run(dp, func(t *testing.T) {
-				e2e.Start(t, "map-"+dp, e2e.Config(portMap, map[string]string{"DP": dp}), e2e.Options{In: b.host})
+				e2e.Start(t, "map-"+dp, forward("map", mapped, mapNS1IP+":80", dp, ""), e2e.Options{In: b.host})
 				check(t, dp, []path{
 					// Forwarding is off in the host: only ebpfwd
 					// can carry these.
@@ -129,7 +109,7 @@ func TestSeed003PortMapping(t *testing.T) {
 				}
 				defer held.Close()
 
-				e2e.Start(t, "mapdnat-"+dp, e2e.Config(portMap, map[string]string{"DP": dp}), e2e.Options{In: b.host})
+				e2e.Start(t, "mapdnat-"+dp, forward("map", mapped, mapNS1IP+":80", dp, ""), e2e.Options{In: b.host})
 				check(t, dp, []path{
 					{name: "tcp", from: b.client, proto: "tcp", addr: mapped, server: b.web, source: source[dp], kernel: true},
 					{name: "udp", from: b.client, proto: "udp", addr: mapped},

@@ -87,27 +87,6 @@ func newDockerHost(t *testing.T) dockerHost {
 	return d
 }
 
-// dockerPublish is `docker run -p 8080:80` done by ebpfwd, running on the
-// host: a TCP and a UDP service on the host's LAN address.
-const dockerPublish = `services:
-- name: publish-tcp
-  addr: "172.31.131.149:8080"
-  handler: {type: tcp}
-  listener: {type: tcp}
-  forwarder:
-    nodes:
-    - {name: ns1, addr: "10.1.1.2:80"}
-  metadata: {datapath: $DP}
-- name: publish-udp
-  addr: "172.31.131.149:8080"
-  handler: {type: udp}
-  listener: {type: udp}
-  forwarder:
-    nodes:
-    - {name: ns1, addr: "10.1.1.2:80"}
-  metadata: {datapath: $DP}
-`
-
 // TestSeed002DockerHost publishes ns1's port 80 on the host's LAN address
 // with ebpfwd (8080) beside Docker's own DNAT (8081), and reaches both
 // from the LAN, from the other container and from the published container
@@ -155,7 +134,8 @@ func TestSeed002DockerHost(t *testing.T) {
 
 	for _, dp := range datapaths {
 		t.Run(dp, func(t *testing.T) {
-			e2e.Start(t, "dk-"+dp, e2e.Config(dockerPublish, map[string]string{"DP": dp}), e2e.Options{In: d.host})
+			// `docker run -p 8080:80` done by ebpfwd, running on the host.
+			e2e.Start(t, "dk-"+dp, forward("publish", ebpfwdAddr, published+":80", dp, ""), e2e.Options{In: d.host})
 			check(t, dp, paths)
 		})
 	}

@@ -48,6 +48,33 @@ const (
 	exchangeTimeout = 20 * time.Second
 )
 
+// forwardTemplate is a TCP and a UDP service on one address forwarding to
+// one node: every topology forwards both protocols the same way.
+const forwardTemplate = `services:
+- name: $NAME-tcp
+  addr: "$ADDR"
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: node-0, addr: "$NODE"}
+  metadata: {datapath: $DP$META}
+- name: $NAME-udp
+  addr: "$ADDR"
+  handler: {type: udp}
+  listener: {type: udp}
+  forwarder:
+    nodes:
+    - {name: node-0, addr: "$NODE"}
+  metadata: {datapath: $DP$META}
+`
+
+// forward is forwardTemplate filled in; meta is more metadata for both
+// services (", netns: NAME"), "" for none: the daemon's own namespace.
+func forward(name, addr, node, dp, meta string) string {
+	return e2e.Config(forwardTemplate, map[string]string{"NAME": name, "ADDR": addr, "NODE": node, "DP": dp, "META": meta})
+}
+
 // must fails the test on a topology step's error: the error carries the
 // command line and its output, so the step can be redone by hand.
 func must(t *testing.T, err error) {
