@@ -1,10 +1,6 @@
 package test
 
 import (
-	"context"
-	"errors"
-	"io"
-	"net"
 	"slices"
 	"strings"
 	"testing"
@@ -12,7 +8,6 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
-	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 // twoHopProxies are the chain's hops: ebpfwd HTTP proxies with auth, each
@@ -91,32 +86,6 @@ chains:
       dialer: {type: tcp}
 `
 
-// expectClosedNoData sends a little data on a fresh connection to addr
-// and expects the far end to close it without sending a single byte.
-func expectClosedNoData(t *testing.T, ns *topo.NS, addr string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := e2e.DialFrom(ctx, t, ns, "tcp", addr)
-	if err != nil {
-		// Refusing outright also gives the client no data.
-		t.Logf("dial %s: %v (refused, which also counts as closed)", addr, err)
-		return
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	// The write may fail if the daemon already closed; that is fine.
-	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
-	got, err := io.ReadAll(c)
-	var ne net.Error
-	switch {
-	case errors.As(err, &ne) && ne.Timeout():
-		t.Fatalf("connection to %s neither answered nor closed within 5s (got %d bytes)", addr, len(got))
-	case len(got) > 0:
-		t.Fatalf("connection to %s returned %d bytes (%q), want none", addr, len(got), got)
-	}
-}
-
 // TestTwoHopChainWithAuth tunnels through two authenticating HTTP proxies
 // (the second reached via CONNECT through the first) to a target only the
 // second can reach; with a wrong password for hop-1 the client gets
@@ -143,7 +112,7 @@ func TestTwoHopChainWithAuth(t *testing.T) {
 		t.Fatalf("target saw connections from %v, want only proxy-1's 10.0.12.1", got)
 	}
 
-	expectClosedNoData(t, c, "127.0.0.1:8001")
+	e2e.ExpectClosedNoData(t, c, "127.0.0.1:8001")
 	line := d.WaitLog(t, 5*time.Second, "hop-1", "407")
 	if strings.Contains(line, "good-hop-1") {
 		t.Errorf("the 407 was logged for the good chain: %s", line)

@@ -62,7 +62,7 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 3 {
-		expectClosedNoData(t, c, "127.0.0.1:8000")
+		e2e.ExpectClosedNoData(t, c, "127.0.0.1:8000")
 	}
 	if !d.Running() {
 		t.Fatal("the daemon exited when a namespace was deleted")

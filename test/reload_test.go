@@ -145,7 +145,7 @@ func TestReloadInPlace(t *testing.T) {
 	if err := e2e.Exchange(t, c, "127.0.0.1:8003", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("added service: %v", err)
 	}
-	expectClosedNoData(t, c, "127.0.0.1:8002")
+	e2e.ExpectClosedNoData(t, c, "127.0.0.1:8002")
 	// Connections of the changed service's old form, and of the
 	// untouched service, go on.
 	heldA.roundTrip(t, "after the reload")

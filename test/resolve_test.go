@@ -1,8 +1,6 @@
 package test
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
@@ -20,15 +18,8 @@ func TestHostnameResolvedInDialingNamespace(t *testing.T) {
 	out := testutil.NewNS(t, "e2e-res-o")
 	e2e.EchoIn(t, out, "127.0.0.7:9000")
 
-	dir := filepath.Join("/etc/netns", out.Name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
 	hosts := "# written by TestHostnameResolvedInDialingNamespace\n127.0.0.7 target.ebpfwd.test target\n"
-	if err := os.WriteFile(filepath.Join(dir, "hosts"), []byte(hosts), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testutil.WriteNSEtc(t, out.Name, "hosts", hosts)
 
 	yaml := e2e.Config(`services:
 - name: svc

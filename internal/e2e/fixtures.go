@@ -2,6 +2,8 @@ package e2e
 
 import (
 	"context"
+	"errors"
+	"io"
 	"net"
 	"sort"
 	"strings"
@@ -159,4 +161,34 @@ func Config(template string, vars map[string]string) string {
 		pairs = append(pairs, "$"+k, vars[k])
 	}
 	return strings.NewReplacer(pairs...).Replace(template)
+}
+
+// ExpectClosedNoData sends a little data on a fresh connection to addr
+// and expects the far end to close it without sending a single byte.
+func ExpectClosedNoData(t testing.TB, ns *topo.NS, addr string) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	c, err := DialFrom(ctx, t, ns, "tcp", addr)
+	var ne net.Error
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		// A SYN nobody answers is a black hole, not a closed door.
+		t.Fatalf("dial %s: %v: neither accepted nor refused", addr, err)
+	case err != nil:
+		// Refusing outright also gives the client no data.
+		t.Logf("dial %s: %v (refused, which also counts as closed)", addr, err)
+		return
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	// The write may fail if the daemon already closed; that is fine.
+	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
+	got, err := io.ReadAll(c)
+	switch {
+	case errors.As(err, &ne) && ne.Timeout():
+		t.Fatalf("connection to %s neither answered nor closed within 5s (got %d bytes)", addr, len(got))
+	case len(got) > 0:
+		t.Fatalf("connection to %s returned %d bytes (%q), want none", addr, len(got), got)
+	}
 }

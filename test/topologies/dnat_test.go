@@ -74,7 +74,7 @@ func TestSeed003PortMapping(t *testing.T) {
 		b := newBridgeHost(t, false)
 		for _, dp := range datapaths {
 			t.Run(dp, func(t *testing.T) {
-				e2e.Start(t, "map-"+dp, forward("map", mapped, mapNS1IP+":80", dp, ""), e2e.Options{In: b.host})
+				e2e.Start(t, "map-"+dp, services(forward("map", mapped, mapNS1IP+":80", dp, "")), e2e.Options{In: b.host})
 				check(t, dp, []path{
 					// Forwarding is off in the host: only ebpfwd
 					// can carry these.
@@ -109,7 +109,7 @@ func TestSeed003PortMapping(t *testing.T) {
 				}
 				defer held.Close()
 
-				e2e.Start(t, "mapdnat-"+dp, forward("map", mapped, mapNS1IP+":80", dp, ""), e2e.Options{In: b.host})
+				e2e.Start(t, "mapdnat-"+dp, services(forward("map", mapped, mapNS1IP+":80", dp, "")), e2e.Options{In: b.host})
 				check(t, dp, []path{
 					{name: "tcp", from: b.client, proto: "tcp", addr: mapped, server: b.web, source: source[dp], kernel: true},
 					{name: "udp", from: b.client, proto: "udp", addr: mapped},

@@ -135,7 +135,7 @@ func TestSeed002DockerHost(t *testing.T) {
 	for _, dp := range datapaths {
 		t.Run(dp, func(t *testing.T) {
 			// `docker run -p 8080:80` done by ebpfwd, running on the host.
-			e2e.Start(t, "dk-"+dp, forward("publish", ebpfwdAddr, published+":80", dp, ""), e2e.Options{In: d.host})
+			e2e.Start(t, "dk-"+dp, services(forward("publish", ebpfwdAddr, published+":80", dp, "")), e2e.Options{In: d.host})
 			check(t, dp, paths)
 		})
 	}

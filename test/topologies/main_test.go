@@ -50,8 +50,7 @@ const (
 
 // forwardTemplate is a TCP and a UDP service on one address forwarding to
 // one node: every topology forwards both protocols the same way.
-const forwardTemplate = `services:
-- name: $NAME-tcp
+const forwardTemplate = `- name: $NAME-tcp
   addr: "$ADDR"
   handler: {type: tcp}
   listener: {type: tcp}
@@ -68,6 +67,11 @@ const forwardTemplate = `services:
     - {name: node-0, addr: "$NODE"}
   metadata: {datapath: $DP$META}
 `
+
+// services is a configuration of the services forward makes.
+func services(forwards ...string) string {
+	return "services:\n" + strings.Join(forwards, "")
+}
 
 // forward is forwardTemplate filled in; meta is more metadata for both
 // services (", netns: NAME"), "" for none: the daemon's own namespace.
