@@ -121,7 +121,7 @@ type path struct {
 	kernel bool
 	// skip is why a datapath cannot carry this path ("" when it can).
 	skip map[string]string
-	// size overrides streamBytes.
+	// size overrides streamBytes (TCP) or udpSize (UDP).
 	size int
 }
 
@@ -137,7 +137,11 @@ func check(t *testing.T, dp string, paths []path) {
 			case "tcp":
 				checkTCP(t, p, dp == "tc" && p.kernel)
 			case "udp":
-				checkUDP(t, p.from, p.addr)
+				size := p.size
+				if size == 0 {
+					size = udpSize
+				}
+				checkUDP(t, p.from, p.addr, size)
 			default:
 				t.Fatalf("path %q: protocol %q", p.name, p.proto)
 			}
@@ -181,8 +185,9 @@ func checkTCP(t *testing.T, p path, kernel bool) {
 	}
 }
 
-// checkUDP echoes udpCount datagrams from ns through addr.
-func checkUDP(t *testing.T, ns *topo.NS, addr string) {
+// checkUDP echoes udpCount datagrams of up to size bytes from ns through
+// addr.
+func checkUDP(t *testing.T, ns *topo.NS, addr string, size int) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), exchangeTimeout)
 	defer cancel()
@@ -191,7 +196,7 @@ func checkUDP(t *testing.T, ns *topo.NS, addr string) {
 		t.Fatalf("UDP dial %s from %s: %v", addr, ns.Name, err)
 	}
 	defer c.Close()
-	if err := peer.UDPExchange(ctx, c, udpCount, udpSize); err != nil {
+	if err := peer.UDPExchange(ctx, c, udpCount, size); err != nil {
 		t.Fatalf("UDP from %s to %s: %v", ns.Name, addr, err)
 	}
 }

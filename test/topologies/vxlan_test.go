@@ -31,9 +31,9 @@ const (
 )
 
 // vxlanRouter is seed 001's layout. With routerIsHostA the router holds
-// host A's side itself (vxlan1070 in the router, its underlay on the
-// router's eth0): the tc program's egress towards vm-b is then the vxlan
-// device. Otherwise the router is a namespace on host A as in the seed,
+// host A's side itself (vxlan1070 in the router, carrying its private
+// address, its underlay on the router's eth0): the tc program's egress
+// towards vm-b is then the vxlan device (MTU 1450 on its own). Otherwise the router is a namespace on host A as in the seed,
 // and its egress is veth17.1 into host A's br-pr.
 type vxlanRouter struct {
 	public, router, hostB, vmb *topo.NS
@@ -58,9 +58,15 @@ func newVXLANRouter(t *testing.T, routerIsHostA bool) vxlanRouter {
 		remote string
 	}{{hostA, "10.99.0.2"}, {v.hostB, "10.99.0.1"}} {
 		must(t, h.ns.IP("link", "add", "vxlan1070", "type", "vxlan", "id", "1070", "remote", h.remote, "dstport", "4789", "dev", "eth0"))
+		must(t, h.ns.IP("link", "set", "dev", "vxlan1070", "up"))
+		if routerIsHostA && h.ns == v.router {
+			// The router's private address on the vxlan device
+			// itself: no bridge between the program and the tunnel.
+			must(t, v.router.IP("addr", "add", routerLAN+"/24", "dev", "vxlan1070"))
+			continue
+		}
 		must(t, h.ns.Bridge("br-pr", ""))
 		must(t, h.ns.Enslave("vxlan1070", "br-pr"))
-		must(t, h.ns.IP("link", "set", "dev", "vxlan1070", "up"))
 	}
 	// vm-b on host B's br-pr, at the overlay's MTU.
 	must(t, topo.Veth(v.hostB, "vnet15", "", v.vmb, "eth0", vmB+"/24"))
@@ -73,11 +79,7 @@ func newVXLANRouter(t *testing.T, routerIsHostA bool) vxlanRouter {
 	}
 	must(t, v.vmb.AddRoute("default", routerLAN))
 
-	if routerIsHostA {
-		// The router's private address on its br-pr: the bridge takes
-		// the vxlan port's MTU.
-		must(t, v.router.IP("addr", "add", routerLAN+"/24", "dev", "br-pr"))
-	} else {
+	if !routerIsHostA {
 		// The seed's veth17.0 (on host A's br-pr) and veth17.1 (the
 		// router's private side).
 		must(t, topo.Veth(hostA, "veth17.0", "", v.router, "veth17.1", routerLAN+"/24"))
@@ -119,6 +121,10 @@ func TestSeed001VXLANRouter(t *testing.T) {
 					check(t, dp, []path{
 						{name: "public -> vm-b tcp 1MiB", from: v.public, proto: "tcp", addr: published, server: v.web, source: routerLAN, kernel: true, size: vxlanBytes},
 						{name: "public -> vm-b udp", from: v.public, proto: "udp", addr: published},
+						// A datagram filling the public side's 1500
+						// bytes is too big for the overlay: it must be
+						// fragmented on the way, not dropped.
+						{name: "public -> vm-b udp 1472 bytes", from: v.public, proto: "udp", addr: published, size: 1472},
 						{name: "vm-b -> public via masquerade", from: v.vmb, proto: "tcp", addr: publicClient + ":7000", server: v.pubEcho, source: routerPublic, size: vxlanBytes},
 					})
 				})
