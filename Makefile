@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # panic on every change, short enough for CI.
 FUZZTIME ?= 10s
 
-.PHONY: build test unit e2e fuzz demo generate check-generate lint clean need-root bench
+.PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
@@ -21,10 +21,18 @@ need-root:
 test: need-root lint build unit e2e fuzz
 
 unit:
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v /test$$)
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v -e /test$$ -e /test/topologies$$)
 
+# End-to-end tests: ./test/ (features) and ./test/topologies/ (the seeds'
+# network layouts, docs/TOPOLOGIES.md).
 e2e:
-	$(GO) test -count=1 -timeout 15m ./test/
+	$(GO) test -count=1 -timeout 15m ./test/ ./test/topologies/
+
+# Just the seeds' topologies on every datapath (docs/TOPOLOGIES.md); they
+# need iptables inside their namespaces.
+topologies: need-root
+	@command -v iptables >/dev/null || { echo "make topologies needs iptables: apt-get install iptables"; exit 1; }
+	$(GO) test -count=1 -timeout 5m -v ./test/topologies/
 
 fuzz:
 	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./config

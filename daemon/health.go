@@ -73,7 +73,7 @@ func (s *service) probeNodes(ctx context.Context, network string) {
 			switch {
 			case ctx.Err() != nil:
 				return
-			case err != nil && !nodesFault(err):
+			case err != nil && !probeFault(err):
 				// This host's trouble, not the node's: the node keeps
 				// its marking.
 				s.log.Warn("node probe could not run", "node", n.Name, "reason", reasonOf(err), "err", err)
@@ -94,6 +94,19 @@ func (s *service) probeNodes(ctx context.Context, network string) {
 		case <-t.C:
 		}
 	}
+}
+
+// probeFault reports whether a failed probe marks its node down. As for
+// a dial (nodesFault), the host's own trouble does not; a netns.out that
+// is gone does, unlike for a dial: the kernel keeps sending new flows to
+// every node it holds healthy, and with the namespace (and the splice
+// link into it) gone those flows vanish, so clients hang until their
+// connect times out. With its nodes down the program passes new flows to
+// the stack, where the listener's dial fails the same way and closes the
+// client at once, as the userspace datapath does; once the namespace is
+// back, the next probe marks the node up again.
+func probeFault(err error) bool {
+	return nodesFault(err) || reasonOf(err) == ReasonNetnsGone
 }
 
 // udpProbeWait is how long a UDP probe waits for the ICMP error that says

@@ -62,22 +62,35 @@ func TestErrorsCount(t *testing.T) {
 
 // TestNodesFault: only failures that say something about the node mark it.
 func TestNodesFault(t *testing.T) {
+	yes := true
 	tests := []struct {
 		err  error
 		want bool
+		// probe is probeFault's answer where it differs from a dial's.
+		probe *bool
 	}{
-		{os.NewSyscallError("connect", syscall.ECONNREFUSED), true},
-		{context.DeadlineExceeded, true},
-		{os.NewSyscallError("connect", syscall.EHOSTUNREACH), true},
-		{os.NewSyscallError("socket", syscall.EMFILE), false},
-		{os.NewSyscallError("socket", syscall.ENFILE), false},
-		{os.NewSyscallError("socket", syscall.ENOBUFS), false},
-		{os.NewSyscallError("socket", syscall.ENOMEM), false},
-		{fmt.Errorf("open netns: %w", netns.ErrGone), false},
+		{os.NewSyscallError("connect", syscall.ECONNREFUSED), true, nil},
+		{context.DeadlineExceeded, true, nil},
+		{os.NewSyscallError("connect", syscall.EHOSTUNREACH), true, nil},
+		{os.NewSyscallError("socket", syscall.EMFILE), false, nil},
+		{os.NewSyscallError("socket", syscall.ENFILE), false, nil},
+		{os.NewSyscallError("socket", syscall.ENOBUFS), false, nil},
+		{os.NewSyscallError("socket", syscall.ENOMEM), false, nil},
+		// A gone netns.out fails every node alike: not the node's fault
+		// for a dial, but a probe marks it down so that the kernel stops
+		// sending it new flows into the void.
+		{fmt.Errorf("open netns: %w", netns.ErrGone), false, &yes},
 	}
 	for _, tt := range tests {
 		if got := nodesFault(tt.err); got != tt.want {
 			t.Errorf("nodesFault(%v) = %v, want %v", tt.err, got, tt.want)
+		}
+		want := tt.want
+		if tt.probe != nil {
+			want = *tt.probe
+		}
+		if got := probeFault(tt.err); got != want {
+			t.Errorf("probeFault(%v) = %v, want %v", tt.err, got, want)
 		}
 	}
 }

@@ -31,8 +31,14 @@ import (
 // linkPinPrefix starts the pin name of a tcx link: link_<ifname>_<ifindex>.
 const linkPinPrefix = "link_"
 
+// linkPinName names the pin of the tcx link on an interface. bpffs refuses
+// every name with a dot in it (EPERM, to pin and to look up alike: dots
+// are reserved there), and interface names often have one (VLANs as
+// eth0.100, the seeds' veth15.1): a dot is written '-'. The ifindex alone
+// keeps the name unique in the namespace's pin directory, so eth0.100 and
+// eth0-100 never share a pin.
 func linkPinName(ifname string, ifindex int) string {
-	return fmt.Sprintf("%s%s_%d", linkPinPrefix, ifname, ifindex)
+	return fmt.Sprintf("%s%s_%d", linkPinPrefix, strings.ReplaceAll(ifname, ".", "-"), ifindex)
 }
 
 func isLinkPin(name string) bool { return strings.HasPrefix(name, linkPinPrefix) }

@@ -11,6 +11,7 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -298,5 +299,25 @@ func TestUnknownPinEntriesRemoved(t *testing.T) {
 	}
 	if !next.Reused() {
 		t.Error("Load did not reuse the released maps")
+	}
+}
+
+// TestLinkPinNameHasNoDot: bpffs refuses dotted names, and interfaces such
+// as eth0.100 or the seeds' veth15.1 have dots; two interfaces never share
+// a pin name.
+func TestLinkPinNameHasNoDot(t *testing.T) {
+	names := map[string]bool{}
+	for _, tt := range []struct {
+		ifname  string
+		ifindex int
+	}{{"eth0.100", 2}, {"eth0-100", 3}, {"veth15.1", 4}, {"eth0", 5}} {
+		name := linkPinName(tt.ifname, tt.ifindex)
+		if strings.Contains(name, ".") || !isLinkPin(name) {
+			t.Errorf("linkPinName(%q, %d) = %q: a dot, or not a link pin", tt.ifname, tt.ifindex, name)
+		}
+		if names[name] {
+			t.Errorf("linkPinName(%q, %d) = %q twice", tt.ifname, tt.ifindex, name)
+		}
+		names[name] = true
 	}
 }

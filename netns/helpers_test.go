@@ -46,22 +46,10 @@ func newTestNS(t testing.TB) NS {
 	return ns
 }
 
-// writeNSEtc writes /etc/netns/NAME/file and removes the directory when
-// the test ends: `ip netns del` leaves it behind.
+// writeNSEtc writes /etc/netns/NAME/file for the test's duration.
 func writeNSEtc(t *testing.T, ns NS, file, content string) {
 	t.Helper()
-	dir := filepath.Join(etcDir, ns.name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() {
-		if err := os.RemoveAll(dir); err != nil {
-			t.Errorf("remove %s: %v", dir, err)
-		}
-	})
-	if err := os.WriteFile(filepath.Join(dir, file), []byte(content), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testutil.WriteNSEtc(t, ns.name, file, content)
 }
 
 // echoListener listens on 127.0.0.1:0 in ns and echoes every connection

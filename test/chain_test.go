@@ -1,17 +1,13 @@
 package test
 
 import (
-	"context"
-	"errors"
-	"io"
-	"net"
 	"slices"
 	"strings"
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
-	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 // twoHopProxies are the chain's hops: ebpfwd HTTP proxies with auth, each
@@ -90,32 +86,6 @@ chains:
       dialer: {type: tcp}
 `
 
-// expectClosedNoData sends a little data on a fresh connection to addr
-// and expects the far end to close it without sending a single byte.
-func expectClosedNoData(t *testing.T, ns *topo.NS, addr string) {
-	t.Helper()
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
-	c, err := dialFrom(ctx, t, ns, "tcp", addr)
-	if err != nil {
-		// Refusing outright also gives the client no data.
-		t.Logf("dial %s: %v (refused, which also counts as closed)", addr, err)
-		return
-	}
-	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
-	// The write may fail if the daemon already closed; that is fine.
-	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
-	got, err := io.ReadAll(c)
-	var ne net.Error
-	switch {
-	case errors.As(err, &ne) && ne.Timeout():
-		t.Fatalf("connection to %s neither answered nor closed within 5s (got %d bytes)", addr, len(got))
-	case len(got) > 0:
-		t.Fatalf("connection to %s returned %d bytes (%q), want none", addr, len(got), got)
-	}
-}
-
 // TestTwoHopChainWithAuth tunnels through two authenticating HTTP proxies
 // (the second reached via CONNECT through the first) to a target only the
 // second can reach; with a wrong password for hop-1 the client gets
@@ -130,28 +100,28 @@ func TestTwoHopChainWithAuth(t *testing.T) {
 	testutil.Veth(t, c, "veth-c", "10.0.10.2/24", h0, "veth-h0c", "10.0.10.1/24")
 	testutil.Veth(t, h0, "veth-h0n", "10.0.11.2/24", h1, "veth-h1p", "10.0.11.1/24")
 	testutil.Veth(t, h1, "veth-h1n", "10.0.12.1/24", tg, "veth-t", "10.0.12.2/24")
-	target := echoIn(t, tg, "10.0.12.2:9000")
+	target := e2e.EchoIn(t, tg, "10.0.12.2:9000")
 
-	startDaemon(t, "proxies", config(twoHopProxies, map[string]string{"H0": h0.Name, "H1": h1.Name}), daemonOptions{})
-	d := startDaemon(t, "chains", config(twoHopChains, map[string]string{"C": c.Name}), daemonOptions{})
+	e2e.Start(t, "proxies", e2e.Config(twoHopProxies, map[string]string{"H0": h0.Name, "H1": h1.Name}), e2e.Options{})
+	d := e2e.Start(t, "chains", e2e.Config(twoHopChains, map[string]string{"C": c.Name}), e2e.Options{})
 
-	if err := exchange(t, c, "127.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
 		t.Fatalf("through chain-good: %v", err)
 	}
-	if got := target.sources(); !slices.Equal(got, []string{"10.0.12.1"}) {
+	if got := target.Sources(); !slices.Equal(got, []string{"10.0.12.1"}) {
 		t.Fatalf("target saw connections from %v, want only proxy-1's 10.0.12.1", got)
 	}
 
-	expectClosedNoData(t, c, "127.0.0.1:8001")
-	line := d.waitLog(t, 5*time.Second, "hop-1", "407")
+	e2e.ExpectClosedNoData(t, c, "127.0.0.1:8001")
+	line := d.WaitLog(t, 5*time.Second, "hop-1", "407")
 	if strings.Contains(line, "good-hop-1") {
 		t.Errorf("the 407 was logged for the good chain: %s", line)
 	}
 
-	if err := exchange(t, c, "127.0.0.1:8000", 256<<10, 30*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 256<<10, 30*time.Second); err != nil {
 		t.Fatalf("chain-good after chain-bad failed: %v", err)
 	}
-	if !d.running() {
+	if !d.Running() {
 		t.Fatal("the daemon exited after a hop refused authentication")
 	}
 }

@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -22,9 +23,9 @@ func TestSeed000CommandLine(t *testing.T) {
 	ns2 := testutil.NewNS(t, "e2e-cli-ns2")
 	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
 	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
-	inHost := echoIn(t, host, "0.0.0.0:8000") // also 10.0.1.11:8000
-	inNS2 := echoIn(t, ns2, "0.0.0.0:8000")
-	startDaemon(t, "cli-hop", config(seedHopProxy, map[string]string{"NS2": ns2.Name}), daemonOptions{})
+	inHost := e2e.EchoIn(t, host, "0.0.0.0:8000") // also 10.0.1.11:8000
+	inNS2 := e2e.EchoIn(t, ns2, "0.0.0.0:8000")
+	e2e.Start(t, "cli-hop", e2e.Config(seedHopProxy, map[string]string{"NS2": ns2.Name}), e2e.Options{})
 	// The page's examples as written, but for the namespace names; they
 	// run one after the other, so they share port 8000 as on the page.
 
@@ -33,7 +34,7 @@ func TestSeed000CommandLine(t *testing.T) {
 		cmd    []string
 		dialNS string // where the client is
 		addr   string
-		target *acceptLog
+		target *e2e.AcceptLog
 		from   string // the address the target sees, "" = any
 	}{
 		{"listen in ns1, forward in the default namespace",
@@ -46,35 +47,35 @@ func TestSeed000CommandLine(t *testing.T) {
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
-			out, err := exec.Command(ebpfwdBin, append(slices.Clone(tt.cmd), "-O", "yaml")...).CombinedOutput()
+			out, err := exec.Command(e2e.Bin, append(slices.Clone(tt.cmd), "-O", "yaml")...).CombinedOutput()
 			if err != nil || !strings.Contains(string(out), "services:") {
 				t.Fatalf("ebpfwd %s -O yaml: %v\n%s", strings.Join(tt.cmd, " "), err, out)
 			}
-			d := startDaemon(t, "cli", "", daemonOptions{In: host, CommandLine: tt.cmd})
+			d := e2e.Start(t, "cli", "", e2e.Options{In: host, CommandLine: tt.cmd})
 			client := host
 			if tt.dialNS == ns1.Name {
 				client = ns1
 			}
-			before := tt.target.count()
-			if err := exchange(t, client, tt.addr, 1<<20, 30*time.Second); err != nil {
+			before := tt.target.Count()
+			if err := e2e.Exchange(t, client, tt.addr, 1<<20, 30*time.Second); err != nil {
 				t.Fatalf("1 MiB through `ebpfwd %s`: %v", strings.Join(tt.cmd, " "), err)
 			}
-			if tt.target.count() != before+1 {
-				t.Fatalf("the target got %d connections, want 1", tt.target.count()-before)
+			if tt.target.Count() != before+1 {
+				t.Fatalf("the target got %d connections, want 1", tt.target.Count()-before)
 			}
 			if tt.from != "" {
-				if srcs := tt.target.sources(); !slices.Contains(srcs, tt.from) {
+				if srcs := tt.target.Sources(); !slices.Contains(srcs, tt.from) {
 					t.Fatalf("target saw %v, want connections from %s (the hop)", srcs, tt.from)
 				}
 			}
-			if code, err := d.stop(); err != nil || code != 0 {
+			if code, err := d.Stop(); err != nil || code != 0 {
 				t.Fatalf("stop: %d, %v", code, err)
 			}
 		})
 	}
 
 	// A URL ebpfwd cannot run is refused, naming it.
-	out, err := exec.Command(ebpfwdBin, "-L", "socks5://:1080").CombinedOutput()
+	out, err := exec.Command(e2e.Bin, "-L", "socks5://:1080").CombinedOutput()
 	if exitCode(err) != 2 || !strings.Contains(string(out), `scheme "socks5"`) {
 		t.Fatalf("ebpfwd -L socks5://:1080: exit %d, %s", exitCode(err), out)
 	}

@@ -10,6 +10,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -20,9 +21,9 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	t.Parallel()
 	c := testutil.NewNS(t, "e2e-conns-c")
 	target := testutil.NewNS(t, "e2e-conns-t")
-	echoIn(t, target, "127.0.0.1:9000")
-	udpEchoIn(t, target, "127.0.0.1:9001")
-	yaml := config(`services:
+	e2e.EchoIn(t, target, "127.0.0.1:9000")
+	e2e.UDPEchoIn(t, target, "127.0.0.1:9001")
+	yaml := e2e.Config(`services:
 - name: tcp-svc
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -39,11 +40,11 @@ func TestConnsListsLiveFlows(t *testing.T) {
     - {name: target-0, addr: "127.0.0.1:9001"}
   metadata: {netns: $C, netns.out: $T}
 `, map[string]string{"C": c.Name, "T": target.Name})
-	d := startDaemon(t, "conns", yaml, daemonOptions{})
+	d := e2e.Start(t, "conns", yaml, e2e.Options{})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	tcp, err := dialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
+	tcp, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -56,7 +57,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	if _, err := io.ReadFull(tcp, make([]byte, 5)); err != nil {
 		t.Fatal(err)
 	}
-	udp, err := dialFrom(ctx, t, c, "udp", "127.0.0.1:8001")
+	udp, err := e2e.DialFrom(ctx, t, c, "udp", "127.0.0.1:8001")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -79,7 +80,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	var out string
 	for deadline := time.Now().Add(5 * time.Second); ; {
 		var stdout, stderr bytes.Buffer
-		cmd := exec.CommandContext(ctx, ebpfwdBin, "conns", "--instance", d.instance)
+		cmd := exec.CommandContext(ctx, e2e.Bin, "conns", "--instance", d.Instance)
 		cmd.Stdout, cmd.Stderr = &stdout, &stderr
 		if err := cmd.Run(); err != nil {
 			t.Fatalf("ebpfwd conns: %v\n%s", err, &stderr)
@@ -97,7 +98,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 	}
 
 	// The same flows for scripts.
-	jsonOut, err := exec.CommandContext(ctx, ebpfwdBin, "conns", "--json", "--instance", d.instance).Output()
+	jsonOut, err := exec.CommandContext(ctx, e2e.Bin, "conns", "--json", "--instance", d.Instance).Output()
 	if err != nil {
 		t.Fatalf("ebpfwd conns --json: %v", err)
 	}
@@ -116,7 +117,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 
 	// An instance that is not running is a clear error.
 	var stderr bytes.Buffer
-	cmd := exec.CommandContext(ctx, ebpfwdBin, "conns", "--instance", "e2e-not-running")
+	cmd := exec.CommandContext(ctx, e2e.Bin, "conns", "--instance", "e2e-not-running")
 	cmd.Stderr = &stderr
 	if err := cmd.Run(); err == nil || !bytes.Contains(stderr.Bytes(), []byte("instance e2e-not-running is not running")) {
 		t.Errorf("conns for a stopped instance: %v, stderr %q", err, &stderr)

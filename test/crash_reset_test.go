@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"net"
 	"sync/atomic"
@@ -30,7 +31,7 @@ func startSlowSink(t *testing.T, ns *topo.NS, addr string) *slowSink {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	l, err := handle(t, ns).Listen(ctx, "tcp", addr)
+	l, err := e2e.Handle(t, ns).Listen(ctx, "tcp", addr)
 	if err != nil {
 		t.Fatalf("listen %s in %s: %v", addr, ns.Name, err)
 	}
@@ -92,7 +93,7 @@ func TestDaemonDeathResetsStreams(t *testing.T) {
 	s := testutil.NewNS(t, "e2e-crst-s")
 	tcpSink := startSlowSink(t, s, "127.0.0.1:9000")
 	proxySink := startSlowSink(t, s, "127.0.0.1:9001")
-	yaml := config(`services:
+	yaml := e2e.Config(`services:
 - name: fwd
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -107,16 +108,16 @@ func TestDaemonDeathResetsStreams(t *testing.T) {
   listener: {type: tcp}
   metadata: {netns: $C, netns.out: $S}
 `, map[string]string{"C": c.Name, "S": s.Name})
-	d := startDaemon(t, "crash-reset", yaml, daemonOptions{})
+	d := e2e.Start(t, "crash-reset", yaml, e2e.Options{})
 
 	ctx, cancel := context.WithTimeout(context.Background(), crashResetWait)
 	defer cancel()
-	tcpConn, err := dialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
+	tcpConn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer tcpConn.Close()
-	proxyConn, err := dialFrom(ctx, t, c, "tcp", "127.0.0.1:8001")
+	proxyConn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8001")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +146,7 @@ func TestDaemonDeathResetsStreams(t *testing.T) {
 			time.Sleep(10 * time.Millisecond)
 		}
 	}
-	d.crash(t)
+	d.Crash(t)
 
 	for _, st := range streams {
 		select {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/prometheus/common/model"
 	"io"
@@ -81,12 +82,12 @@ func TestFDBudget(t *testing.T) {
 	)
 	c := testutil.NewNS(t, "e2e-fdb-c")
 	tg := testutil.NewNS(t, "e2e-fdb-t")
-	echoIn(t, tg, "127.0.0.1:9000")
-	echoIn(t, tg, "127.0.0.1:9001")
-	udpEchoIn(t, tg, "127.0.0.1:9053")
-	d := startDaemon(t, "fdbudget", config(fdBudgetTopology, map[string]string{"T": tg.Name}),
-		daemonOptions{In: c, FDLimit: fdLimit})
-	d.waitLog(t, readyTimeout, "open file limit", "soft="+strconv.Itoa(fdLimit))
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	e2e.EchoIn(t, tg, "127.0.0.1:9001")
+	e2e.UDPEchoIn(t, tg, "127.0.0.1:9053")
+	d := e2e.Start(t, "fdbudget", e2e.Config(fdBudgetTopology, map[string]string{"T": tg.Name}),
+		e2e.Options{In: c, FDLimit: fdLimit})
+	d.WaitLog(t, 10*time.Second, "open file limit", "soft="+strconv.Itoa(fdLimit))
 	stormMax := budgetShare(t, d, "storm", "max_streams")
 	udpMax := budgetShare(t, d, "udp-flood", "max_sessions")
 	otherMax := budgetShare(t, d, "other", "max_streams")
@@ -101,7 +102,7 @@ func TestFDBudget(t *testing.T) {
 		t.Fatalf("shares hold %d descriptors, not below the limit %d", used, fdLimit)
 	}
 
-	ch := handle(t, c)
+	ch := e2e.Handle(t, c)
 	scraper := &http.Client{Timeout: httpTimeout, Transport: &http.Transport{DialContext: ch.Dial, DisableKeepAlives: true}}
 	scrape := func() (model.Vector, error) {
 		resp, err := scraper.Get("http://127.0.0.1:9100/metrics")
@@ -125,7 +126,7 @@ func TestFDBudget(t *testing.T) {
 	udpSession := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
 		defer cancel()
-		conn, err := dialFrom(ctx, t, c, "udp", "127.0.0.1:8053")
+		conn, err := e2e.DialFrom(ctx, t, c, "udp", "127.0.0.1:8053")
 		if err != nil {
 			return err
 		}
@@ -135,7 +136,7 @@ func TestFDBudget(t *testing.T) {
 
 	// Warm up every path, so that what opens lazily (namespace handles,
 	// the poller, the splice pipes) is in the baseline.
-	if err := exchange(t, c, "127.0.0.1:8000", 1024, trafficTimeout); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1024, trafficTimeout); err != nil {
 		t.Fatalf("warm-up through other: %v", err)
 	}
 	if err := udpSession(); err != nil {
@@ -145,7 +146,7 @@ func TestFDBudget(t *testing.T) {
 		t.Fatalf("warm-up: %v", err)
 	}
 	waitActive(t, scrape, "udp-flood", 0)
-	before := d.settledFDs(t)
+	before := d.SettledFDs(t)
 
 	// The flood: every socket sends a datagram per round until stopped.
 	dst := &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1), Port: 8053}
@@ -188,7 +189,7 @@ func TestFDBudget(t *testing.T) {
 
 	// Throughout: the other service and /metrics answer.
 	for i := range checks {
-		if err := exchange(t, c, "127.0.0.1:8000", 4096, 5*time.Second); err != nil {
+		if err := e2e.Exchange(t, c, "127.0.0.1:8000", 4096, 5*time.Second); err != nil {
 			t.Fatalf("check %d: other stopped answering during the flood and the storm: %v", i, err)
 		}
 		if _, err := scrape(); err != nil {
@@ -252,16 +253,16 @@ func TestFDBudget(t *testing.T) {
 	if err := udpSession(); err != nil {
 		t.Errorf("udp-flood after the flood: %v", err)
 	}
-	if err := exchange(t, c, "127.0.0.1:8001", 1024, trafficTimeout); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 1024, trafficTimeout); err != nil {
 		t.Errorf("storm after the storm: %v", err)
 	}
 	waitActive(t, scrape, "udp-flood", 0)
-	after := d.settledFDs(t)
-	t.Logf("daemon fds: %d before %v, %d after %v", len(before), fdKinds(before), len(after), fdKinds(after))
+	after := d.SettledFDs(t)
+	t.Logf("daemon fds: %d before %v, %d after %v", len(before), e2e.FDKinds(before), len(after), e2e.FDKinds(after))
 	if len(after) > len(before)+10 {
 		t.Errorf("daemon fds grew from %d to %d over the flood and the storm (allowed: +10)", len(before), len(after))
 	}
-	if out := d.output.String(); strings.Contains(out, "too many open files") {
+	if out := d.Output.String(); strings.Contains(out, "too many open files") {
 		t.Errorf("the daemon ran out of descriptors:\n%s", out)
 	}
 }
@@ -295,9 +296,9 @@ func openAll[T io.Closer](t *testing.T, ns netns.NS, n int, open func() (T, bool
 
 // budgetShare reads a service's share ("max_streams" or "max_sessions")
 // from the daemon's "fd budget share" log line.
-func budgetShare(t *testing.T, d *daemon, service, key string) int {
+func budgetShare(t *testing.T, d *e2e.Daemon, service, key string) int {
 	t.Helper()
-	line := d.waitLog(t, readyTimeout, "fd budget share", "service="+service+" ")
+	line := d.WaitLog(t, 10*time.Second, "fd budget share", "service="+service+" ")
 	m := regexp.MustCompile(`\b` + key + `=(\d+)`).FindStringSubmatch(line)
 	if m == nil {
 		t.Fatalf("no %s in %q", key, line)

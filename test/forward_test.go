@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -39,15 +40,15 @@ const forwardTCP = `services:
 // server in another, and a daemon forwarding between them.
 type crossNS struct {
 	client, target *topo.NS
-	target0        *acceptLog
-	d              *daemon
+	target0        *e2e.AcceptLog
+	d              *e2e.Daemon
 }
 
-func newCrossNS(t *testing.T, prefix string, opts daemonOptions) crossNS {
+func newCrossNS(t *testing.T, prefix string, opts e2e.Options) crossNS {
 	t.Helper()
 	f := crossNS{client: testutil.NewNS(t, prefix+"-c"), target: testutil.NewNS(t, prefix+"-t")}
-	f.target0 = echoIn(t, f.target, "127.0.0.1:9000")
-	f.d = startDaemon(t, prefix, config(forwardTCP, map[string]string{
+	f.target0 = e2e.EchoIn(t, f.target, "127.0.0.1:9000")
+	f.d = e2e.Start(t, prefix, e2e.Config(forwardTCP, map[string]string{
 		"LISTEN": f.client.Name, "OUT": f.target.Name,
 	}), opts)
 	return f
@@ -100,7 +101,7 @@ func TestListenByPath(t *testing.T) {
 	byMount := testutil.NewNS(t, "e2e-path-a")
 	byProc := testutil.NewNS(t, "e2e-path-b")
 	target := testutil.NewNS(t, "e2e-path-t")
-	echoIn(t, target, "127.0.0.1:9000")
+	e2e.EchoIn(t, target, "127.0.0.1:9000")
 	procPath := processIn(t, byProc)
 
 	tests := []struct {
@@ -125,9 +126,9 @@ func TestListenByPath(t *testing.T) {
     netns.out: %s
 `, i, tc.netns, target.Name)
 	}
-	startDaemon(t, "listen-by-path", yaml, daemonOptions{})
+	e2e.Start(t, "listen-by-path", yaml, e2e.Options{})
 	for _, tc := range tests {
-		if err := exchange(t, tc.client, "127.0.0.1:8000", 256<<10, 20*time.Second); err != nil {
+		if err := e2e.Exchange(t, tc.client, "127.0.0.1:8000", 256<<10, 20*time.Second); err != nil {
 			t.Errorf("service with netns %s: %v", tc.netns, err)
 		}
 	}
@@ -142,16 +143,16 @@ func TestNetnsOut(t *testing.T) {
 	b := testutil.NewNS(t, "e2e-out-b")
 	tg := testutil.NewNS(t, "e2e-out-t")
 	testutil.Veth(t, b, "veth-b", "10.0.2.1/24", tg, "veth-t", "10.0.2.2/24")
-	target := echoIn(t, tg, "10.0.2.2:9000")
+	target := e2e.EchoIn(t, tg, "10.0.2.2:9000")
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if c, err := dialFrom(ctx, t, a, "tcp", "10.0.2.2:9000"); err == nil {
+	if c, err := e2e.DialFrom(ctx, t, a, "tcp", "10.0.2.2:9000"); err == nil {
 		c.Close()
 		t.Fatal("the target is reachable from the listen namespace; the test would prove nothing")
 	}
 
-	yaml := config(`services:
+	yaml := e2e.Config(`services:
 - name: svc
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -163,11 +164,11 @@ func TestNetnsOut(t *testing.T) {
     netns: $A
     netns.out: $B
 `, map[string]string{"A": a.Name, "B": b.Name})
-	startDaemon(t, "netns-out", yaml, daemonOptions{})
-	if err := exchange(t, a, "127.0.0.1:8000", 1<<20, 20*time.Second); err != nil {
+	e2e.Start(t, "netns-out", yaml, e2e.Options{})
+	if err := e2e.Exchange(t, a, "127.0.0.1:8000", 1<<20, 20*time.Second); err != nil {
 		t.Fatalf("A -> (netns.out B) -> target: %v", err)
 	}
-	if got := target.sources(); !slices.Equal(got, []string{"10.0.2.1"}) {
+	if got := target.Sources(); !slices.Equal(got, []string{"10.0.2.1"}) {
 		t.Errorf("target saw connections from %v, want only B's 10.0.2.1", got)
 	}
 }
@@ -189,8 +190,8 @@ func TestNodeFailover(t *testing.T) {
 			t.Parallel()
 			ns := testutil.NewNS(t, "e2e-failover")
 			ports := []int{9001, 9002}
-			echoIn(t, ns, fmt.Sprintf("127.0.0.1:%d", ports[1-tc.down]))
-			yaml := config(`services:
+			e2e.EchoIn(t, ns, fmt.Sprintf("127.0.0.1:%d", ports[1-tc.down]))
+			yaml := e2e.Config(`services:
 - name: svc
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -204,9 +205,9 @@ func TestNodeFailover(t *testing.T) {
     netns: $NS
     netns.out: $NS
 `, map[string]string{"NS": ns.Name})
-			startDaemon(t, "failover", yaml, daemonOptions{})
+			e2e.Start(t, "failover", yaml, e2e.Options{})
 			for i := range 20 {
-				if err := exchange(t, ns, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
+				if err := e2e.Exchange(t, ns, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
 					t.Fatalf("connection %d with node-%d down: %v", i, tc.down, err)
 				}
 			}
@@ -224,8 +225,8 @@ func TestUDP(t *testing.T) {
 	tg := testutil.NewNS(t, "e2e-udp-t")
 	testutil.Veth(t, cl, "veth-cl", "10.0.21.2/24", svc, "veth-in", "10.0.21.1/24")
 	testutil.Veth(t, svc, "veth-out", "10.0.20.1/24", tg, "veth-t", "10.0.20.2/24")
-	udpEchoIn(t, tg, "10.0.20.2:9053")
-	yaml := config(`services:
+	e2e.UDPEchoIn(t, tg, "10.0.20.2:9053")
+	yaml := e2e.Config(`services:
 - name: udp-svc
   addr: "10.0.21.1:8053"
   handler: {type: udp}
@@ -237,7 +238,7 @@ func TestUDP(t *testing.T) {
     netns: $SVC
     netns.out: $SVC
 `, map[string]string{"SVC": svc.Name})
-	startDaemon(t, "udp", yaml, daemonOptions{})
+	e2e.Start(t, "udp", yaml, e2e.Options{})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
@@ -246,7 +247,7 @@ func TestUDP(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range clients {
 		wg.Go(func() {
-			c, err := dialFrom(ctx, t, cl, "udp", "10.0.21.1:8053")
+			c, err := e2e.DialFrom(ctx, t, cl, "udp", "10.0.21.1:8053")
 			if err != nil {
 				errs <- fmt.Errorf("client %d: %w", i, err)
 				return
@@ -268,7 +269,7 @@ func TestUDP(t *testing.T) {
 func TestConcurrent100x1MiB(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	f := newCrossNS(t, "e2e-conc", daemonOptions{})
+	f := newCrossNS(t, "e2e-conc", e2e.Options{})
 	const conns, size = 100, 1 << 20
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
@@ -276,7 +277,7 @@ func TestConcurrent100x1MiB(t *testing.T) {
 	var wg sync.WaitGroup
 	for i := range conns {
 		wg.Go(func() {
-			c, err := dialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
+			c, err := e2e.DialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
 			if err == nil {
 				err = peer.Exchange(ctx, c, size)
 			}
@@ -300,7 +301,7 @@ func TestConcurrent100x1MiB(t *testing.T) {
 func TestFDsFlatUnderChurn(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	f := newCrossNS(t, "e2e-fds", daemonOptions{})
+	f := newCrossNS(t, "e2e-fds", e2e.Options{})
 	churn := func(n int) {
 		t.Helper()
 		// Few workers: Go's splice keeps a pool of pipes (2 fds each) per
@@ -317,7 +318,7 @@ func TestFDsFlatUnderChurn(t *testing.T) {
 		for range workers {
 			wg.Go(func() {
 				for i := range jobs {
-					c, err := dialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
+					c, err := e2e.DialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
 					if err == nil {
 						err = peer.Exchange(ctx, c, 1024)
 					}
@@ -341,10 +342,10 @@ func TestFDsFlatUnderChurn(t *testing.T) {
 	// descriptors (namespace handles, epoll, pooled splice pipes) are
 	// counted in "before".
 	churn(50)
-	before := f.d.settledFDs(t)
+	before := f.d.SettledFDs(t)
 	churn(2000)
-	after := f.d.settledFDs(t)
-	t.Logf("daemon fds: %d before %v, %d after 2000 connections %v", len(before), fdKinds(before), len(after), fdKinds(after))
+	after := f.d.SettledFDs(t)
+	t.Logf("daemon fds: %d before %v, %d after 2000 connections %v", len(before), e2e.FDKinds(before), len(after), e2e.FDKinds(after))
 	if len(after) > len(before)+10 {
 		t.Fatalf("daemon fds grew from %d to %d over 2000 connections (allowed: +10)", len(before), len(after))
 	}

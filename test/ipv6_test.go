@@ -5,6 +5,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
@@ -20,10 +21,10 @@ func TestIPv6(t *testing.T) {
 	server := testutil.NewNS(t, "e2e-v6-s")
 	testutil.Veth(t, client, "c0", "fd00:10::2/64", gw, "g0", "fd00:10::1/64")
 	testutil.Veth(t, gw, "g1", "fd00:20::1/64", server, "s0", "fd00:20::2/64")
-	target := echoIn(t, server, "[fd00:20::2]:9000")
-	udpEchoIn(t, server, "[fd00:20::2]:9001")
+	target := e2e.EchoIn(t, server, "[fd00:20::2]:9000")
+	e2e.UDPEchoIn(t, server, "[fd00:20::2]:9001")
 
-	yaml := config(`services:
+	yaml := e2e.Config(`services:
 - name: v6-tcp
   addr: "[fd00:10::1]:8000"
   handler: {type: tcp}
@@ -41,19 +42,19 @@ func TestIPv6(t *testing.T) {
     - {name: target-0, addr: "[fd00:20::2]:9001"}
   metadata: {netns: $GW, netns.out: $GW}
 `, map[string]string{"GW": gw.Name})
-	startDaemon(t, "v6", yaml, daemonOptions{})
+	e2e.Start(t, "v6", yaml, e2e.Options{})
 
-	if err := exchange(t, client, "[fd00:10::1]:8000", 1<<20, 15*time.Second); err != nil {
+	if err := e2e.Exchange(t, client, "[fd00:10::1]:8000", 1<<20, 15*time.Second); err != nil {
 		t.Fatalf("tcp over IPv6: %v", err)
 	}
-	for _, src := range target.sources() {
+	for _, src := range target.Sources() {
 		if src != "fd00:20::1" {
 			t.Fatalf("target saw a connection from %s, want the gateway's fd00:20::1", src)
 		}
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 	defer cancel()
-	c, err := dialFrom(ctx, t, client, "udp", "[fd00:10::1]:8001")
+	c, err := e2e.DialFrom(ctx, t, client, "udp", "[fd00:10::1]:8001")
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -13,6 +13,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
@@ -30,9 +31,9 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
 	c := testutil.NewNS(t, "e2e-del-c")
 	doomed := testutil.NewNS(t, "e2e-del-d")
 	kept := testutil.NewNS(t, "e2e-del-k")
-	echoIn(t, doomed, "127.0.0.1:9000")
-	echoIn(t, kept, "127.0.0.1:9000")
-	yaml := config(`services:
+	e2e.EchoIn(t, doomed, "127.0.0.1:9000")
+	e2e.EchoIn(t, kept, "127.0.0.1:9000")
+	yaml := e2e.Config(`services:
 - name: svc-doomed
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -50,9 +51,9 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
     - {name: target-0, addr: "127.0.0.1:9000"}
   metadata: {netns: $C, netns.out: $KEPT}
 `, map[string]string{"C": c.Name, "DOOMED": doomed.Name, "KEPT": kept.Name})
-	d := startDaemon(t, "netns-deleted", yaml, daemonOptions{})
+	d := e2e.Start(t, "netns-deleted", yaml, e2e.Options{})
 	for _, addr := range []string{"127.0.0.1:8000", "127.0.0.1:8001"} {
-		if err := exchange(t, c, addr, 64<<10, 10*time.Second); err != nil {
+		if err := e2e.Exchange(t, c, addr, 64<<10, 10*time.Second); err != nil {
 			t.Fatalf("before deletion, %s: %v", addr, err)
 		}
 	}
@@ -61,15 +62,15 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
 		t.Fatal(err)
 	}
 	for range 3 {
-		expectClosedNoData(t, c, "127.0.0.1:8000")
+		e2e.ExpectClosedNoData(t, c, "127.0.0.1:8000")
 	}
-	if !d.running() {
+	if !d.Running() {
 		t.Fatal("the daemon exited when a namespace was deleted")
 	}
-	if err := exchange(t, c, "127.0.0.1:8001", 256<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 256<<10, 10*time.Second); err != nil {
 		t.Fatalf("the other service after deletion: %v", err)
 	}
-	d.waitLog(t, 5*time.Second, doomed.Name)
+	d.WaitLog(t, 5*time.Second, doomed.Name)
 }
 
 // TestCheckBadConfig: `ebpfwd check` must report every problem at once,
@@ -84,7 +85,7 @@ func TestCheckBadConfig(t *testing.T) {
 	existing := testutil.NewNS(t, "e2e-check")
 	// What run would refuse and the file alone cannot tell: a listen
 	// address another process holds, a log output that is a directory.
-	echoIn(t, existing, "127.0.0.1:8100")
+	e2e.EchoIn(t, existing, "127.0.0.1:8100")
 	logDir := t.TempDir()
 
 	tests := []struct {
@@ -174,7 +175,7 @@ services:
 			}
 			ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 			defer cancel()
-			cmd := exec.CommandContext(ctx, ebpfwdBin, "check", cfg)
+			cmd := exec.CommandContext(ctx, e2e.Bin, "check", cfg)
 			var stderr syncbuf.Buffer
 			cmd.Stderr = &stderr
 			err := cmd.Run()
@@ -219,11 +220,11 @@ func (c *pacedConn) Read(p []byte) (int, error) {
 func TestGracefulShutdown(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	f := newCrossNS(t, "e2e-drain", daemonOptions{Args: []string{"--drain-timeout", "30s"}})
+	f := newCrossNS(t, "e2e-drain", e2e.Options{Args: []string{"--drain-timeout", "30s"}})
 
 	ctx, cancel := context.WithTimeout(context.Background(), 40*time.Second)
 	defer cancel()
-	c, err := dialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
+	c, err := e2e.DialFrom(ctx, t, f.client, "tcp", "127.0.0.1:8000")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -242,7 +243,7 @@ func TestGracefulShutdown(t *testing.T) {
 			t.Fatal("no echo within the test's deadline")
 		}
 	}
-	if err := f.d.signal(syscall.SIGTERM); err != nil {
+	if err := f.d.Signal(syscall.SIGTERM); err != nil {
 		t.Fatal(err)
 	}
 
@@ -251,7 +252,7 @@ func TestGracefulShutdown(t *testing.T) {
 	refusedBy := time.Now().Add(2 * time.Second)
 	for {
 		dctx, dcancel := context.WithTimeout(ctx, time.Second)
-		nc, err := dialFrom(dctx, t, f.client, "tcp", "127.0.0.1:8000")
+		nc, err := e2e.DialFrom(dctx, t, f.client, "tcp", "127.0.0.1:8000")
 		dcancel()
 		if err != nil {
 			break
@@ -271,7 +272,7 @@ func TestGracefulShutdown(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("in-flight transfer across shutdown: %v", err)
 	}
-	code, err := f.d.wait(stopTimeout)
+	code, err := f.d.Wait(e2e.StopTimeout)
 	if err != nil {
 		t.Fatalf("daemon: %v", err)
 	}

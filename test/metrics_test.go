@@ -28,6 +28,7 @@ import (
 	"github.com/prometheus/common/model"
 	"gopkg.in/yaml.v3"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
@@ -141,21 +142,21 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 
 	c := testutil.NewNS(t, "e2e-metrics-c")
 	tg := testutil.NewNS(t, "e2e-metrics-t")
-	echoIn(t, tg, "127.0.0.1:9000")
-	udpEchoIn(t, tg, "127.0.0.1:9053")
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	e2e.UDPEchoIn(t, tg, "127.0.0.1:9053")
 	// tc-svc is a gateway on the tc datapath: client namespace -> $G -> the
 	// target namespace, over veths (its packets must cross interfaces).
 	tcClient := testutil.NewNS(t, "e2e-metrics-tcc")
 	gw := testutil.NewNS(t, "e2e-metrics-g")
 	testutil.Veth(t, tcClient, "m0", "10.33.1.2/24", gw, "mg0", "10.33.1.1/24")
 	testutil.Veth(t, gw, "mg1", "10.33.2.1/24", tg, "mt0", "10.33.2.2/24")
-	echoIn(t, tg, "10.33.2.2:9100")
+	e2e.EchoIn(t, tg, "10.33.2.2:9100")
 	metricsAddr := testutil.FreeLoopbackAddr(t)
-	startDaemon(t, "metrics", config(metricsTopology, map[string]string{
+	e2e.Start(t, "metrics", e2e.Config(metricsTopology, map[string]string{
 		"C": c.Name, "T": tg.Name, "G": gw.Name, "MADDR": metricsAddr,
 		"MUSER": metricsUser, "MPASS": metricsPassword,
 		"PUSER": proxyUser, "PPASS": proxyPassword,
-	}), daemonOptions{})
+	}), e2e.Options{})
 	endpoint := "http://" + metricsAddr + "/metrics"
 	checkAuthRequired(t, endpoint)
 
@@ -284,19 +285,19 @@ func trafficRound(t *testing.T, c, tcClient *topo.NS, udpConn net.Conn) trafficT
 	t.Helper()
 	var r trafficTotals
 	for _, n := range []int{1 << 20, 4096, 1} {
-		if err := exchange(t, tcClient, "10.33.1.1:8100", n, trafficTimeout); err != nil {
+		if err := e2e.Exchange(t, tcClient, "10.33.1.1:8100", n, trafficTimeout); err != nil {
 			t.Fatalf("tc-svc, %d bytes: %v", n, err)
 		}
 		r.tcUp, r.tcDown, r.tcConns = r.tcUp+float64(n), r.tcDown+streamDown(n), r.tcConns+1
 	}
 	for _, n := range []int{1 << 20, 300000, 4096, 1, 0} {
-		if err := exchange(t, c, "127.0.0.1:8000", n, trafficTimeout); err != nil {
+		if err := e2e.Exchange(t, c, "127.0.0.1:8000", n, trafficTimeout); err != nil {
 			t.Fatalf("tcp-svc, %d bytes: %v", n, err)
 		}
 		r.tcpUp, r.tcpDown, r.tcpConns = r.tcpUp+float64(n), r.tcpDown+streamDown(n), r.tcpConns+1
 	}
 	for _, n := range []int{512 << 10, 1000} {
-		if err := exchange(t, c, "127.0.0.1:8001", n, trafficTimeout); err != nil {
+		if err := e2e.Exchange(t, c, "127.0.0.1:8001", n, trafficTimeout); err != nil {
 			t.Fatalf("chain-svc, %d bytes: %v", n, err)
 		}
 		r.chainUp, r.chainDown, r.chainConns = r.chainUp+float64(n), r.chainDown+streamDown(n), r.chainConns+1
@@ -319,7 +320,7 @@ func connectRefused(t *testing.T, ns *topo.NS, proxy, target string) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
 	defer cancel()
-	conn, err := dialFrom(ctx, t, ns, "tcp", proxy)
+	conn, err := e2e.DialFrom(ctx, t, ns, "tcp", proxy)
 	if err != nil {
 		t.Fatalf("dial proxy %s: %v", proxy, err)
 	}
@@ -509,7 +510,7 @@ func dialUDP(t *testing.T, ns *topo.NS, addr string) net.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
 	defer cancel()
-	conn, err := dialFrom(ctx, t, ns, "udp", addr)
+	conn, err := e2e.DialFrom(ctx, t, ns, "udp", addr)
 	if err != nil {
 		t.Fatalf("udp dial %s: %v", addr, err)
 	}

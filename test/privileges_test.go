@@ -9,6 +9,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -23,7 +24,7 @@ func TestWithoutPrivileges(t *testing.T) {
 	}
 	ns := testutil.NewNS(t, "e2e-priv")
 	cfg := filepath.Join(t.TempDir(), "gost.yaml")
-	yaml := config(`services:
+	yaml := e2e.Config(`services:
 - name: svc
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -39,7 +40,7 @@ func TestWithoutPrivileges(t *testing.T) {
 	for _, verb := range []string{"run", "check"} {
 		t.Run(verb, func(t *testing.T) {
 			var stderr bytes.Buffer
-			cmd := exec.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all", ebpfwdBin, verb, cfg)
+			cmd := exec.Command("setpriv", "--inh-caps=-all", "--bounding-set=-all", e2e.Bin, verb, cfg)
 			cmd.Stderr = &stderr
 			err := cmd.Run()
 			var exit *exec.ExitError

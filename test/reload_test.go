@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"fmt"
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"io"
 	"net"
@@ -49,7 +50,7 @@ func holdConn(t *testing.T, ns *topo.NS, addr string) *heldConn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
-	c, err := dialFrom(ctx, t, ns, "tcp", addr)
+	c, err := e2e.DialFrom(ctx, t, ns, "tcp", addr)
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
@@ -84,8 +85,8 @@ func TestReloadInPlace(t *testing.T) {
 	c := testutil.NewNS(t, "e2e-rl-c")
 	t1 := testutil.NewNS(t, "e2e-rl-t1")
 	t2 := testutil.NewNS(t, "e2e-rl-t2")
-	echoIn(t, t1, "127.0.0.1:9000")
-	second := echoIn(t, t2, "127.0.0.1:9000")
+	e2e.EchoIn(t, t1, "127.0.0.1:9000")
+	second := e2e.EchoIn(t, t2, "127.0.0.1:9000")
 	vars := map[string]string{"C": c.Name, "T1": t1.Name, "A": t1.Name}
 	gone := `- name: svc-gone
   addr: 127.0.0.1:8002
@@ -96,9 +97,9 @@ func TestReloadInPlace(t *testing.T) {
     - {name: target-0, addr: "127.0.0.1:9000"}
   metadata: {netns: $C, netns.out: $T1}
 `
-	d := startDaemon(t, "reload", config(reloadConfig+gone, vars), daemonOptions{Args: []string{"--drain-timeout", "30s"}})
+	d := e2e.Start(t, "reload", e2e.Config(reloadConfig+gone, vars), e2e.Options{Args: []string{"--drain-timeout", "30s"}})
 	for _, addr := range []string{"127.0.0.1:8000", "127.0.0.1:8001", "127.0.0.1:8002"} {
-		if err := exchange(t, c, addr, 64<<10, 10*time.Second); err != nil {
+		if err := e2e.Exchange(t, c, addr, 64<<10, 10*time.Second); err != nil {
 			t.Fatalf("before the reload, %s: %v", addr, err)
 		}
 	}
@@ -118,33 +119,33 @@ func TestReloadInPlace(t *testing.T) {
     - {name: target-0, addr: "127.0.0.1:9000"}
   metadata: {netns: $C, netns.out: $T1}
 `
-	if err := os.WriteFile(d.config, []byte(config(reloadConfig+added, vars)), 0o644); err != nil {
+	if err := os.WriteFile(d.Config, []byte(e2e.Config(reloadConfig+added, vars)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond) // some connections before the switch
-	if err := d.signal(syscall.SIGHUP); err != nil {
+	if err := d.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	d.waitLog(t, 10*time.Second, "configuration reloaded", "changed: svc-a", "unchanged: svc-b", "added: svc-new", "removed: svc-gone")
+	d.WaitLog(t, 10*time.Second, "configuration reloaded", "changed: svc-a", "unchanged: svc-b", "added: svc-new", "removed: svc-gone")
 	time.Sleep(300 * time.Millisecond) // and some after it
 	steady.check(t, "to the changed service")
-	if !d.running() {
+	if !d.Running() {
 		t.Fatal("SIGHUP ended the daemon")
 	}
 
-	before := second.count()
+	before := second.Count()
 	for range 3 {
-		if err := exchange(t, c, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
+		if err := e2e.Exchange(t, c, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
 			t.Fatalf("changed service after the reload: %v", err)
 		}
 	}
-	if got := second.count() - before; got != 3 {
+	if got := second.Count() - before; got != 3 {
 		t.Fatalf("the new node got %d of 3 connections to the changed service", got)
 	}
-	if err := exchange(t, c, "127.0.0.1:8003", 64<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8003", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("added service: %v", err)
 	}
-	expectClosedNoData(t, c, "127.0.0.1:8002")
+	e2e.ExpectClosedNoData(t, c, "127.0.0.1:8002")
 	// Connections of the changed service's old form, and of the
 	// untouched service, go on.
 	heldA.roundTrip(t, "after the reload")
@@ -152,27 +153,27 @@ func TestReloadInPlace(t *testing.T) {
 
 	// A configuration that does not load is refused, by SIGHUP and by
 	// `ebpfwd reload` alike, and the running one keeps serving.
-	if err := os.WriteFile(d.config, []byte("services: [\n"), 0o644); err != nil {
+	if err := os.WriteFile(d.Config, []byte("services: [\n"), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err := exec.Command(ebpfwdBin, "reload", "--instance", d.instance).CombinedOutput()
+	out, err := exec.Command(e2e.Bin, "reload", "--instance", d.Instance).CombinedOutput()
 	if code := exitCode(err); code != 1 || !strings.Contains(string(out), "refused") {
 		t.Fatalf("ebpfwd reload of a broken file: exit %d, output %q; want 1 and the refusal", code, out)
 	}
-	if err := exchange(t, c, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("after a refused reload: %v", err)
 	}
 	heldA.roundTrip(t, "after a refused reload")
 
 	// Back to a valid file: `ebpfwd reload` applies it and says what it did.
-	if err := os.WriteFile(d.config, []byte(config(reloadConfig, vars)), 0o644); err != nil {
+	if err := os.WriteFile(d.Config, []byte(e2e.Config(reloadConfig, vars)), 0o644); err != nil {
 		t.Fatal(err)
 	}
-	out, err = exec.Command(ebpfwdBin, "reload", "--instance", d.instance).CombinedOutput()
+	out, err = exec.Command(e2e.Bin, "reload", "--instance", d.Instance).CombinedOutput()
 	if code := exitCode(err); code != 0 || !strings.Contains(string(out), "removed: svc-new") {
 		t.Fatalf("ebpfwd reload: exit %d, output %q; want 0 and what it did", code, out)
 	}
-	out, err = exec.Command(ebpfwdBin, "reload", "--instance", "e2e-not-running-"+fmt.Sprint(os.Getpid())).CombinedOutput()
+	out, err = exec.Command(e2e.Bin, "reload", "--instance", "e2e-not-running-"+fmt.Sprint(os.Getpid())).CombinedOutput()
 	if code := exitCode(err); code != 1 || !strings.Contains(string(out), "is not running") {
 		t.Fatalf("ebpfwd reload of an instance that does not run: exit %d, output %q", code, out)
 	}
@@ -197,7 +198,7 @@ func connectSteadily(t *testing.T, ns *topo.NS, addr string) *steadyConns {
 			default:
 			}
 			s.tried.Add(1)
-			if err := exchange(t, ns, addr, 4<<10, 5*time.Second); err != nil {
+			if err := e2e.Exchange(t, ns, addr, 4<<10, 5*time.Second); err != nil {
 				s.failed.Add(1)
 				s.firstFailure.CompareAndSwap(nil, err.Error())
 			}
@@ -253,36 +254,36 @@ func TestReloadTC(t *testing.T) {
 	if err := server.IP("addr", "add", "10.36.2.3/24", "dev", "s0"); err != nil {
 		t.Fatal(err)
 	}
-	echoIn(t, server, "10.36.2.2:9000")
-	second := echoIn(t, server, "10.36.2.3:9000")
+	e2e.EchoIn(t, server, "10.36.2.2:9000")
+	second := e2e.EchoIn(t, server, "10.36.2.3:9000")
 	vars := map[string]string{"GW": gw.Name, "NODE": "10.36.2.2"}
-	d := startDaemon(t, "reload-tc", config(reloadTC, vars), daemonOptions{})
+	d := e2e.Start(t, "reload-tc", e2e.Config(reloadTC, vars), e2e.Options{})
 	held := holdConn(t, client, "10.36.1.1:8000")
 
 	steady := connectSteadily(t, client, "10.36.1.1:8000")
 	vars["NODE"] = "10.36.2.3"
-	if err := os.WriteFile(d.config, []byte(config(reloadTC, vars)), 0o644); err != nil {
+	if err := os.WriteFile(d.Config, []byte(e2e.Config(reloadTC, vars)), 0o644); err != nil {
 		t.Fatal(err)
 	}
 	time.Sleep(200 * time.Millisecond)
-	if err := d.signal(syscall.SIGHUP); err != nil {
+	if err := d.Signal(syscall.SIGHUP); err != nil {
 		t.Fatal(err)
 	}
-	d.waitLog(t, 15*time.Second, "configuration reloaded", "changed: tc-tcp")
+	d.WaitLog(t, 15*time.Second, "configuration reloaded", "changed: tc-tcp")
 	time.Sleep(300 * time.Millisecond)
 	steady.check(t, "to the tc service")
 	held.roundTrip(t, "after the reload (a kernel flow to the old node)")
 
-	before := second.count()
+	before := second.Count()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := dialFrom(ctx, t, client, "tcp", "10.36.1.1:8000")
+	c, err := e2e.DialFrom(ctx, t, client, "tcp", "10.36.1.1:8000")
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer c.Close()
 	(&heldConn{c: c}).roundTrip(t, "on a new connection after the reload")
-	if got := second.count() - before; got != 1 {
+	if got := second.Count() - before; got != 1 {
 		t.Fatalf("the new node got %d new connections, want 1", got)
 	}
 	out := conns(t, d)

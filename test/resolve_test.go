@@ -1,11 +1,10 @@
 package test
 
 import (
-	"os"
-	"path/filepath"
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -17,19 +16,12 @@ func TestHostnameResolvedInDialingNamespace(t *testing.T) {
 	t.Parallel()
 	c := testutil.NewNS(t, "e2e-res-c")
 	out := testutil.NewNS(t, "e2e-res-o")
-	echoIn(t, out, "127.0.0.7:9000")
+	e2e.EchoIn(t, out, "127.0.0.7:9000")
 
-	dir := filepath.Join("/etc/netns", out.Name)
-	if err := os.MkdirAll(dir, 0o755); err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { os.RemoveAll(dir) })
 	hosts := "# written by TestHostnameResolvedInDialingNamespace\n127.0.0.7 target.ebpfwd.test target\n"
-	if err := os.WriteFile(filepath.Join(dir, "hosts"), []byte(hosts), 0o644); err != nil {
-		t.Fatal(err)
-	}
+	testutil.WriteNSEtc(t, out.Name, "hosts", hosts)
 
-	yaml := config(`services:
+	yaml := e2e.Config(`services:
 - name: svc
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -39,8 +31,8 @@ func TestHostnameResolvedInDialingNamespace(t *testing.T) {
     - {name: target-0, addr: "target.ebpfwd.test:9000"}
   metadata: {netns: $C, netns.out: $OUT}
 `, map[string]string{"C": c.Name, "OUT": out.Name})
-	startDaemon(t, "resolve", yaml, daemonOptions{})
-	if err := exchange(t, c, "127.0.0.1:8000", 256<<10, 10*time.Second); err != nil {
+	e2e.Start(t, "resolve", yaml, e2e.Options{})
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 256<<10, 10*time.Second); err != nil {
 		t.Fatalf("through a node named in /etc/netns/%s/hosts: %v", out.Name, err)
 	}
 }

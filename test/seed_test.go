@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -106,28 +107,28 @@ func TestSeed000(t *testing.T) {
 	ns2 := testutil.NewNS(t, "e2e-seed-ns2")
 	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
 	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
-	target := echoIn(t, host, "10.0.1.11:8000")
+	target := e2e.EchoIn(t, host, "10.0.1.11:8000")
 
-	proxy := startDaemon(t, "hop-proxy", config(seedHopProxy, map[string]string{"NS2": ns2.Name}), daemonOptions{})
+	proxy := e2e.Start(t, "hop-proxy", e2e.Config(seedHopProxy, map[string]string{"NS2": ns2.Name}), e2e.Options{})
 	seed := strings.NewReplacer("netns: ns1", "netns: "+ns1.Name, "netns: ns2", "netns: "+ns2.Name).Replace(seedYAML)
-	fwd := startDaemon(t, "seed", seed, daemonOptions{In: host})
+	fwd := e2e.Start(t, "seed", seed, e2e.Options{In: host})
 
-	if err := exchange(t, host, "10.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
+	if err := e2e.Exchange(t, host, "10.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
 		t.Fatalf("1 MiB through the seed's chain: %v", err)
 	}
 	// The target must have been reached through the hop in ns2, not
 	// directly from the default namespace where it is local.
-	if got := target.sources(); !slices.Equal(got, []string{"10.0.1.1"}) {
+	if got := target.Sources(); !slices.Equal(got, []string{"10.0.1.1"}) {
 		t.Errorf("target saw connections from %v, want only the hop 10.0.1.1", got)
 	}
 
-	for _, d := range []*daemon{fwd, proxy} {
-		code, err := d.stop()
+	for _, d := range []*e2e.Daemon{fwd, proxy} {
+		code, err := d.Stop()
 		if err != nil {
-			t.Fatalf("stop daemon %s: %v", d.name, err)
+			t.Fatalf("stop daemon %s: %v", d.Name, err)
 		}
 		if code != 0 {
-			t.Errorf("daemon %s exited with status %d after SIGTERM, want 0", d.name, code)
+			t.Errorf("daemon %s exited with status %d after SIGTERM, want 0", d.Name, code)
 		}
 	}
 }

@@ -2,6 +2,7 @@ package test
 
 import (
 	"context"
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"net"
 	"os"
 	"strconv"
@@ -14,9 +15,9 @@ import (
 )
 
 // daemonThreads is the daemon's thread count, as /proc/PID/status says.
-func daemonThreads(t *testing.T, d *daemon) int {
+func daemonThreads(t *testing.T, d *e2e.Daemon) int {
 	t.Helper()
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(d.pid()) + "/status")
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(d.Pid()) + "/status")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -58,8 +59,8 @@ func TestPendingDialStorm(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	echoIn(t, alive, "127.0.0.1:9000")
-	yaml := config(`services:
+	e2e.EchoIn(t, alive, "127.0.0.1:9000")
+	yaml := e2e.Config(`services:
 - name: blackholed
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -77,11 +78,11 @@ func TestPendingDialStorm(t *testing.T) {
     - {name: alive-0, addr: "127.0.0.1:9000"}
   metadata: {netns: $C, netns.out: $ALIVE, datapath: userspace}
 `, map[string]string{"C": c.Name, "DEAD": dead.Name, "ALIVE": alive.Name})
-	d := startDaemon(t, "storm", yaml, daemonOptions{})
-	if err := exchange(t, c, "127.0.0.1:8001", 64<<10, 10*time.Second); err != nil {
+	d := e2e.Start(t, "storm", yaml, e2e.Options{})
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 64<<10, 10*time.Second); err != nil {
 		t.Fatal(err)
 	}
-	baseThreads, baseFDs := daemonThreads(t, d), len(d.settledFDs(t))
+	baseThreads, baseFDs := daemonThreads(t, d), len(d.SettledFDs(t))
 
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	defer cancel()
@@ -92,7 +93,7 @@ func TestPendingDialStorm(t *testing.T) {
 	)
 	for range clients {
 		wg.Go(func() {
-			conn, err := dialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
+			conn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
 			if err == nil {
 				mu.Lock()
 				conns = append(conns, conn)
@@ -115,10 +116,10 @@ func TestPendingDialStorm(t *testing.T) {
 	if n := daemonThreads(t, d); n > baseThreads+64 {
 		t.Fatalf("%d threads with %d dials pending (baseline %d): a pending dial holds a thread", n, len(conns), baseThreads)
 	}
-	if err := exchange(t, c, "127.0.0.1:8001", 256<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 256<<10, 10*time.Second); err != nil {
 		t.Fatalf("the other service during the storm: %v", err)
 	}
-	if !d.running() {
+	if !d.Running() {
 		t.Fatal("the daemon died under the storm")
 	}
 	for _, conn := range conns {
@@ -128,7 +129,7 @@ func TestPendingDialStorm(t *testing.T) {
 	// and descriptors come back (bounded wait).
 	var threads, fds int
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-		threads, fds = daemonThreads(t, d), len(d.openFDs(t))
+		threads, fds = daemonThreads(t, d), len(d.OpenFDs(t))
 		if threads <= baseThreads+16 && fds <= baseFDs+16 {
 			break
 		}
@@ -136,7 +137,7 @@ func TestPendingDialStorm(t *testing.T) {
 	if threads > baseThreads+16 || fds > baseFDs+16 {
 		t.Fatalf("after the storm: %d threads (baseline %d), %d fds (baseline %d)", threads, baseThreads, fds, baseFDs)
 	}
-	if err := exchange(t, c, "127.0.0.1:8001", 64<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("the other service after the storm: %v", err)
 	}
 }

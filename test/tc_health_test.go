@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
@@ -25,9 +26,9 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 	testutil.Veth(t, client, "c0", "10.35.1.2/24", gw, "g0", "10.35.1.1/24")
 	testutil.Veth(t, gw, "g1", "10.35.2.1/24", server, "s0", "10.35.2.2/24")
 	// Nothing listens on :9001 (TCP) or :9011 (UDP).
-	echoIn(t, server, "10.35.2.2:9000")
-	udpEchoIn(t, server, "10.35.2.2:9010")
-	yaml := config(`services:
+	e2e.EchoIn(t, server, "10.35.2.2:9000")
+	e2e.UDPEchoIn(t, server, "10.35.2.2:9010")
+	yaml := e2e.Config(`services:
 - name: tc-two-nodes
   addr: "10.35.1.1:8000"
   handler: {type: tcp}
@@ -48,7 +49,7 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
     - {name: live-udp, addr: "10.35.2.2:9010"}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
 `, map[string]string{"GW": gw.Name})
-	d := startDaemon(t, "tc-health", yaml, daemonOptions{})
+	d := e2e.Start(t, "tc-health", yaml, e2e.Options{})
 
 	const flows = 20
 	for _, tt := range []struct {
@@ -56,14 +57,14 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 		flow                    func() error
 	}{
 		{"tcp", "dead", "10.35.1.1:8000", func() error {
-			return exchange(t, client, "10.35.1.1:8000", 32<<10, 15*time.Second)
+			return e2e.Exchange(t, client, "10.35.1.1:8000", 32<<10, 15*time.Second)
 		}},
 		{"udp", "dead-udp", "10.35.1.1:8010", func() error {
 			// A session is one client socket: it sticks to the node
 			// its first datagram was given.
 			ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
 			defer cancel()
-			c, err := dialFrom(ctx, t, client, "udp", "10.35.1.1:8010")
+			c, err := e2e.DialFrom(ctx, t, client, "udp", "10.35.1.1:8010")
 			if err != nil {
 				return err
 			}
@@ -72,7 +73,7 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 		}},
 	} {
 		t.Run(tt.network, func(t *testing.T) {
-			d.waitLog(t, 10*time.Second, "node health pushed to datapath", "node="+tt.deadNode+" healthy=false")
+			d.WaitLog(t, 10*time.Second, "node health pushed to datapath", "node="+tt.deadNode+" healthy=false")
 			var wg sync.WaitGroup
 			errs := make(chan error, flows)
 			for i := range flows {

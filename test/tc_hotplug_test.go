@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
@@ -45,11 +46,11 @@ func TestTCHotplug(t *testing.T) {
 	server := testutil.NewNS(t, "e2e-hot-s")
 	testutil.Veth(t, client, "c0", "10.36.1.2/24", gw, "g0", "10.36.1.1/24")
 	testutil.Veth(t, gw, "g1", "10.36.2.1/24", server, "s0", "10.36.2.2/24")
-	echoIn(t, server, "10.36.2.2:9000")
+	e2e.EchoIn(t, server, "10.36.2.2:9000")
 
-	d := startDaemon(t, "tc-hotplug", config(tcHotplug, map[string]string{"GW": gw.Name}), daemonOptions{})
-	pinDir := logAttr(t, d.waitLog(t, time.Second, "tc datapath attached", "service=tc-hot"), "pins")
-	gwNS := handle(t, gw)
+	d := e2e.Start(t, "tc-hotplug", e2e.Config(tcHotplug, map[string]string{"GW": gw.Name}), e2e.Options{})
+	pinDir := logAttr(t, d.WaitLog(t, time.Second, "tc datapath attached", "service=tc-hot"), "pins")
+	gwNS := e2e.Handle(t, gw)
 	for _, ifname := range []string{"g0", "g1"} {
 		if n := tcxPrograms(t, gwNS, ifname); n != 1 {
 			t.Fatalf("%d tcx programs on %s at start, want 1", n, ifname)
@@ -62,7 +63,7 @@ func TestTCHotplug(t *testing.T) {
 	if err := client2.AddRoute("10.36.1.0/24", "10.36.3.1"); err != nil {
 		t.Fatal(err)
 	}
-	d.waitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g2")
+	d.WaitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g2")
 	waitTCXPrograms(t, gwNS, "g2", 1)
 	g2Index := ifindexIn(t, gwNS, "g2")
 	pin := filepath.Join(pinDir, fmt.Sprintf("link_g2_%d", g2Index))
@@ -78,7 +79,7 @@ func TestTCHotplug(t *testing.T) {
 			t.Fatalf("conns does not list the new client's connection as a tc flow:\n%s", out)
 		}
 		kernelExchange(t, d, client2.Name, func(ctx context.Context) (net.Conn, error) {
-			return dialFrom(ctx, t, client2, "tcp", "10.36.1.1:8000")
+			return e2e.DialFrom(ctx, t, client2, "tcp", "10.36.1.1:8000")
 		})
 	})
 
@@ -86,7 +87,7 @@ func TestTCHotplug(t *testing.T) {
 	if err := gw.IP("link", "del", "g2"); err != nil {
 		t.Fatal(err)
 	}
-	d.waitLog(t, hotplugWait, "tc datapath detached from interface", "interface=g2")
+	d.WaitLog(t, hotplugWait, "tc datapath detached from interface", "interface=g2")
 	deadline := time.Now().Add(hotplugWait)
 	for {
 		_, err := os.Stat(pin)
@@ -101,7 +102,7 @@ func TestTCHotplug(t *testing.T) {
 
 	t.Run("the first client is still served in the kernel", func(t *testing.T) {
 		kernelExchange(t, d, client.Name, func(ctx context.Context) (net.Conn, error) {
-			return dialFrom(ctx, t, client, "tcp", "10.36.1.1:8000")
+			return e2e.DialFrom(ctx, t, client, "tcp", "10.36.1.1:8000")
 		})
 	})
 
@@ -117,7 +118,7 @@ func TestTCHotplug(t *testing.T) {
 		if err := gw.IP("link", "set", "g3", "up"); err != nil {
 			t.Fatal(err)
 		}
-		d.waitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g3", "peer_redirect=false")
+		d.WaitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g3", "peer_redirect=false")
 		client3 := testutil.NewNS(t, "e2e-hot-c3")
 		for _, step := range []func() error{
 			func() error { return gw.IP("link", "set", "p3", "netns", client3.Name) },
@@ -129,13 +130,13 @@ func TestTCHotplug(t *testing.T) {
 				t.Fatal(err)
 			}
 		}
-		d.waitLog(t, hotplugWait, "tc datapath: veth peer moved", "interface=g3", "peer_redirect=true")
+		d.WaitLog(t, hotplugWait, "tc datapath: veth peer moved", "interface=g3", "peer_redirect=true")
 		kernelExchange(t, d, client3.Name, func(ctx context.Context) (net.Conn, error) {
-			return dialFrom(ctx, t, client3, "tcp", "10.36.1.1:8000")
+			return e2e.DialFrom(ctx, t, client3, "tcp", "10.36.1.1:8000")
 		})
 	})
 
-	if !d.running() {
+	if !d.Running() {
 		t.Fatal("the daemon exited")
 	}
 	requireCleanExit(t, d)
@@ -153,7 +154,7 @@ func TestTCHotplug(t *testing.T) {
 // checks that `ebpfwd conns` lists it as a kernel flow (it stays in the
 // conntrack table for a while after it closed) and no connection of the
 // service reached the userspace listener.
-func kernelExchange(t *testing.T, d *daemon, from string, dial func(context.Context) (net.Conn, error)) {
+func kernelExchange(t *testing.T, d *e2e.Daemon, from string, dial func(context.Context) (net.Conn, error)) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()

@@ -14,6 +14,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -53,16 +54,16 @@ func newRestartTopo(t *testing.T, prefix string) restartTopo {
 	tp := restartTopo{client: testutil.NewNS(t, prefix+"-c"), gw: testutil.NewNS(t, prefix+"-g"), server: testutil.NewNS(t, prefix+"-s")}
 	testutil.Veth(t, tp.client, "c0", "10.34.1.2/24", tp.gw, "g0", "10.34.1.1/24")
 	testutil.Veth(t, tp.gw, "g1", "10.34.2.1/24", tp.server, "s0", "10.34.2.2/24")
-	echoIn(t, tp.server, "10.34.2.2:9000")
+	e2e.EchoIn(t, tp.server, "10.34.2.2:9000")
 	return tp
 }
 
 // fixedInstance returns daemon options that give every daemon of a test
 // one instance name: the harness passes its own --instance first, and the
 // flag package keeps the last.
-func fixedInstance(name string) (string, daemonOptions) {
+func fixedInstance(name string) (string, e2e.Options) {
 	instance := fmt.Sprintf("e2e-%s-%08x", name, rand.Uint32())
-	return instance, daemonOptions{Args: []string{"--instance", instance, "--drain-timeout", "5s"}}
+	return instance, e2e.Options{Args: []string{"--instance", instance, "--drain-timeout", "5s"}}
 }
 
 // pacedExchange starts a 20 MiB peer.Exchange (SHA-256 checked both ways)
@@ -72,7 +73,7 @@ func pacedExchange(t *testing.T, ns *topo.NS, addr string) (local string, done <
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 	t.Cleanup(cancel)
-	c, err := dialFrom(ctx, t, ns, "tcp", addr)
+	c, err := e2e.DialFrom(ctx, t, ns, "tcp", addr)
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
@@ -106,46 +107,46 @@ func stillRunning(t *testing.T, done <-chan error, what string) {
 }
 
 // readyFile is the daemon's --ready-file.
-func readyFile(t *testing.T, d *daemon) string {
+func readyFile(t *testing.T, d *e2e.Daemon) string {
 	t.Helper()
-	i := slices.Index(d.cmd.Args, "--ready-file")
-	if i < 0 || i+1 >= len(d.cmd.Args) {
-		t.Fatalf("daemon %s has no --ready-file: %v", d.name, d.cmd.Args)
+	i := slices.Index(d.Cmd.Args, "--ready-file")
+	if i < 0 || i+1 >= len(d.Cmd.Args) {
+		t.Fatalf("daemon %s has no --ready-file: %v", d.Name, d.Cmd.Args)
 	}
-	return d.cmd.Args[i+1]
+	return d.Cmd.Args[i+1]
 }
 
 // restartInPlace sends SIGUSR2 and waits until the re-executed daemon
 // (same PID) has written its ready file again.
-func restartInPlace(t *testing.T, d *daemon) {
+func restartInPlace(t *testing.T, d *e2e.Daemon) {
 	t.Helper()
 	ready := readyFile(t, d)
 	if err := os.Remove(ready); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.signal(syscall.SIGUSR2); err != nil {
+	if err := d.Signal(syscall.SIGUSR2); err != nil {
 		t.Fatal(err)
 	}
 	deadline := time.Now().Add(restartTimeout)
 	for {
 		data, err := os.ReadFile(ready)
 		if err == nil && strings.HasSuffix(string(data), "\n") {
-			if pid := strings.TrimSpace(string(data)); pid != strconv.Itoa(d.pid()) {
-				t.Fatalf("ready file after restart names pid %s, want the same process %d", pid, d.pid())
+			if pid := strings.TrimSpace(string(data)); pid != strconv.Itoa(d.Pid()) {
+				t.Fatalf("ready file after restart names pid %s, want the same process %d", pid, d.Pid())
 			}
 			break
 		}
-		if !d.running() {
-			t.Fatalf("daemon %s exited on SIGUSR2 (%v); output:\n%s", d.name, d.waitErr, d.output)
+		if !d.Running() {
+			t.Fatalf("daemon %s exited on SIGUSR2 (%v); output:\n%s", d.Name, d.WaitErr(), d.Output)
 		}
 		if time.Now().After(deadline) {
-			t.Fatalf("daemon %s did not write its ready file within %v of SIGUSR2; output:\n%s", d.name, restartTimeout, d.output)
+			t.Fatalf("daemon %s did not write its ready file within %v of SIGUSR2; output:\n%s", d.Name, restartTimeout, d.Output)
 		}
 		time.Sleep(20 * time.Millisecond)
 	}
-	d.waitLog(t, time.Second, "re-executing itself to restart in place")
-	if n := strings.Count(d.output.String(), "ebpfwd starting"); n != 2 {
-		t.Fatalf("daemon %s started %d times, want 2 (one restart); output:\n%s", d.name, n, d.output)
+	d.WaitLog(t, time.Second, "re-executing itself to restart in place")
+	if n := strings.Count(d.Output.String(), "ebpfwd starting"); n != 2 {
+		t.Fatalf("daemon %s started %d times, want 2 (one restart); output:\n%s", d.Name, n, d.Output)
 	}
 }
 
@@ -164,10 +165,10 @@ func TestTCRestartKeepsFlows(t *testing.T) {
 	t.Parallel()
 	tp := newRestartTopo(t, "e2e-rst")
 	instance, opts := fixedInstance("tc-restart")
-	d := startDaemon(t, "tc-restart", config(tcRestart, map[string]string{"GW": tp.gw.Name}), opts)
-	d.instance = instance
-	gw := handle(t, tp.gw)
-	pid := d.pid()
+	d := e2e.Start(t, "tc-restart", e2e.Config(tcRestart, map[string]string{"GW": tp.gw.Name}), opts)
+	d.Instance = instance
+	gw := e2e.Handle(t, tp.gw)
+	pid := d.Pid()
 
 	local, done := pacedExchange(t, tp.client, "10.34.1.1:8000")
 	if out := conns(t, d); !tcFlow("tc-keep", local).MatchString(out) {
@@ -175,11 +176,11 @@ func TestTCRestartKeepsFlows(t *testing.T) {
 	}
 	restartInPlace(t, d)
 	stillRunning(t, done, "the restart completed")
-	if d.pid() != pid || !d.running() {
-		t.Fatalf("daemon pid %d (running %v) after restart, want %d", d.pid(), d.running(), pid)
+	if d.Pid() != pid || !d.Running() {
+		t.Fatalf("daemon pid %d (running %v) after restart, want %d", d.Pid(), d.Running(), pid)
 	}
-	d.waitLog(t, time.Second, "adopted the pinned tcx link of a previous run", "g0")
-	d.waitLog(t, time.Second, "reusing the pinned maps of a previous run")
+	d.WaitLog(t, time.Second, "adopted the pinned tcx link of a previous run", "g0")
+	d.WaitLog(t, time.Second, "reusing the pinned maps of a previous run")
 	if out := conns(t, d); !tcFlow("tc-keep", local).MatchString(out) {
 		t.Errorf("conns does not list the flow after the restart:\n%s", out)
 	}
@@ -191,7 +192,7 @@ func TestTCRestartKeepsFlows(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("transfer across the restart: %v", err)
 	}
-	if err := exchange(t, tp.client, "10.34.1.1:8000", 1<<20, 20*time.Second); err != nil {
+	if err := e2e.Exchange(t, tp.client, "10.34.1.1:8000", 1<<20, 20*time.Second); err != nil {
 		t.Fatalf("new connection after the restart: %v", err)
 	}
 
@@ -210,8 +211,8 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-rspl")
 	instance, opts := fixedInstance("tc-restart-splice")
-	d := startDaemon(t, "tc-restart-splice", config(spliceOut, tp.vars), opts)
-	d.instance = instance
+	d := e2e.Start(t, "tc-restart-splice", e2e.Config(spliceOut, tp.vars), opts)
+	d.Instance = instance
 	links := spliceLinksIn(t, tp.a)
 	if len(links) != 1 {
 		t.Fatalf("splice links in A: %v, want one", links)
@@ -219,7 +220,7 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 	ifindex := func() int {
 		t.Helper()
 		var idx int
-		err := handle(t, tp.a).Do(func() error {
+		err := e2e.Handle(t, tp.a).Do(func() error {
 			iface, err := net.InterfaceByName(links[0])
 			if err == nil {
 				idx = iface.Index
@@ -236,7 +237,7 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 	local, done := pacedExchange(t, tp.client, "10.33.1.1:8000")
 	restartInPlace(t, d)
 	stillRunning(t, done, "the restart completed")
-	d.waitLog(t, time.Second, "splice link of a previous run adopted", links[0])
+	d.WaitLog(t, time.Second, "splice link of a previous run adopted", links[0])
 	if after := ifindex(); after != before {
 		t.Errorf("splice link %s has ifindex %d after the restart, was %d: it was recreated", links[0], after, before)
 	}
@@ -246,7 +247,7 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 	if err := <-done; err != nil {
 		t.Fatalf("transfer over the splice link across the restart: %v", err)
 	}
-	if err := exchange(t, tp.client, "10.33.1.1:8000", 1<<20, 20*time.Second); err != nil {
+	if err := e2e.Exchange(t, tp.client, "10.33.1.1:8000", 1<<20, 20*time.Second); err != nil {
 		t.Fatalf("new connection after the restart: %v", err)
 	}
 	requireCleanExit(t, d, tp.a, tp.b, tp.client)
@@ -267,24 +268,24 @@ func TestTCCrashKeepsFlowsAndPrunes(t *testing.T) {
 	instance, opts := fixedInstance("tc-crash")
 	vars := map[string]string{"GW": tp.gw.Name}
 
-	killed := startDaemon(t, "tc-crash-killed", config(tcRestart+tcRestartDropped, vars), opts)
-	killed.instance = instance
+	killed := e2e.Start(t, "tc-crash-killed", e2e.Config(tcRestart+tcRestartDropped, vars), opts)
+	killed.Instance = instance
 	// The dropped service works while configured.
-	if err := exchange(t, tp.client, "10.34.1.1:8002", 64<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, tp.client, "10.34.1.1:8002", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("service to be dropped: %v", err)
 	}
 	local, done := pacedExchange(t, tp.client, "10.34.1.1:8000")
-	killed.crash(t)
+	killed.Crash(t)
 	if err := tp.gw.IP("link", "del", "g2"); err != nil {
 		t.Fatal(err)
 	}
 
-	restarted := startDaemon(t, "tc-crash-restarted", config(tcRestart, vars), opts)
-	restarted.instance = instance
+	restarted := e2e.Start(t, "tc-crash-restarted", e2e.Config(tcRestart, vars), opts)
+	restarted.Instance = instance
 	stillRunning(t, done, "the next start was ready")
-	restarted.waitLog(t, time.Second, "reusing the pinned maps of a previous run")
-	restarted.waitLog(t, time.Second, "removed services of a previous run")
-	restarted.waitLog(t, time.Second, "removed tcx links of a previous run", "link_g2_")
+	restarted.WaitLog(t, time.Second, "reusing the pinned maps of a previous run")
+	restarted.WaitLog(t, time.Second, "removed services of a previous run")
+	restarted.WaitLog(t, time.Second, "removed tcx links of a previous run", "link_g2_")
 	if out := conns(t, restarted); !tcFlow("tc-keep", local).MatchString(out) {
 		t.Errorf("conns does not list the flow the killed daemon set up:\n%s", out)
 	}
@@ -295,7 +296,7 @@ func TestTCCrashKeepsFlowsAndPrunes(t *testing.T) {
 	// should be gone could connect.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if c, err := dialFrom(ctx, t, tp.client, "tcp", "10.34.1.1:8002"); err == nil {
+	if c, err := e2e.DialFrom(ctx, t, tp.client, "tcp", "10.34.1.1:8002"); err == nil {
 		c.Close()
 		t.Error("the dropped service still forwards after the next start")
 	}
@@ -307,7 +308,7 @@ func TestTCCrashKeepsFlowsAndPrunes(t *testing.T) {
 			}
 		}
 	}
-	if err := exchange(t, tp.client, "10.34.1.1:8000", 1<<20, 20*time.Second); err != nil {
+	if err := e2e.Exchange(t, tp.client, "10.34.1.1:8000", 1<<20, 20*time.Second); err != nil {
 		t.Fatalf("new connection after the next start: %v", err)
 	}
 	requireCleanExit(t, restarted, tp.gw)

@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -83,9 +84,9 @@ func pinDirsOf(instance string) []string {
 
 // requireCleanExit stops d with SIGTERM and checks that it exited 0 and
 // left no splice link in any of nss and no pins.
-func requireCleanExit(t *testing.T, d *daemon, nss ...*topo.NS) {
+func requireCleanExit(t *testing.T, d *e2e.Daemon, nss ...*topo.NS) {
 	t.Helper()
-	if code, err := d.stop(); err != nil || code != 0 {
+	if code, err := d.Stop(); err != nil || code != 0 {
 		t.Fatalf("daemon stop: status %d, %v", code, err)
 	}
 	for _, ns := range nss {
@@ -93,7 +94,7 @@ func requireCleanExit(t *testing.T, d *daemon, nss ...*topo.NS) {
 			t.Errorf("splice links %v left in %s after exit", links, ns.Name)
 		}
 	}
-	if dirs := pinDirsOf(d.instance); len(dirs) > 0 {
+	if dirs := pinDirsOf(d.Instance); len(dirs) > 0 {
 		t.Errorf("pin directories %v left after exit", dirs)
 	}
 }
@@ -104,7 +105,7 @@ func heldFlow(t *testing.T, ns *topo.NS, addr string) net.Conn {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
-	c, err := dialFrom(ctx, t, ns, "tcp", addr)
+	c, err := e2e.DialFrom(ctx, t, ns, "tcp", addr)
 	if err != nil {
 		t.Fatalf("dial %s: %v", addr, err)
 	}
@@ -132,16 +133,16 @@ func TestTCSpliceSeed(t *testing.T) {
 	ns2 := testutil.NewNS(t, "e2e-spl-ns2")
 	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
 	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
-	target := echoIn(t, host, "10.0.1.11:8000")
+	target := e2e.EchoIn(t, host, "10.0.1.11:8000")
 
-	d := startDaemon(t, "tc-splice-seed", config(seedOnTC, map[string]string{"NS1": ns1.Name}), daemonOptions{In: host})
+	d := e2e.Start(t, "tc-splice-seed", e2e.Config(seedOnTC, map[string]string{"NS1": ns1.Name}), e2e.Options{In: host})
 	for _, ns := range []*topo.NS{host, ns1} {
 		if links := spliceLinksIn(t, ns); len(links) != 1 {
 			t.Fatalf("splice links in %s: %v, want one", ns.Name, links)
 		}
 	}
 	link := spliceLinksIn(t, ns1)[0]
-	if n := tcxPrograms(t, handle(t, ns1), link); n != 1 {
+	if n := tcxPrograms(t, e2e.Handle(t, ns1), link); n != 1 {
 		t.Errorf("%d tcx programs on the splice end %s in ns1, want 1", n, link)
 	}
 	if links := spliceLinksIn(t, ns2); len(links) != 0 {
@@ -149,7 +150,7 @@ func TestTCSpliceSeed(t *testing.T) {
 	}
 
 	t.Run("1 MiB each way", func(t *testing.T) {
-		if err := exchange(t, host, "10.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
+		if err := e2e.Exchange(t, host, "10.0.0.1:8000", 1<<20, 30*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	})
@@ -169,11 +170,11 @@ func TestTCSpliceSeed(t *testing.T) {
 		}
 	})
 
-	if got := target.sources(); !slices.Equal(got, []string{spliceListenAddr}) {
+	if got := target.Sources(); !slices.Equal(got, []string{spliceListenAddr}) {
 		t.Errorf("target saw connections from %v, want only the splice address %s", got, spliceListenAddr)
 	}
 	requireCleanExit(t, d, host, ns1, ns2)
-	if n := tcxPrograms(t, handle(t, ns1), "veth1"); n != 0 {
+	if n := tcxPrograms(t, e2e.Handle(t, ns1), "veth1"); n != 0 {
 		t.Errorf("%d tcx programs left on veth1 after exit", n)
 	}
 }
@@ -207,8 +208,8 @@ const spliceOut = `services:
 
 type spliceOutTopo struct {
 	client, a, b *topo.NS
-	target       *acceptLog // TCP, IPv4
-	target6      *acceptLog // TCP, IPv6
+	target       *e2e.AcceptLog // TCP, IPv4
+	target6      *e2e.AcceptLog // TCP, IPv6
 	vars         map[string]string
 }
 
@@ -231,16 +232,16 @@ func newSpliceOutTopo(t *testing.T, prefix string) spliceOutTopo {
 			t.Fatal(err)
 		}
 	}
-	tp.target = echoIn(t, tp.b, "10.33.9.2:9000")
-	tp.target6 = echoIn(t, tp.b, "[fd00:33:9::2]:9000")
-	udpEchoIn(t, tp.b, "10.33.9.2:9001")
+	tp.target = e2e.EchoIn(t, tp.b, "10.33.9.2:9000")
+	tp.target6 = e2e.EchoIn(t, tp.b, "[fd00:33:9::2]:9000")
+	e2e.UDPEchoIn(t, tp.b, "10.33.9.2:9001")
 	tp.vars = map[string]string{"A": tp.a.Name, "B": tp.b.Name}
 
 	// Without the splice link the targets are out of reach from A.
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
 	for _, addr := range []string{"10.33.9.2:9000", "[fd00:33:9::2]:9000"} {
-		if c, err := dialFrom(ctx, t, tp.a, "tcp", addr); err == nil {
+		if c, err := e2e.DialFrom(ctx, t, tp.a, "tcp", addr); err == nil {
 			c.Close()
 			t.Fatalf("%s is reachable from the listen namespace; the test would prove nothing", addr)
 		}
@@ -254,7 +255,7 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-splo")
-	d := startDaemon(t, "tc-splice-out", config(spliceOut, tp.vars), daemonOptions{})
+	d := e2e.Start(t, "tc-splice-out", e2e.Config(spliceOut, tp.vars), e2e.Options{})
 	// One link for the three services.
 	for _, ns := range []*topo.NS{tp.a, tp.b} {
 		if links := spliceLinksIn(t, ns); len(links) != 1 {
@@ -283,18 +284,18 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 
 	t.Run("TCP 100 concurrent flows byte-exact", func(t *testing.T) {
 		concurrently(t, func(int) error {
-			return exchange(t, tp.client, "10.33.1.1:8000", 256<<10, 60*time.Second)
+			return e2e.Exchange(t, tp.client, "10.33.1.1:8000", 256<<10, 60*time.Second)
 		})
-		if got := tp.target.sources(); !slices.Equal(got, []string{spliceListenAddr}) {
+		if got := tp.target.Sources(); !slices.Equal(got, []string{spliceListenAddr}) {
 			t.Errorf("target saw connections from %v, want only the splice address %s", got, spliceListenAddr)
 		}
 	})
 
 	t.Run("IPv6 TCP 100 concurrent flows byte-exact", func(t *testing.T) {
 		concurrently(t, func(int) error {
-			return exchange(t, tp.client, "[fd00:33:1::1]:8000", 256<<10, 60*time.Second)
+			return e2e.Exchange(t, tp.client, "[fd00:33:1::1]:8000", 256<<10, 60*time.Second)
 		})
-		if got := tp.target6.sources(); !slices.Equal(got, []string{spliceListenAddr6}) {
+		if got := tp.target6.Sources(); !slices.Equal(got, []string{spliceListenAddr6}) {
 			t.Errorf("target saw connections from %v, want only the splice address %s", got, spliceListenAddr6)
 		}
 	})
@@ -303,7 +304,7 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 		concurrently(t, func(int) error {
 			ctx, cancel := context.WithTimeout(context.Background(), 60*time.Second)
 			defer cancel()
-			c, err := dialFrom(ctx, t, tp.client, "udp", "10.33.1.1:8001")
+			c, err := e2e.DialFrom(ctx, t, tp.client, "udp", "10.33.1.1:8001")
 			if err != nil {
 				return err
 			}
@@ -316,7 +317,7 @@ func TestTCSpliceNetnsOut(t *testing.T) {
 		defer c.Close()
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		uc, err := dialFrom(ctx, t, tp.client, "udp", "10.33.1.1:8001")
+		uc, err := e2e.DialFrom(ctx, t, tp.client, "udp", "10.33.1.1:8001")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -351,13 +352,13 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	instance := fmt.Sprintf("e2e-splice-crash-%08x", rand.Uint32())
 	// The harness gives every daemon a unique --instance; ours comes
 	// later on the command line and wins, so both runs are one instance.
-	opts := daemonOptions{Args: []string{"--instance", instance}}
-	yaml := config(spliceOut, tp.vars)
-	start := func(name string) *daemon {
+	opts := e2e.Options{Args: []string{"--instance", instance}}
+	yaml := e2e.Config(spliceOut, tp.vars)
+	start := func(name string) *e2e.Daemon {
 		t.Helper()
-		d := startDaemon(t, name, yaml, opts)
-		d.instance = instance
-		if err := exchange(t, tp.client, "10.33.1.1:8000", 256<<10, 20*time.Second); err != nil {
+		d := e2e.Start(t, name, yaml, opts)
+		d.Instance = instance
+		if err := e2e.Exchange(t, tp.client, "10.33.1.1:8000", 256<<10, 20*time.Second); err != nil {
 			t.Fatalf("%s: exchange over the splice link: %v", name, err)
 		}
 		return d
@@ -368,7 +369,7 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	if len(links) != 1 {
 		t.Fatalf("splice links in A: %v, want one", links)
 	}
-	killed.crash(t)
+	killed.Crash(t)
 	// Nobody cleaned up: the link (with the program still attached
 	// through its pinned tcx link) and the pins are still there.
 	if got := spliceLinksIn(t, tp.a); !slices.Equal(got, links) {
@@ -377,7 +378,7 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	if got := spliceLinksIn(t, tp.b); len(got) != 1 {
 		t.Fatalf("splice links in B after SIGKILL: %v, want one still there", got)
 	}
-	if n := tcxPrograms(t, handle(t, tp.a), links[0]); n != 1 {
+	if n := tcxPrograms(t, e2e.Handle(t, tp.a), links[0]); n != 1 {
 		t.Fatalf("%d tcx programs on the stale splice end, want the pinned one", n)
 	}
 	if dirs := pinDirsOf(instance); len(dirs) == 0 {
@@ -385,13 +386,13 @@ func TestTCSpliceCrashRecovery(t *testing.T) {
 	}
 
 	restarted := start("tc-splice-restarted")
-	restarted.waitLog(t, 5*time.Second, "splice link of a previous run adopted", links[0])
+	restarted.WaitLog(t, 5*time.Second, "splice link of a previous run adopted", links[0])
 	for _, ns := range []*topo.NS{tp.a, tp.b} {
 		if got := spliceLinksIn(t, ns); len(got) != 1 {
 			t.Errorf("splice links in %s after restart: %v, want exactly the new one", ns.Name, got)
 		}
 	}
-	if n := tcxPrograms(t, handle(t, tp.a), links[0]); n != 1 {
+	if n := tcxPrograms(t, e2e.Handle(t, tp.a), links[0]); n != 1 {
 		t.Errorf("%d tcx programs on the new splice end, want 1", n)
 	}
 	requireCleanExit(t, restarted, tp.a, tp.b, tp.client)
@@ -407,19 +408,19 @@ func TestTCCrashThenNamespaceDropped(t *testing.T) {
 	t.Parallel()
 	tp := newSpliceOutTopo(t, "e2e-spld")
 	instance := fmt.Sprintf("e2e-splice-drop-%08x", rand.Uint32())
-	opts := daemonOptions{Args: []string{"--instance", instance}}
+	opts := e2e.Options{Args: []string{"--instance", instance}}
 
-	killed := startDaemon(t, "tc-ns-killed", config(spliceOut, tp.vars), opts)
-	killed.instance = instance
-	if err := exchange(t, tp.client, "10.33.1.1:8000", 64<<10, 20*time.Second); err != nil {
+	killed := e2e.Start(t, "tc-ns-killed", e2e.Config(spliceOut, tp.vars), opts)
+	killed.Instance = instance
+	if err := e2e.Exchange(t, tp.client, "10.33.1.1:8000", 64<<10, 20*time.Second); err != nil {
 		t.Fatalf("exchange over the splice link: %v", err)
 	}
 	links := spliceLinksIn(t, tp.a)
 	if len(links) != 1 {
 		t.Fatalf("splice links in A: %v, want one", links)
 	}
-	killed.crash(t)
-	if n := tcxPrograms(t, handle(t, tp.a), "a0"); n != 1 {
+	killed.Crash(t)
+	if n := tcxPrograms(t, e2e.Handle(t, tp.a), "a0"); n != 1 {
 		t.Fatalf("%d tcx programs on a0 after SIGKILL, want the pinned one: the test would prove nothing", n)
 	}
 
@@ -433,15 +434,15 @@ func TestTCCrashThenNamespaceDropped(t *testing.T) {
     - {name: target-0, addr: "10.33.9.2:9000"}
   metadata: {netns: $B, netns.out: $B, datapath: userspace}
 `
-	next := startDaemon(t, "tc-ns-next", config(elsewhere, tp.vars), opts)
-	next.instance = instance
-	next.waitLog(t, 5*time.Second, "removed the tc datapath a previous run left in a namespace this run does not serve", tp.a.Name)
+	next := e2e.Start(t, "tc-ns-next", e2e.Config(elsewhere, tp.vars), opts)
+	next.Instance = instance
+	next.WaitLog(t, 5*time.Second, "removed the tc datapath a previous run left in a namespace this run does not serve", tp.a.Name)
 	for _, ns := range []*topo.NS{tp.a, tp.b} {
 		if got := spliceLinksIn(t, ns); len(got) != 0 {
 			t.Errorf("splice links %v left in %s", got, ns.Name)
 		}
 	}
-	if n := tcxPrograms(t, handle(t, tp.a), "a0"); n != 0 {
+	if n := tcxPrograms(t, e2e.Handle(t, tp.a), "a0"); n != 0 {
 		t.Errorf("%d tcx programs left on a0", n)
 	}
 	if dirs := pinDirsOf(instance); len(dirs) != 0 {
@@ -449,11 +450,11 @@ func TestTCCrashThenNamespaceDropped(t *testing.T) {
 	}
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	if c, err := dialFrom(ctx, t, tp.client, "tcp", "10.33.1.1:8000"); err == nil {
+	if c, err := e2e.DialFrom(ctx, t, tp.client, "tcp", "10.33.1.1:8000"); err == nil {
 		c.Close()
 		t.Error("the dropped namespace still forwards the service of the killed run")
 	}
-	if err := exchange(t, tp.b, "10.33.9.2:7100", 64<<10, 10*time.Second); err != nil {
+	if err := e2e.Exchange(t, tp.b, "10.33.9.2:7100", 64<<10, 10*time.Second); err != nil {
 		t.Fatalf("the next run's own service: %v", err)
 	}
 	requireCleanExit(t, next, tp.a, tp.b)

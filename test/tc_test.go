@@ -18,6 +18,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
@@ -42,10 +43,10 @@ const tcGateway = `services:
 `
 
 // conns runs `ebpfwd conns` for a daemon.
-func conns(t *testing.T, d *daemon) string {
+func conns(t *testing.T, d *e2e.Daemon) string {
 	t.Helper()
 	var stdout, stderr bytes.Buffer
-	cmd := exec.Command(ebpfwdBin, "conns", "--instance", d.instance)
+	cmd := exec.Command(e2e.Bin, "conns", "--instance", d.Instance)
 	cmd.Stdout, cmd.Stderr = &stdout, &stderr
 	if err := cmd.Run(); err != nil {
 		t.Fatalf("ebpfwd conns: %v\n%s", err, &stderr)
@@ -94,11 +95,11 @@ func TestTCDatapath(t *testing.T) {
 	}
 	// Forwarding stays off in the gateway: the program redirects, the
 	// gateway's stack never routes these packets.
-	target := echoIn(t, server, "10.31.2.2:9000")
-	udpEchoIn(t, server, "10.31.2.2:9001")
+	target := e2e.EchoIn(t, server, "10.31.2.2:9000")
+	e2e.UDPEchoIn(t, server, "10.31.2.2:9001")
 
-	d := startDaemon(t, "tc", config(tcGateway, map[string]string{"GW": gw.Name}), daemonOptions{})
-	gwNS := handle(t, gw)
+	d := e2e.Start(t, "tc", e2e.Config(tcGateway, map[string]string{"GW": gw.Name}), e2e.Options{})
+	gwNS := e2e.Handle(t, gw)
 	for _, ifname := range []string{"g0", "g1", "g2"} {
 		if n := tcxPrograms(t, gwNS, ifname); n != 1 {
 			t.Fatalf("%d tcx programs on %s, want 1", n, ifname)
@@ -108,7 +109,7 @@ func TestTCDatapath(t *testing.T) {
 	t.Run("a held connection is a kernel flow", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 		defer cancel()
-		c, err := dialFrom(ctx, t, client, "tcp", "10.31.1.1:8000")
+		c, err := e2e.DialFrom(ctx, t, client, "tcp", "10.31.1.1:8000")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -135,7 +136,7 @@ func TestTCDatapath(t *testing.T) {
 			Up      uint64 `json:"bytes_up"`
 			Down    uint64 `json:"bytes_down"`
 		}
-		raw, err := exec.Command(ebpfwdBin, "conns", "--json", "--instance", d.instance).Output()
+		raw, err := exec.Command(e2e.Bin, "conns", "--json", "--instance", d.Instance).Output()
 		if err != nil || json.Unmarshal(raw, &flows) != nil {
 			t.Fatalf("conns --json: %v\n%s", err, raw)
 		}
@@ -156,7 +157,7 @@ func TestTCDatapath(t *testing.T) {
 			t.Errorf("conns --json lists no flow of %s:\n%s", c.LocalAddr(), raw)
 		}
 		// The node sees the gateway's address on its side (SNAT).
-		if srcs := target.sources(); len(srcs) == 0 || srcs[len(srcs)-1] != "10.31.2.1" {
+		if srcs := target.Sources(); len(srcs) == 0 || srcs[len(srcs)-1] != "10.31.2.1" {
 			t.Fatalf("target saw %v, want the gateway's 10.31.2.1", srcs)
 		}
 	})
@@ -167,7 +168,7 @@ func TestTCDatapath(t *testing.T) {
 		errs := make(chan error, flows)
 		for i := range flows {
 			wg.Go(func() {
-				if err := exchange(t, client, "10.31.1.1:8000", size, 60*time.Second); err != nil {
+				if err := e2e.Exchange(t, client, "10.31.1.1:8000", size, 60*time.Second); err != nil {
 					errs <- fmt.Errorf("flow %d: %w", i, err)
 				}
 			})
@@ -187,7 +188,7 @@ func TestTCDatapath(t *testing.T) {
 		// an earlier subtest (one in TIME_WAIT, say) can hold it.
 		var wg sync.WaitGroup
 		errs := make(chan error, 2)
-		for _, ns := range []netNSHandle{handle(t, client), handle(t, client2)} {
+		for _, ns := range []netNSHandle{e2e.Handle(t, client), e2e.Handle(t, client2)} {
 			wg.Go(func() {
 				ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 				defer cancel()
@@ -216,7 +217,7 @@ func TestTCDatapath(t *testing.T) {
 	t.Run("udp", func(t *testing.T) {
 		ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 		defer cancel()
-		c, err := dialFrom(ctx, t, client, "udp", "10.31.1.1:8001")
+		c, err := e2e.DialFrom(ctx, t, client, "udp", "10.31.1.1:8001")
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -232,12 +233,12 @@ func TestTCDatapath(t *testing.T) {
 	t.Run("a client inside the listen namespace gets the listener", func(t *testing.T) {
 		// Its packets never cross an interface, so only the socket can
 		// serve them.
-		if err := exchange(t, gw, "10.31.1.1:8000", 256<<10, 15*time.Second); err != nil {
+		if err := e2e.Exchange(t, gw, "10.31.1.1:8000", 256<<10, 15*time.Second); err != nil {
 			t.Fatal(err)
 		}
 	})
 
-	if code, err := d.stop(); err != nil || code != 0 {
+	if code, err := d.Stop(); err != nil || code != 0 {
 		t.Fatalf("daemon stop: status %d, %v", code, err)
 	}
 	for _, ifname := range []string{"g0", "g1", "g2"} {
@@ -247,7 +248,7 @@ func TestTCDatapath(t *testing.T) {
 	}
 	if entries, err := os.ReadDir("/sys/fs/bpf/ebpfwd"); err == nil {
 		for _, e := range entries {
-			if regexp.MustCompile(regexp.QuoteMeta(d.instance)).MatchString(e.Name()) {
+			if regexp.MustCompile(regexp.QuoteMeta(d.Instance)).MatchString(e.Name()) {
 				t.Errorf("pin directory %s left after exit", e.Name())
 			}
 		}
@@ -268,7 +269,7 @@ func TestTCWideLocalPortRange(t *testing.T) {
 	server := testutil.NewNS(t, "e2e-tcpr-s")
 	testutil.Veth(t, client, "c0", "10.37.1.2/24", gw, "g0", "10.37.1.1/24")
 	testutil.Veth(t, gw, "g1", "10.37.2.1/24", server, "s0", "10.37.2.2/24")
-	gwNS := handle(t, gw)
+	gwNS := e2e.Handle(t, gw)
 	sysctl := func(path string) string {
 		var value string
 		if err := gwNS.Do(func() error {
@@ -284,8 +285,8 @@ func TestTCWideLocalPortRange(t *testing.T) {
 	if err := gwNS.Do(func() error { return os.WriteFile(portRange, []byte("1024 65000\n"), 0o644) }); err != nil {
 		t.Fatalf("set the port range: %v", err)
 	}
-	echoIn(t, server, "10.37.2.2:9000")
-	yaml := config(`services:
+	e2e.EchoIn(t, server, "10.37.2.2:9000")
+	yaml := e2e.Config(`services:
 - name: tc-wide
   addr: "10.37.1.1:8000"
   handler: {type: tcp}
@@ -294,7 +295,7 @@ func TestTCWideLocalPortRange(t *testing.T) {
     - {name: server-0, addr: "10.37.2.2:9000"}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
 `, map[string]string{"GW": gw.Name})
-	d := startDaemon(t, "tc-wide", yaml, daemonOptions{})
+	d := e2e.Start(t, "tc-wide", yaml, e2e.Options{})
 	if got := sysctl(reserved); !strings.Contains(got, "1024-32767") {
 		t.Fatalf("reserved ports while serving: %q, want the SNAT range 1024-32767", got)
 	}
@@ -308,7 +309,7 @@ func TestTCWideLocalPortRange(t *testing.T) {
 			from = gw
 		}
 		wg.Go(func() {
-			if err := exchange(t, from, "10.37.1.1:8000", 8<<10, 30*time.Second); err != nil {
+			if err := e2e.Exchange(t, from, "10.37.1.1:8000", 8<<10, 30*time.Second); err != nil {
 				errs <- fmt.Errorf("connection %d from %s: %w", i, from.Name, err)
 			}
 		})
@@ -322,10 +323,10 @@ func TestTCWideLocalPortRange(t *testing.T) {
 		t.Error(err)
 	}
 	time.Sleep(2500 * time.Millisecond) // a probe round after the load
-	if out := d.output.String(); strings.Contains(out, "node probe failed") || strings.Contains(out, "no node reachable") {
+	if out := d.Output.String(); strings.Contains(out, "node probe failed") || strings.Contains(out, "no node reachable") {
 		t.Fatalf("the node was judged dead under a wide local port range:\n%s", out)
 	}
-	if code, err := d.stop(); err != nil || code != 0 {
+	if code, err := d.Stop(); err != nil || code != 0 {
 		t.Fatalf("stop: %d, %v", code, err)
 	}
 	if got := sysctl(reserved); got != "" {

@@ -154,11 +154,37 @@ func (n *NS) AddRoute(dst, via string) error {
 // never changes the host's settings.
 func (n *NS) EnableForwarding() error {
 	for _, key := range []string{"net.ipv4.ip_forward=1", "net.ipv6.conf.all.forwarding=1"} {
-		if err := run("ip", "netns", "exec", n.Name, "sysctl", "-q", "-w", key); err != nil {
+		if err := n.Exec("sysctl", "-q", "-w", key); err != nil {
 			return fmt.Errorf("enable forwarding (%s) in namespace %s: %w", key, n.Name, err)
 		}
 	}
 	return nil
+}
+
+// Bridge creates a Linux bridge dev inside the namespace, assigns cidr
+// ("" for none) and brings it up: the docker0 or br0 of a host namespace.
+func (n *NS) Bridge(dev, cidr string) error {
+	if err := n.IP("link", "add", dev, "type", "bridge"); err != nil {
+		return fmt.Errorf("create bridge %s in namespace %s: %w", dev, n.Name, err)
+	}
+	return n.configureLink(dev, cidr)
+}
+
+// Enslave attaches the link dev to the bridge br, both inside the
+// namespace, as `ip link set dev DEV master BR`.
+func (n *NS) Enslave(dev, br string) error {
+	if err := n.IP("link", "set", "dev", dev, "master", br); err != nil {
+		return fmt.Errorf("attach %s to bridge %s in namespace %s: %w", dev, br, n.Name, err)
+	}
+	return nil
+}
+
+// Exec runs a command inside the namespace (`ip netns exec NAME cmd
+// args...`), for tools that act on the namespace they run in, such as
+// iptables and sysctl. ip netns exec remounts /sys, which is harmless for
+// them but hides /sys/fs/bpf: never start ebpfwd with it.
+func (n *NS) Exec(name string, args ...string) error {
+	return run("ip", append([]string{"netns", "exec", n.Name, name}, args...)...)
 }
 
 func run(name string, args ...string) error {
