@@ -6,6 +6,7 @@ import (
 	"errors"
 	"math"
 	"net"
+	"os/exec"
 	"slices"
 	"strings"
 	"testing"
@@ -635,5 +636,22 @@ func TestTailBuffer(t *testing.T) {
 	}
 	if got := b.String(); got != "defgh" {
 		t.Fatalf("tail = %q, want %q", got, "defgh")
+	}
+}
+
+// TestShellStatus: a program ended by SIGTERM reads as status 143, as a
+// shell reports it and as HAProxy's promise on SIGTERM is stated.
+func TestShellStatus(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for script, want := range map[string]int{"kill -TERM $$": 143, "exit 143": 143, "exit 0": 0} {
+		cmd := exec.CommandContext(ctx, "sh", "-c", script)
+		_ = cmd.Run()
+		if got := shellStatus(cmd.ProcessState); got != want {
+			t.Errorf("sh -c %q: status %d, want %d", script, got, want)
+		}
+	}
+	if got := shellStatus(nil); got != -1 {
+		t.Errorf("shellStatus(nil) = %d, want -1", got)
 	}
 }
