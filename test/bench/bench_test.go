@@ -614,6 +614,14 @@ func TestLoadPrograms(t *testing.T) {
 		t.Fatalf("connRate = %+v, want connections and no errors", cr)
 	}
 
+	ka, err := keepAlive(echo, 200*time.Millisecond, 3)
+	if err != nil {
+		t.Fatalf("keepAlive: %v", err)
+	}
+	if ka.Requests == 0 || ka.Seconds <= 0 {
+		t.Fatalf("keepAlive = %+v, want exchanges", ka)
+	}
+
 	lat, err := pingPong(echo, 200*time.Millisecond)
 	if err != nil {
 		t.Fatalf("pingPong: %v", err)
@@ -626,6 +634,9 @@ func TestLoadPrograms(t *testing.T) {
 	mute := listen(func(c net.Conn) { c.Close() })
 	if res, err := connRate(mute, 100*time.Millisecond, 2); err == nil {
 		t.Fatalf("connRate against a mute server succeeded: %+v", res)
+	}
+	if res, err := keepAlive(mute, 100*time.Millisecond, 2); err == nil {
+		t.Fatalf("keepAlive against a mute server succeeded: %+v", res)
 	}
 }
 

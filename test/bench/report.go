@@ -26,6 +26,7 @@ var rows = []row{
 	{tputDown, "Throughput, 1 stream, server → client", "Gbit/s", "%.2f", true},
 	{tputP8, "Throughput, 8 streams, client → server", "Gbit/s", "%.2f", true},
 	{connRateK, "New connections per second (64 B request + response, close)", "conn/s", "%.0f", true},
+	{keepAliveK, "Keep-alive requests per second (64 B request + response, 16 connections)", "req/s", "%.0f", true},
 	{latP50, "Request/response latency p50 (64 B, one connection)", "µs", "%.1f", true},
 	{latP99, "Request/response latency p99 (64 B, one connection)", "µs", "%.1f", true},
 	{cpuMachine, "Machine CPU per GB moved (all CPUs, /proc/stat)", "CPU s/GB", "%.2f", true},
@@ -250,7 +251,7 @@ func (r *results) writeReport(w io.Writer) {
 	fmt.Fprintf(w, "## Latest results\n\n")
 	fmt.Fprintf(w, "Command: `%s` (`make bench BENCH_WRITE=1`), mode %s: medians of %d run(s); "+
 		"ratios are medians of per-run ratios; "+
-		"iperf3 %d s per throughput run, %v per connection-rate and latency run, %d idle connections; "+
+		"iperf3 %d s per throughput run, %v per connection-rate, keep-alive and latency run, %d idle connections; "+
 		"the whole benchmark took %v.\n\n",
 		r.command, mode, r.set.runs, r.set.tputSeconds, r.set.shortRun, r.set.idleConns, r.took.Round(time.Second))
 	for _, m := range r.machine {
@@ -284,8 +285,9 @@ plus an "out" namespace with a second link to the server and a "control" namespa
 for every contender, runs the same workloads on all of them, and removes everything again, on Ctrl-C too. Each run
 sets up every contender on a fresh topology of its own, so no conntrack entry, TIME_WAIT socket or NAT table of one
 contender is seen by another or by a later run. Within a run the workloads go step by step (iperf3 up, iperf3 down,
-iperf3 8 streams, connection rate, latency, idle memory), each step measuring every contender back to back before
-the next step starts; each run starts the steps at the next contender, so none always follows the same one.
+iperf3 8 streams, connection rate, keep-alive request rate, latency, idle memory), each step measuring every
+contender back to back before the next step starts; each run starts the steps at the next contender, so none always
+follows the same one.
 ` + "`BENCH_QUICK=1 make bench`" + ` is a one-run smoke version; ` + "`make bench BENCH_WRITE=1`" + ` (full mode only)
 rewrites this file.
 
@@ -303,7 +305,7 @@ rewrites this file.
   (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and
   dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain (Basic auth on the hop, as an exposed proxy needs) whose hop is a second ebpfwd running
   the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted).
-- Higher is better for throughput and connection rate; lower is better for latency, CPU and memory.
+- Higher is better for throughput, connection rate and request rate; lower is better for latency, CPU and memory.
 - A new datapath (tc, sockmap) gets its columns by one line in ` + "`test/bench/contenders.go`" + `
   (` + "`ebpfwdDatapaths`" + `); its targets below then stop saying "not measured".
 
@@ -317,6 +319,9 @@ const docMeasured = `
 - **New connections per second**: 16 concurrent workers in the client namespace, each opening a connection, sending
   64 bytes, reading the 64-byte answer and the server's close, then closing; completed exchanges per second. The
   server closes first, so the client's port range is not the limit.
+- **Keep-alive requests per second**: 16 connections opened once in the client namespace, each sending a 64-byte
+  request and reading the 64-byte echo, one at a time, for the run; completed exchanges per second. It is the cost
+  of each exchange through the forwarder without the cost of a connection.
 - **Latency**: one connection, one 64-byte message at a time echoed by the server; p50 and p99 of the round trip.
 - **Machine CPU per GB**: busy time of all CPUs from ` + "`/proc/stat`" + ` (user, nice, system, irq, softirq, steal:
   kworkers and softirq included) during the three throughput runs, divided by the GB (10⁹ bytes) they moved. It
