@@ -51,16 +51,20 @@ type settings struct {
 	shortRun    time.Duration // connection rate, keep-alive and latency runs
 	idleConns   int
 	connWorkers int
+	// fdLimit is the RLIMIT_NOFILE every child inherits; HAProxy's maxconn
+	// must fit in it.
+	fdLimit uint64
 }
 
 // runEnv is what one contender needs in one run: its own topology, the
 // binaries, a directory for its configs and the prefix of its daemons'
 // instance names.
 type runEnv struct {
-	topo   *topology
-	self   string // this driver, re-executed for the load programs
-	ebpfwd string
-	dir    string // the contender's own: config and ready files
+	topo    *topology
+	self    string // this driver, re-executed for the load programs
+	ebpfwd  string
+	haproxy string // "" when not installed
+	dir     string // the contender's own: config and ready files
 	// instance starts the instance name of every daemon the contender
 	// starts. All contenders are up at once, so each needs names of its
 	// own: an instance name picks the control socket and the bpffs pin
