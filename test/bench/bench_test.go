@@ -6,6 +6,9 @@ import (
 	"errors"
 	"math"
 	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +17,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/config"
 	"github.com/ebpfwd/ebpfwd/daemon"
 	"github.com/ebpfwd/ebpfwd/datapath"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 func TestParseMachineBusy(t *testing.T) {
@@ -525,7 +529,7 @@ func TestVerdictsPaired(t *testing.T) {
 
 func TestCheckAtMost(t *testing.T) {
 	tc := contender{name: "ebpfwd tc", datapath: datapath.TC}
-	tgt := target{datapath.TC, "p99", []metricKey{latP99}, directName, false, 1.1}
+	tgt := target{datapath: datapath.TC, text: "p99", metrics: []metricKey{latP99}, baseline: directName, factor: 1.1}
 	tests := []struct {
 		p99  float64
 		want string
@@ -551,7 +555,7 @@ func TestTableCells(t *testing.T) {
 	out := b.String()
 	for _, want := range []string{
 		"| Throughput, 1 stream, client → server | Gbit/s | 10.00 | 7.50 (0.75×) |",
-		"| ebpfwd's own CPU per GB moved (utime+stime) | CPU s/GB | — | 0.50 |",
+		"| Forwarder's own CPU per GB moved (ebpfwd or HAProxy, utime+stime) | CPU s/GB | — | 0.50 |",
 		"(VmRSS delta / 10 open)",
 	} {
 		if !strings.Contains(out, want) {
@@ -613,6 +617,14 @@ func TestLoadPrograms(t *testing.T) {
 		t.Fatalf("connRate = %+v, want connections and no errors", cr)
 	}
 
+	ka, err := keepAlive(echo, 200*time.Millisecond, 3)
+	if err != nil {
+		t.Fatalf("keepAlive: %v", err)
+	}
+	if ka.Requests == 0 || ka.Seconds <= 0 {
+		t.Fatalf("keepAlive = %+v, want exchanges", ka)
+	}
+
 	lat, err := pingPong(echo, 200*time.Millisecond)
 	if err != nil {
 		t.Fatalf("pingPong: %v", err)
@@ -626,6 +638,9 @@ func TestLoadPrograms(t *testing.T) {
 	if res, err := connRate(mute, 100*time.Millisecond, 2); err == nil {
 		t.Fatalf("connRate against a mute server succeeded: %+v", res)
 	}
+	if res, err := keepAlive(mute, 100*time.Millisecond, 2); err == nil {
+		t.Fatalf("keepAlive against a mute server succeeded: %+v", res)
+	}
 }
 
 func TestTailBuffer(t *testing.T) {
@@ -635,5 +650,198 @@ func TestTailBuffer(t *testing.T) {
 	}
 	if got := b.String(); got != "defgh" {
 		t.Fatalf("tail = %q, want %q", got, "defgh")
+	}
+}
+
+// TestHAProxyConfig checks the generated HAProxy configurations: what
+// they set, and (where haproxy is installed) that haproxy accepts them.
+// The cross-namespace one names namespaces, which `haproxy -c` opens, so
+// checking it needs root to create two throwaway ones.
+func TestHAProxyConfig(t *testing.T) {
+	tests := []struct {
+		name   string
+		spec   haproxySpec
+		wantNS bool
+	}{
+		{"gateway", haproxySpec{target: serverIP, threads: 2, maxconn: 10064}, false},
+		{"cross-ns", haproxySpec{listenNS: "GW", outNS: "OUT", target: serverOutIP, threads: 2, maxconn: 10064}, true},
+	}
+	bin := findHAProxy()
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			cfg := haproxyConfig(tt.spec)
+			want := []string{"mode tcp", "nbthread 2", "maxconn 10064", "option splice-request", "option splice-response", "timeout client 10m",
+				"server server " + tt.spec.target}
+			for _, port := range allPorts {
+				want = append(want, "bind "+hostPort(gatewayIP, port))
+			}
+			if tt.wantNS {
+				want = append(want, " namespace GW\n", "server server "+serverOutIP+" namespace OUT\n")
+			}
+			for _, w := range want {
+				if !strings.Contains(cfg, w) {
+					t.Errorf("config lacks %q:\n%s", w, cfg)
+				}
+			}
+			if strings.Contains(cfg, "log ") {
+				t.Errorf("config logs; the benchmark measures HAProxy without logging:\n%s", cfg)
+			}
+			if bin == "" {
+				t.Skip("haproxy not installed: config not checked by haproxy -c")
+			}
+			if tt.wantNS {
+				if os.Geteuid() != 0 {
+					t.Skip("checking the cross-namespace config needs root (haproxy -c opens its namespaces)")
+				}
+				tt.spec.listenNS = testNamespace(t, "gw")
+				tt.spec.outNS = testNamespace(t, "out")
+				cfg = haproxyConfig(tt.spec)
+			}
+			file := filepath.Join(t.TempDir(), "haproxy.cfg")
+			if err := os.WriteFile(file, []byte(cfg), 0o644); err != nil {
+				t.Fatal(err)
+			}
+			ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+			defer cancel()
+			if out, err := exec.CommandContext(ctx, bin, "-c", "-f", file).CombinedOutput(); err != nil {
+				t.Fatalf("haproxy -c rejects the generated config: %v\n%s\n%s", err, out, cfg)
+			}
+		})
+	}
+}
+
+// testNamespace creates an empty throwaway namespace, removed at the end
+// of the test.
+func testNamespace(t *testing.T, role string) string {
+	t.Helper()
+	ns, err := topo.CreateUnique("bench-test-" + role)
+	if err != nil {
+		t.Fatalf("create namespace: %v", err)
+	}
+	t.Cleanup(func() {
+		if err := ns.Delete(); err != nil {
+			t.Errorf("remove namespace: %v", err)
+		}
+	})
+	return ns.Name
+}
+
+// TestHAProxyMaxconn: maxconn covers the idle connections and fits, with
+// its pipes and headroom, in the open-file limit (HAProxy refuses to start
+// otherwise).
+func TestHAProxyMaxconn(t *testing.T) {
+	for _, limit := range []uint64{20000, 1 << 18} {
+		idle := idleConnections(limit)
+		got := haproxyMaxconn(idle, limit)
+		if got < idle {
+			t.Errorf("limit %d: maxconn %d below the %d idle connections", limit, got, idle)
+		}
+		if need := 2*got + 2*haproxyPipes + haproxyFDHeadroom; uint64(need) > limit {
+			t.Errorf("limit %d: maxconn %d needs %d descriptors", limit, got, need)
+		}
+	}
+	if got := haproxyMaxconn(10000, 1<<18); got != 10064 {
+		t.Errorf("maxconn = %d with room to spare, want the idle connections plus 64", got)
+	}
+}
+
+// TestHAProxyContenders: HAProxy's columns follow the userspace columns of
+// their form, are rivals of those, and go when haproxy is missing; -only
+// keeps a contender's rival.
+func TestHAProxyContenders(t *testing.T) {
+	names := func(cs []contender) []string {
+		var out []string
+		for _, c := range cs {
+			out = append(out, c.name)
+		}
+		return out
+	}
+	all := selectContenders("", true)
+	got := names(all)
+	for i, n := range got {
+		want := map[string]string{haproxyName: "ebpfwd userspace", haproxyCrossNSName: "ebpfwd userspace cross-ns"}[n]
+		if want != "" && (i == 0 || got[i-1] != want || all[i-1].rival != n) {
+			t.Errorf("%s does not follow %s as its rival: %v", n, want, got)
+		}
+	}
+	if !slices.Contains(got, haproxyName) || !slices.Contains(got, haproxyCrossNSName) {
+		t.Errorf("HAProxy contenders missing: %v", got)
+	}
+	for _, n := range names(selectContenders("", false)) {
+		if strings.Contains(n, "HAProxy") {
+			t.Errorf("without haproxy the contenders still include %s", n)
+		}
+	}
+	if got, want := names(selectContenders("userspace cross-ns", true)), []string{directName, "ebpfwd userspace cross-ns", haproxyCrossNSName}; !slices.Equal(got, want) {
+		t.Errorf("-only userspace cross-ns: %v, want %v", got, want)
+	}
+}
+
+// TestReportHAProxy checks the report's HAProxy parts: the columns beside
+// the userspace ones, the versus table with who is ahead, and the HAProxy
+// targets; without HAProxy in the run, the targets say not measured.
+func TestReportHAProxy(t *testing.T) {
+	cs := selectContenders("", true)
+	vals := map[string]map[metricKey]float64{
+		directName:                  {connRateK: 1000, latP50: 50, tputUp: 10},
+		"ebpfwd userspace":          {connRateK: 600, latP50: 100, tputUp: 8, rssPerConn: 18000},
+		haproxyName:                 {connRateK: 500, latP50: 80, tputUp: 8, rssPerConn: 12000},
+		"ebpfwd userspace cross-ns": {connRateK: 900},
+		haproxyCrossNSName:          {connRateK: 500},
+	}
+	r := fakeResults(vals, cs...)
+	var b bytes.Buffer
+	r.writeReport(&b)
+	out := b.String()
+	for _, want := range []string{
+		"| ebpfwd userspace | HAProxy | ebpfwd userspace cross-ns | HAProxy cross-ns |",
+		"## ebpfwd userspace vs HAProxy",
+		"| Figure | ebpfwd userspace vs HAProxy | ebpfwd userspace cross-ns vs HAProxy cross-ns |",
+		"| " + rowTitle(connRateK) + " | 1.200× (ahead) | 1.800× (ahead) |",
+		"| " + rowTitle(latP50) + " | 1.250× (behind) | — |",
+		"| " + rowTitle(tputUp) + " | 1.000× (even) | — |",
+		"| Forwarder RSS per idle connection (VmRSS delta / 10 open) | 1.500× (behind) | — |",
+		"| userspace connection rate ≥ 1.5× HAProxy | ebpfwd userspace | " + rowTitle(connRateK) + " | 1.200× HAProxy | not met |",
+		"| userspace connection rate ≥ 1.5× HAProxy | ebpfwd userspace cross-ns | " + rowTitle(connRateK) + " | 1.800× HAProxy cross-ns | met |",
+		"| userspace latency ahead of HAProxy (≤ 1×) | ebpfwd userspace | " + rowTitle(latP50) + " | 1.250× HAProxy | not met |",
+		"| userspace throughput not behind HAProxy (≥ 1×) | ebpfwd userspace | " + rowTitle(tputUp) + " | 1.000× HAProxy | met |",
+		"HAProxy** (Debian's package",
+	} {
+		if !strings.Contains(out, want) {
+			t.Errorf("report lacks %q:\n%s", want, out)
+		}
+	}
+
+	r = fakeResults(vals, selectContenders("", false)...)
+	b.Reset()
+	r.writeReport(&b)
+	out = b.String()
+	if strings.Contains(out, "## ebpfwd userspace vs HAProxy") {
+		t.Errorf("versus section without HAProxy in the run:\n%s", out)
+	}
+	if want := "| userspace connection rate ≥ 1.5× HAProxy | ebpfwd userspace | — | — | not measured: no HAProxy column in this run |"; !strings.Contains(out, want) {
+		t.Errorf("report lacks %q:\n%s", want, out)
+	}
+	for _, v := range r.verdicts() {
+		if v.contender == "ebpfwd userspace + HTTP hop" && strings.Contains(v.target, "HAProxy") {
+			t.Errorf("the HTTP-hop contender has no HAProxy rival but got verdict %+v", v)
+		}
+	}
+}
+
+// TestShellStatus: a program ended by SIGTERM reads as status 143, as a
+// shell reports it and as HAProxy's promise on SIGTERM is stated.
+func TestShellStatus(t *testing.T) {
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+	for script, want := range map[string]int{"kill -TERM $$": 143, "exit 143": 143, "exit 0": 0} {
+		cmd := exec.CommandContext(ctx, "sh", "-c", script)
+		_ = cmd.Run()
+		if got := shellStatus(cmd.ProcessState); got != want {
+			t.Errorf("sh -c %q: status %d, want %d", script, got, want)
+		}
+	}
+	if got := shellStatus(nil); got != -1 {
+		t.Errorf("shellStatus(nil) = %d, want -1", got)
 	}
 }

@@ -19,12 +19,19 @@ type contender struct {
 	datapath datapath.Kind
 	// start readies the path on a fresh topology.
 	start func(ctx context.Context, e *runEnv) (*path, error)
+	// rival is the HAProxy contender of the same form, the one this
+	// contender's figures are read beside and its HAProxy targets taken
+	// against; "" for none.
+	rival string
+	// needsHAProxy: the contender is HAProxy itself and is left out where
+	// haproxy is not installed.
+	needsHAProxy bool
 }
 
 // path is a started contender.
 type path struct {
 	front   string     // address the client dials; the ports are the server's
-	daemons []*process // ebpfwd processes whose CPU and memory are charged to the path
+	daemons []*process // forwarder processes (ebpfwd, HAProxy) whose CPU and memory are charged to the path
 	// capacity says what bounds the number of concurrent flows, given the
 	// descriptors per flow the idle-connection workload observed.
 	capacity func(ctx context.Context, fdsPerFlow float64) string
@@ -50,6 +57,11 @@ type ebpfwdDatapath struct {
 	chains bool
 	// gatewayOnly: the datapath has no cross-namespace contender.
 	gatewayOnly bool
+	// vsHAProxy: the datapath is a userspace relay, so its gateway and
+	// cross-namespace contenders each get an HAProxy column of the same
+	// form beside them. At most one datapath sets it: the HAProxy columns
+	// exist once.
+	vsHAProxy bool
 }
 
 // ebpfwdDatapaths are the datapaths benchmarked. Adding one (tc, sockmap)
@@ -60,7 +72,7 @@ var ebpfwdDatapaths = []ebpfwdDatapath{
 	// only nodes in netns.out itself get replies back, and the benchmark's
 	// server is one hop beyond it (docs/DATAPATHS.md).
 	{kind: datapath.TC, gatewayOnly: true},
-	{kind: datapath.Userspace, chains: true},
+	{kind: datapath.Userspace, chains: true, vsHAProxy: true},
 }
 
 // contenders lists every contender in the order of the table's columns;
@@ -70,13 +82,26 @@ func contenders() []contender {
 		{name: "direct (kernel routing)", start: startDirect},
 		{name: "iptables DNAT+SNAT", start: startIptables},
 	}
+	// HAProxy's columns follow the ebpfwd column of their form, so each
+	// figure of the relay sits next to HAProxy's.
+	haproxy := contender{name: haproxyName, start: startHAProxyGateway, needsHAProxy: true}
+	haproxyCrossNS := contender{name: haproxyCrossNSName, start: startHAProxyCrossNS, needsHAProxy: true}
 	for _, dp := range ebpfwdDatapaths {
 		kind := dp.kind
-		cs = append(cs, contender{name: "ebpfwd " + string(kind), datapath: kind,
-			start: func(ctx context.Context, e *runEnv) (*path, error) { return startGatewayDaemon(ctx, e, kind) }})
+		// add appends c, and HAProxy's column of c's form after it.
+		add := func(c, rival contender) {
+			if !dp.vsHAProxy {
+				cs = append(cs, c)
+				return
+			}
+			c.rival = rival.name
+			cs = append(cs, c, rival)
+		}
+		add(contender{name: "ebpfwd " + string(kind), datapath: kind,
+			start: func(ctx context.Context, e *runEnv) (*path, error) { return startGatewayDaemon(ctx, e, kind) }}, haproxy)
 		if !dp.gatewayOnly {
-			cs = append(cs, contender{name: "ebpfwd " + string(kind) + " cross-ns", datapath: kind,
-				start: func(ctx context.Context, e *runEnv) (*path, error) { return startCrossNSDaemon(ctx, e, kind) }})
+			add(contender{name: "ebpfwd " + string(kind) + " cross-ns", datapath: kind,
+				start: func(ctx context.Context, e *runEnv) (*path, error) { return startCrossNSDaemon(ctx, e, kind) }}, haproxyCrossNS)
 		}
 		if dp.chains {
 			cs = append(cs, contender{name: "ebpfwd " + string(kind) + " + HTTP hop", datapath: kind,

@@ -58,6 +58,9 @@ func workloadSteps() []workloadStep {
 		{name: "connection rate", run: func(ctx context.Context, st *stage) error {
 			return measureConnRate(ctx, st.env, st.path, st.sample.values)
 		}},
+		{name: "keep-alive request rate", run: func(ctx context.Context, st *stage) error {
+			return measureKeepAlive(ctx, st.env, st.path, st.sample.values)
+		}},
 		{name: "latency", run: func(ctx context.Context, st *stage) error {
 			return measureLatency(ctx, st.env, st.path, st.sample.values)
 		}},

@@ -35,7 +35,7 @@ const ioTimeout = 5 * time.Second
 const (
 	portIperf = 5201
 	portRR    = 7000 // one request, one response, server closes
-	portEcho  = 7001 // echoes 64-byte messages for the latency workload
+	portEcho  = 7001 // echoes 64-byte messages for the latency and keep-alive workloads
 	portHold  = 7002 // accepts and holds connections open until the client closes
 )
 
@@ -56,6 +56,12 @@ type latencyResult struct {
 	P99us   float64 `json:"p99_us"`
 }
 
+// keepAliveResult is what `load keepalive` prints.
+type keepAliveResult struct {
+	Requests int64   `json:"requests"`
+	Seconds  float64 `json:"seconds"`
+}
+
 // holdResult is what `load hold` prints once all its connections are open.
 type holdResult struct {
 	Open int `json:"open"`
@@ -64,13 +70,13 @@ type holdResult struct {
 // runLoad dispatches `load MODE flags...`.
 func runLoad(args []string) error {
 	if len(args) == 0 {
-		return errors.New("load: missing mode (serve, connrate, pingpong, hold)")
+		return errors.New("load: missing mode (serve, connrate, pingpong, keepalive, hold)")
 	}
 	mode, args := args[0], args[1:]
 	fs := flag.NewFlagSet("load "+mode, flag.ContinueOnError)
 	addr := fs.String("addr", "", "host:port to connect to")
 	duration := fs.Duration("duration", 3*time.Second, "how long to run")
-	workers := fs.Int("workers", 16, "concurrent connections (connrate)")
+	workers := fs.Int("workers", 16, "concurrent connections (connrate, keepalive)")
 	n := fs.Int("n", 10000, "connections to hold open (hold)")
 	maxHold := fs.Duration("max-hold", 2*time.Minute, "hold: give up waiting for the driver after this long")
 	if err := fs.Parse(args); err != nil {
@@ -87,6 +93,8 @@ func runLoad(args []string) error {
 		res, err = connRate(*addr, *duration, *workers)
 	case "pingpong":
 		res, err = pingPong(*addr, *duration)
+	case "keepalive":
+		res, err = keepAlive(*addr, *duration, *workers)
 	case "hold":
 		return hold(*addr, *n, *maxHold)
 	default:
@@ -169,27 +177,21 @@ func connRate(addr string, d time.Duration, workers int) (connRateResult, error)
 	var (
 		conns, errs atomic.Int64
 		firstErr    atomic.Value
-		wg          sync.WaitGroup
 	)
 	start := time.Now()
 	deadline := start.Add(d)
-	for range workers {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			req := make([]byte, msgSize)
-			resp := make([]byte, msgSize+1)
-			for time.Now().Before(deadline) {
-				if err := oneRequest(addr, req, resp); err != nil {
-					errs.Add(1)
-					firstErr.CompareAndSwap(nil, err.Error())
-					continue
-				}
-				conns.Add(1)
+	inParallel(workers, func() {
+		req := make([]byte, msgSize)
+		resp := make([]byte, msgSize+1)
+		for time.Now().Before(deadline) {
+			if err := oneRequest(addr, req, resp); err != nil {
+				errs.Add(1)
+				firstErr.CompareAndSwap(nil, err.Error())
+				continue
 			}
-		}()
-	}
-	wg.Wait()
+			conns.Add(1)
+		}
+	})
 	res := connRateResult{Conns: conns.Load(), Errors: errs.Load(), Seconds: time.Since(start).Seconds()}
 	if s, ok := firstErr.Load().(string); ok {
 		res.FirstError = s
@@ -198,6 +200,19 @@ func connRate(addr string, d time.Duration, workers int) (connRateResult, error)
 		return res, fmt.Errorf("connrate %s: no connection succeeded: %s", addr, res.FirstError)
 	}
 	return res, nil
+}
+
+// inParallel runs f in n goroutines at once and waits for all of them.
+func inParallel(n int, f func()) {
+	var wg sync.WaitGroup
+	for range n {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			f()
+		}()
+	}
+	wg.Wait()
 }
 
 func oneRequest(addr string, req, resp []byte) error {
@@ -247,6 +262,56 @@ func pingPong(addr string, d time.Duration) (latencyResult, error) {
 	slices.Sort(rtts)
 	us := func(q float64) float64 { return float64(percentile(rtts, q)) / float64(time.Microsecond) }
 	return latencyResult{Samples: len(rtts), P50us: us(0.50), P99us: us(0.99)}, nil
+}
+
+// keepAlive runs workers connections for d, each sending a 64-byte
+// request and reading its 64-byte answer, one at a time, over and over:
+// the request rate of persistent connections, where the forwarder's cost
+// per exchange shows without its cost per connection. Any failure fails
+// the run: on open connections nothing should go wrong.
+func keepAlive(addr string, d time.Duration, workers int) (keepAliveResult, error) {
+	var (
+		requests atomic.Int64
+		errOnce  sync.Once
+		firstErr error
+	)
+	start := time.Now()
+	deadline := start.Add(d)
+	inParallel(workers, func() {
+		if err := exchangeUntil(addr, deadline, &requests); err != nil {
+			errOnce.Do(func() { firstErr = err })
+		}
+	})
+	res := keepAliveResult{Requests: requests.Load(), Seconds: time.Since(start).Seconds()}
+	if firstErr != nil {
+		return res, fmt.Errorf("keepalive %s: %w", addr, firstErr)
+	}
+	if res.Requests == 0 {
+		return res, fmt.Errorf("keepalive %s: no exchange in %v", addr, d)
+	}
+	return res, nil
+}
+
+// exchangeUntil does request/response exchanges on one connection until
+// deadline, counting each in n.
+func exchangeUntil(addr string, deadline time.Time, n *atomic.Int64) error {
+	c, err := net.DialTimeout("tcp", addr, ioTimeout)
+	if err != nil {
+		return fmt.Errorf("dial %s: %w", addr, err)
+	}
+	defer c.Close()
+	buf := make([]byte, msgSize)
+	for time.Now().Before(deadline) {
+		_ = c.SetDeadline(time.Now().Add(ioTimeout))
+		if _, err := c.Write(buf); err != nil {
+			return fmt.Errorf("request to %s: %w", addr, err)
+		}
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return fmt.Errorf("response from %s: %w", addr, err)
+		}
+		n.Add(1)
+	}
+	return nil
 }
 
 // percentile returns the q-quantile (0 < q <= 1) of sorted samples by the

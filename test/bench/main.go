@@ -1,13 +1,15 @@
 // Command bench is `make bench`: a side-by-side benchmark of every ebpfwd
 // datapath against the kernel's own paths (plain routing and iptables
-// DNAT+SNAT) over throwaway network namespaces. Every run sets up all
-// contenders and measures them interleaved, one workload step at a time
-// (interleave.go), so that drift of the machine's speed hits them alike.
+// DNAT+SNAT) and, for the userspace relay, HAProxy, over throwaway network
+// namespaces. Every run sets up all contenders and measures them
+// interleaved, one workload step at a time (interleave.go), so that drift
+// of the machine's speed hits them alike.
 // It prints a Markdown table of medians with every figure's paired ratio
 // to the direct path (the median of the per-run ratios), and with -write
 // puts the same report into docs/BENCHMARKS.md. It never asserts timings.
 //
-// It needs root, iperf3, iptables, nsenter and ip. The same binary also
+// It needs root, iperf3, iptables, nsenter and ip; HAProxy's columns need
+// haproxy and are left out, with a note, without it. The same binary also
 // holds the small load programs (`bench load MODE`), which the driver runs
 // inside the client and server namespaces.
 package main
@@ -52,7 +54,7 @@ func runDriver() int {
 	runs := flag.Int("runs", 0, "runs; each measures every contender, interleaved step by step (default 3, quick 1)")
 	write := flag.String("write", "", "also write the report to this file (e.g. docs/BENCHMARKS.md); full mode only")
 	idle := flag.Int("idle-conns", 0, "idle connections for the memory figure (default 10000, fewer if the open-file limit is lower)")
-	only := flag.String("only", "", "run only contenders whose name contains this (the direct path always runs)")
+	only := flag.String("only", "", "run only contenders whose name contains this (the direct path always runs, and so does a selected contender's HAProxy rival)")
 	flag.Parse()
 
 	set := settings{runs: 3, tputSeconds: 4, shortRun: 3 * time.Second, idleConns: 10000, connWorkers: 16}
@@ -75,6 +77,7 @@ func runDriver() int {
 		slog.Error("cannot benchmark", "err", err)
 		return 2
 	}
+	set.fdLimit = limit
 	set.idleConns = idleConnections(limit)
 	if *idle > 0 {
 		set.idleConns = min(*idle, set.idleConns)
@@ -101,12 +104,13 @@ func runDriver() int {
 	}
 	defer os.RemoveAll(dir)
 
+	haproxyBin := findHAProxy()
 	res := &results{
-		contenders: selectContenders(*only),
+		contenders: selectContenders(*only, haproxyBin != ""),
 		samples:    map[string][]sample{},
 		set:        set,
 		quick:      *quick,
-		machine:    machineInfo(bin),
+		machine:    machineInfo(bin, haproxyBin),
 		command:    "go run ./test/bench " + strings.Join(os.Args[1:], " "),
 	}
 	if set.idleConns < 10000 {
@@ -114,8 +118,12 @@ func runDriver() int {
 			"cannot be raised (no CAP_SYS_RESOURCE), and the daemon's fd budget counts %d descriptors per stream.",
 			set.idleConns, limit, budgetFDsPerStream))
 	}
+	if haproxyBin == "" {
+		res.notes = append(res.notes, "HAProxy not found (`make bench` installs Debian's haproxy; apt-get install haproxy): "+
+			"its columns, the comparison with it and its targets are left out of this run.")
+	}
 	start := time.Now()
-	base := runEnv{self: self, ebpfwd: bin, dir: dir, set: set}
+	base := runEnv{self: self, ebpfwd: bin, haproxy: haproxyBin, dir: dir, set: set}
 	steps := workloadSteps()
 	for run := 0; run < set.runs && ctx.Err() == nil; run++ {
 		slog.Info("run starts", "run", fmt.Sprintf("%d/%d", run+1, set.runs),
@@ -158,11 +166,23 @@ func runDriver() int {
 }
 
 // selectContenders applies -only; the direct path stays because every
-// ratio is taken against it.
-func selectContenders(only string) []contender {
-	var out []contender
-	for _, c := range contenders() {
+// ratio is taken against it, and a selected contender keeps its HAProxy
+// rival, which its figures are read beside. Without haproxy (haveHAProxy
+// false) the HAProxy contenders are left out.
+func selectContenders(only string, haveHAProxy bool) []contender {
+	all := contenders()
+	keep := map[string]bool{}
+	for _, c := range all {
 		if only == "" || c.name == directName || strings.Contains(c.name, only) {
+			keep[c.name] = true
+			if c.rival != "" {
+				keep[c.rival] = true
+			}
+		}
+	}
+	var out []contender
+	for _, c := range all {
+		if keep[c.name] && (haveHAProxy || !c.needsHAProxy) {
 			out = append(out, c)
 		}
 	}
@@ -225,7 +245,7 @@ func idleConnections(limit uint64) int {
 }
 
 // machineInfo describes what the figures were measured on.
-func machineInfo(bin string) []string {
+func machineInfo(bin, haproxyBin string) []string {
 	read := func(path string) string {
 		b, err := os.ReadFile(path)
 		if err != nil {
@@ -255,10 +275,14 @@ func machineInfo(bin string) []string {
 			osName = strings.Trim(v, `"`)
 		}
 	}
+	haproxy := "HAProxy not installed"
+	if haproxyBin != "" {
+		haproxy = haproxyVersion(haproxyBin)
+	}
 	return []string{
 		fmt.Sprintf("Machine: %s, %d CPUs, %s RAM", field(read("/proc/cpuinfo"), "model name"), runtime.NumCPU(), field(read("/proc/meminfo"), "MemTotal")),
 		fmt.Sprintf("Kernel: Linux %s (%s)", read("/proc/sys/kernel/osrelease"), osName),
-		fmt.Sprintf("Tools: %s; %s; %s", firstLine("iperf3", "--version"), firstLine("iptables", "--version"), runtime.Version()),
+		fmt.Sprintf("Tools: %s; %s; %s; %s", firstLine("iperf3", "--version"), firstLine("iptables", "--version"), haproxy, runtime.Version()),
 		fmt.Sprintf("ebpfwd: %s", firstLine(bin, "version")),
 		fmt.Sprintf("Date: %s", time.Now().UTC().Format("2006-01-02 15:04 MST")),
 	}

@@ -29,9 +29,11 @@ type process struct {
 	out  *tailBuffer
 	done chan struct{}
 	err  error // valid after done is closed
-	// cleanExit: the program promises exit status 0 on SIGTERM (ebpfwd
-	// does); other servers may exit non-zero and that is not an error.
-	cleanExit bool
+	// cleanExit: the program promises exit status termStatus on SIGTERM
+	// (ebpfwd 0, HAProxy 143); other servers may exit with any status and
+	// that is not an error.
+	cleanExit  bool
+	termStatus int
 }
 
 // startIn starts name args... inside ns. The child gets its own process
@@ -91,8 +93,8 @@ func (p *process) waitReady(ctx context.Context, check func() bool) error {
 }
 
 // stop sends SIGTERM and waits for the exit, killing the process if it
-// does not go within stopTimeout. A non-zero exit after SIGTERM is
-// reported for programs that promise exit 0 on SIGTERM.
+// does not go within stopTimeout. For a program that promises its status
+// on SIGTERM, any other status is reported.
 func (p *process) stop() error {
 	if done, err := p.exited(); done {
 		if err != nil {
@@ -103,8 +105,8 @@ func (p *process) stop() error {
 	_ = p.cmd.Process.Signal(syscall.SIGTERM)
 	select {
 	case <-p.done:
-		if p.err != nil && p.cleanExit {
-			return fmt.Errorf("%s did not exit cleanly on SIGTERM: %w: %s", p.name, p.err, p.out)
+		if p.cleanExit && shellStatus(p.cmd.ProcessState) != p.termStatus {
+			return fmt.Errorf("%s did not exit cleanly on SIGTERM (want status %d): %v: %s", p.name, p.termStatus, p.err, p.out)
 		}
 		return nil
 	case <-time.After(stopTimeout):
@@ -112,6 +114,19 @@ func (p *process) stop() error {
 		<-p.done
 		return fmt.Errorf("%s did not stop within %v of SIGTERM; killed", p.name, stopTimeout)
 	}
+}
+
+// shellStatus is the exit status as a shell reports it: 128+N for death
+// by signal N, so a promised 143 holds whether the program calls exit(143)
+// or lets SIGTERM end it. -1 if unknown.
+func shellStatus(st *os.ProcessState) int {
+	if st == nil {
+		return -1
+	}
+	if ws, ok := st.Sys().(syscall.WaitStatus); ok && ws.Signaled() {
+		return 128 + int(ws.Signal())
+	}
+	return st.ExitCode()
 }
 
 // startDaemon runs `ebpfwd run` with config inside ns as the contender's

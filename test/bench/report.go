@@ -17,20 +17,24 @@ type row struct {
 	unit   string
 	format string
 	// ratio: print the figure's ratio to the direct path. Off for figures
-	// the direct path does not have (daemon CPU and memory).
+	// the direct path does not have (the forwarder's CPU and memory).
 	ratio bool
+	// lowerBetter: less is better (latency, CPU, memory); it says which
+	// side of 1 a ratio against HAProxy is ahead on.
+	lowerBetter bool
 }
 
 var rows = []row{
-	{tputUp, "Throughput, 1 stream, client → server", "Gbit/s", "%.2f", true},
-	{tputDown, "Throughput, 1 stream, server → client", "Gbit/s", "%.2f", true},
-	{tputP8, "Throughput, 8 streams, client → server", "Gbit/s", "%.2f", true},
-	{connRateK, "New connections per second (64 B request + response, close)", "conn/s", "%.0f", true},
-	{latP50, "Request/response latency p50 (64 B, one connection)", "µs", "%.1f", true},
-	{latP99, "Request/response latency p99 (64 B, one connection)", "µs", "%.1f", true},
-	{cpuMachine, "Machine CPU per GB moved (all CPUs, /proc/stat)", "CPU s/GB", "%.2f", true},
-	{cpuDaemon, "ebpfwd's own CPU per GB moved (utime+stime)", "CPU s/GB", "%.2f", false},
-	{rssPerConn, "ebpfwd RSS per idle connection (VmRSS delta / %d open)", "bytes", "%.0f", false},
+	{tputUp, "Throughput, 1 stream, client → server", "Gbit/s", "%.2f", true, false},
+	{tputDown, "Throughput, 1 stream, server → client", "Gbit/s", "%.2f", true, false},
+	{tputP8, "Throughput, 8 streams, client → server", "Gbit/s", "%.2f", true, false},
+	{connRateK, "New connections per second (64 B request + response, close)", "conn/s", "%.0f", true, false},
+	{keepAliveK, "Keep-alive requests per second (64 B request + response, 16 connections)", "req/s", "%.0f", true, false},
+	{latP50, "Request/response latency p50 (64 B, one connection)", "µs", "%.1f", true, true},
+	{latP99, "Request/response latency p99 (64 B, one connection)", "µs", "%.1f", true, true},
+	{cpuMachine, "Machine CPU per GB moved (all CPUs, /proc/stat)", "CPU s/GB", "%.2f", true, true},
+	{cpuDaemon, "Forwarder's own CPU per GB moved (ebpfwd or HAProxy, utime+stime)", "CPU s/GB", "%.2f", false, true},
+	{rssPerConn, "Forwarder RSS per idle connection (VmRSS delta / %d open)", "bytes", "%.0f", false, true},
 }
 
 // target is one of the issue's goals, read against the table.
@@ -39,16 +43,23 @@ type target struct {
 	text     string
 	metrics  []metricKey
 	baseline string // contender name the ratio is taken against
-	atLeast  bool   // ratio must be ≥ factor; else ≤ factor
-	factor   float64
+	// vsRival: the baseline is each contender's HAProxy rival (its
+	// rival field) instead; contenders without one are not checked.
+	vsRival bool
+	atLeast bool // ratio must be ≥ factor; else ≤ factor
+	factor  float64
 }
 
 var targets = []target{
-	{datapath.TC, "tc throughput ≥ 0.95× direct", []metricKey{tputUp, tputDown, tputP8}, directName, true, 0.95},
-	{datapath.TC, "tc connection rate ≥ 1.5× iptables DNAT", []metricKey{connRateK}, iptablesName, true, 1.5},
-	{datapath.TC, "tc p99 latency ≤ 1.1× direct", []metricKey{latP99}, directName, false, 1.1},
-	{datapath.Userspace, "userspace throughput ≥ 0.75× direct", []metricKey{tputUp, tputDown, tputP8}, directName, true, 0.75},
-	{datapath.Userspace, "userspace connection rate ≥ 0.6× direct", []metricKey{connRateK}, directName, true, 0.6},
+	{datapath.TC, "tc throughput ≥ 0.95× direct", []metricKey{tputUp, tputDown, tputP8}, directName, false, true, 0.95},
+	{datapath.TC, "tc connection rate ≥ 1.5× iptables DNAT", []metricKey{connRateK}, iptablesName, false, true, 1.5},
+	{datapath.TC, "tc p99 latency ≤ 1.1× direct", []metricKey{latP99}, directName, false, false, 1.1},
+	{datapath.Userspace, "userspace throughput ≥ 0.75× direct", []metricKey{tputUp, tputDown, tputP8}, directName, false, true, 0.75},
+	{datapath.Userspace, "userspace connection rate ≥ 0.6× direct", []metricKey{connRateK}, directName, false, true, 0.6},
+	{datapath.Userspace, "userspace connection rate ≥ 1.5× HAProxy", []metricKey{connRateK}, "", true, true, 1.5},
+	{datapath.Userspace, "userspace keep-alive request rate ahead of HAProxy (≥ 1×)", []metricKey{keepAliveK}, "", true, true, 1},
+	{datapath.Userspace, "userspace latency ahead of HAProxy (≤ 1×)", []metricKey{latP50, latP99}, "", true, false, 1},
+	{datapath.Userspace, "userspace throughput not behind HAProxy (≥ 1×)", []metricKey{tputUp, tputDown, tputP8}, "", true, true, 1},
 }
 
 // results is everything a benchmark run collected.
@@ -149,14 +160,9 @@ func (r *results) writeTable(w io.Writer) {
 	for _, c := range r.contenders {
 		header = append(header, c.name)
 	}
-	writeRow(w, header)
-	writeRow(w, slices.Repeat([]string{"---"}, len(header)))
+	writeHeader(w, header)
 	for _, rw := range rows {
-		title := rw.title
-		if rw.key == rssPerConn {
-			title = fmt.Sprintf(title, r.set.idleConns)
-		}
-		cells := []string{title, rw.unit}
+		cells := []string{r.label(rw), rw.unit}
 		for _, c := range r.contenders {
 			cells = append(cells, r.cell(c, rw))
 		}
@@ -173,22 +179,43 @@ func writeRow(w io.Writer, cells []string) {
 	fmt.Fprintf(w, "| %s |\n", strings.Join(cells, " | "))
 }
 
+// writeHeader writes a table's header row and the separator under it.
+func writeHeader(w io.Writer, cells []string) {
+	writeRow(w, cells)
+	writeRow(w, slices.Repeat([]string{"---"}, len(cells)))
+}
+
+// label is the row's title as the table shows it: the memory row names
+// the idle connections of this run.
+func (r *results) label(rw row) string {
+	if rw.key == rssPerConn {
+		return fmt.Sprintf(rw.title, r.set.idleConns)
+	}
+	return rw.title
+}
+
 // verdict is one target checked against one figure of one contender.
 type verdict struct {
 	target, contender, figure, measured, result string
 }
 
 // verdicts checks every target against every contender of its datapath.
-// A target whose datapath has no contender yet gets one "not measured" line.
+// A target whose datapath has no contender yet gets one "not measured"
+// line, and so does an HAProxy target of a contender whose rival is not in
+// the run (haproxy not installed).
 func (r *results) verdicts() []verdict {
 	var out []verdict
 	for _, t := range targets {
 		found := false
 		for _, c := range r.contenders {
-			if c.datapath != t.datapath {
+			if c.datapath != t.datapath || (t.vsRival && c.rival == "") {
 				continue
 			}
 			found = true
+			if t.vsRival && !r.inRun(c.rival) {
+				out = append(out, verdict{t.text, c.name, "—", "—", fmt.Sprintf("not measured: no %s column in this run", c.rival)})
+				continue
+			}
 			for _, key := range t.metrics {
 				out = append(out, r.check(t, c, key))
 			}
@@ -202,14 +229,18 @@ func (r *results) verdicts() []verdict {
 
 func (r *results) check(t target, c contender, key metricKey) verdict {
 	v := verdict{target: t.text, contender: c.name, figure: rowTitle(key)}
-	ratio, ok := r.pairedRatio(c.name, t.baseline, key)
+	baseline := t.baseline
+	if t.vsRival {
+		baseline = c.rival
+	}
+	ratio, ok := r.pairedRatio(c.name, baseline, key)
 	if !ok {
 		v.measured, v.result = "—", "no data"
 		return v
 	}
 	// Three decimals: a ratio printed as 0.75 must not read as meeting a
 	// 0.75 target it missed by a hair.
-	v.measured = fmt.Sprintf("%.3f× %s", ratio, t.baseline)
+	v.measured = fmt.Sprintf("%.3f× %s", ratio, baseline)
 	met := ratio >= t.factor
 	if !t.atLeast {
 		met = ratio <= t.factor
@@ -230,9 +261,69 @@ func rowTitle(key metricKey) string {
 	return string(key)
 }
 
+// rivalries are the contenders that have an HAProxy rival in this run,
+// in table order.
+func (r *results) rivalries() []contender {
+	var out []contender
+	for _, c := range r.contenders {
+		if c.rival != "" && r.inRun(c.rival) {
+			out = append(out, c)
+		}
+	}
+	return out
+}
+
+// inRun reports whether the contender called name is part of this run.
+func (r *results) inRun(name string) bool {
+	return slices.ContainsFunc(r.contenders, func(c contender) bool { return c.name == name })
+}
+
+// writeVersus writes, for every figure, each ebpfwd contender's paired
+// ratio to its HAProxy rival and which of the two is ahead, so that the
+// relay's standing against HAProxy reads at a glance in both forms.
+func (r *results) writeVersus(w io.Writer) {
+	cs := r.rivalries()
+	header := []string{"Figure"}
+	for _, c := range cs {
+		header = append(header, c.name+" vs "+c.rival)
+	}
+	writeHeader(w, header)
+	for _, rw := range rows {
+		cells := []string{r.label(rw)}
+		for _, c := range cs {
+			cells = append(cells, r.versusCell(c, rw))
+		}
+		writeRow(w, cells)
+	}
+}
+
+// versusCell is "1.234× (ahead)": c's figure over its rival's, paired by
+// run, and whether that is better or worse for c.
+func (r *results) versusCell(c contender, rw row) string {
+	ratio, ok := r.pairedRatio(c.name, c.rival, rw.key)
+	if !ok {
+		// A rival at 0 (no memory growth, no CPU counted) has no ratio;
+		// the figures themselves still show who is ahead.
+		return "—"
+	}
+	better := ratio > 1
+	if rw.lowerBetter {
+		better = ratio < 1
+	}
+	word := "behind"
+	switch {
+	case ratio == 1:
+		word = "even"
+	case better:
+		word = "ahead"
+	}
+	// Three decimals, as in the targets: a ratio a hair above 1 must not
+	// print as 1.00 beside "behind".
+	return fmt.Sprintf("%.3f× (%s)", ratio, word)
+}
+
 func (r *results) writeTargets(w io.Writer) {
-	writeRow(w, []string{"Target", "Contender", "Figure", "Measured", "Verdict"})
-	writeRow(w, []string{"---", "---", "---", "---", "---"})
+	writeHeader(w, []string{"Target", "Contender", "Figure", "Measured", "Verdict"})
 	for _, v := range r.verdicts() {
 		writeRow(w, []string{v.target, v.contender, v.figure, v.measured, v.result})
 	}
@@ -250,7 +341,7 @@ func (r *results) writeReport(w io.Writer) {
 	fmt.Fprintf(w, "## Latest results\n\n")
 	fmt.Fprintf(w, "Command: `%s` (`make bench BENCH_WRITE=1`), mode %s: medians of %d run(s); "+
 		"ratios are medians of per-run ratios; "+
-		"iperf3 %d s per throughput run, %v per connection-rate and latency run, %d idle connections; "+
+		"iperf3 %d s per throughput run, %v per connection-rate, keep-alive and latency run, %d idle connections; "+
 		"the whole benchmark took %v.\n\n",
 		r.command, mode, r.set.runs, r.set.tputSeconds, r.set.shortRun, r.set.idleConns, r.took.Round(time.Second))
 	for _, m := range r.machine {
@@ -269,6 +360,13 @@ func (r *results) writeReport(w io.Writer) {
 			fmt.Fprintf(w, "- %s\n", f)
 		}
 	}
+	if len(r.rivalries()) > 0 {
+		fmt.Fprintf(w, "\n## ebpfwd userspace vs HAProxy\n\n")
+		fmt.Fprintf(w, "Each cell is the ebpfwd column's figure divided by HAProxy's of the same form and the same run "+
+			"(median over runs), and whether that puts ebpfwd ahead: higher is ahead for rates and throughput, lower for "+
+			"latency, CPU and memory.\n\n")
+		r.writeVersus(w)
+	}
 	fmt.Fprintf(w, "\n## Targets\n\n")
 	r.writeTargets(w)
 	fmt.Fprint(w, docMeasured)
@@ -284,8 +382,9 @@ plus an "out" namespace with a second link to the server and a "control" namespa
 for every contender, runs the same workloads on all of them, and removes everything again, on Ctrl-C too. Each run
 sets up every contender on a fresh topology of its own, so no conntrack entry, TIME_WAIT socket or NAT table of one
 contender is seen by another or by a later run. Within a run the workloads go step by step (iperf3 up, iperf3 down,
-iperf3 8 streams, connection rate, latency, idle memory), each step measuring every contender back to back before
-the next step starts; each run starts the steps at the next contender, so none always follows the same one.
+iperf3 8 streams, connection rate, keep-alive request rate, latency, idle memory), each step measuring every
+contender back to back before the next step starts; each run starts the steps at the next contender, so none always
+follows the same one.
 ` + "`BENCH_QUICK=1 make bench`" + ` is a one-run smoke version; ` + "`make bench BENCH_WRITE=1`" + ` (full mode only)
 rewrites this file.
 
@@ -303,7 +402,21 @@ rewrites this file.
   (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and
   dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain (Basic auth on the hop, as an exposed proxy needs) whose hop is a second ebpfwd running
   the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted).
-- Higher is better for throughput and connection rate; lower is better for latency, CPU and memory.
+- **HAProxy** (Debian's package, ` + "`mode tcp`" + `) is the userspace forwarder the relay is read against, and its
+  columns sit next to the ebpfwd userspace column of the same form: **HAProxy** runs in the gateway namespace like
+  **ebpfwd userspace**; **HAProxy cross-ns** runs in the control namespace like **ebpfwd userspace cross-ns** and
+  binds in the gateway and dials from "out" with its own ` + "`namespace`" + ` keyword on ` + "`bind`" + ` and
+  ` + "`server`" + `. Its configuration is generated for each run: one frontend binding the four benchmark ports and
+  one backend whose server has no port (it dials the port the client connected to); ` + "`nbthread`" + ` equal to
+  ebpfwd's GOMAXPROCS (the CPUs), so neither uses more cores; ` + "`maxconn`" + ` globally and per proxy the idle
+  connections plus 64 (bounded by the open-file limit); ` + "`option splice-request`" + ` and
+  ` + "`option splice-response`" + ` (kernel splicing both ways, always, as ebpfwd's relay does; HAProxy's own
+  ` + "`splice-auto`" + ` heuristics and no splicing both moved fewer bytes here) with ` + "`maxpipes 64`" + `;
+  connect timeout 5 s, client and server timeouts 10 min so that no measured flow is cut; no health checks, no
+  stats, no logging. It runs in the foreground
+  (` + "`-db`" + `, one process, no master) and its CPU and memory are measured like ebpfwd's. Without haproxy the
+  benchmark leaves these columns out and says so.
+- Higher is better for throughput, connection rate and request rate; lower is better for latency, CPU and memory.
 - A new datapath (tc, sockmap) gets its columns by one line in ` + "`test/bench/contenders.go`" + `
   (` + "`ebpfwdDatapaths`" + `); its targets below then stop saying "not measured".
 
@@ -317,18 +430,23 @@ const docMeasured = `
 - **New connections per second**: 16 concurrent workers in the client namespace, each opening a connection, sending
   64 bytes, reading the 64-byte answer and the server's close, then closing; completed exchanges per second. The
   server closes first, so the client's port range is not the limit.
+- **Keep-alive requests per second**: 16 connections opened once in the client namespace, each sending a 64-byte
+  request and reading the 64-byte echo, one at a time, for the run; completed exchanges per second. It is the cost
+  of each exchange through the forwarder without the cost of a connection.
 - **Latency**: one connection, one 64-byte message at a time echoed by the server; p50 and p99 of the round trip.
 - **Machine CPU per GB**: busy time of all CPUs from ` + "`/proc/stat`" + ` (user, nice, system, irq, softirq, steal:
   kworkers and softirq included) during the three throughput runs, divided by the GB (10⁹ bytes) they moved. It
   includes iperf3 at both ends (the same for every contender) and whatever else the shared machine ran meanwhile.
-- **ebpfwd's own CPU per GB**: utime+stime of the daemon process(es) from ` + "`/proc/PID/stat`" + ` over the same runs.
+- **Forwarder's own CPU per GB**: utime+stime of the forwarder process(es), ebpfwd's daemons or HAProxy, from
+  ` + "`/proc/PID/stat`" + ` over the same runs.
 - **RSS per idle connection**: the client opens 10,000 connections (fewer when the open-file limit cannot hold them;
   the results above then say how many and why) and keeps them idle; once every daemon holds at least two more
-  descriptors per connection and the count has settled (every relay is set up), the growth of the daemons' VmRSS
-  divided by the connections. Kernel paths keep their per-flow state in kernel memory and are not measured here.
+  descriptors per connection and the count has settled (every relay is set up), the growth of the forwarders' VmRSS
+  divided by the connections; HAProxy is measured the same way. Kernel paths keep their per-flow state in kernel
+  memory and are not measured here.
 - **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
   read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is the
   daemon's fd budget: its open-file limit less a reserve, six descriptors per relayed stream (two sockets, two
   splice pipes while bytes move; an idle flow holds two); the benchmark raises RLIMIT_NOFILE and the daemon
-  inherits it. Direct routing keeps no per-flow state.
+  inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
 `

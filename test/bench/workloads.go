@@ -23,6 +23,7 @@ const (
 	tputDown   metricKey = "tput_down"
 	tputP8     metricKey = "tput_p8"
 	connRateK  metricKey = "conn_rate"
+	keepAliveK metricKey = "keepalive_rate"
 	latP50     metricKey = "lat_p50"
 	latP99     metricKey = "lat_p99"
 	cpuMachine metricKey = "cpu_machine"
@@ -47,19 +48,23 @@ type sample struct {
 type settings struct {
 	runs        int
 	tputSeconds int           // per iperf3 run; iperf3 takes whole seconds
-	shortRun    time.Duration // connection rate and latency runs
+	shortRun    time.Duration // connection rate, keep-alive and latency runs
 	idleConns   int
 	connWorkers int
+	// fdLimit is the RLIMIT_NOFILE every child inherits; HAProxy's maxconn
+	// must fit in it.
+	fdLimit uint64
 }
 
 // runEnv is what one contender needs in one run: its own topology, the
 // binaries, a directory for its configs and the prefix of its daemons'
 // instance names.
 type runEnv struct {
-	topo   *topology
-	self   string // this driver, re-executed for the load programs
-	ebpfwd string
-	dir    string // the contender's own: config and ready files
+	topo    *topology
+	self    string // this driver, re-executed for the load programs
+	ebpfwd  string
+	haproxy string // "" when not installed
+	dir     string // the contender's own: config and ready files
 	// instance starts the instance name of every daemon the contender
 	// starts. All contenders are up at once, so each needs names of its
 	// own: an instance name picks the control socket and the bpffs pin
@@ -202,6 +207,18 @@ func measureConnRate(ctx context.Context, e *runEnv, p *path, out map[metricKey]
 		return fmt.Errorf("connection rate through %s: %d of %d connections failed (first: %s)", p.front, r.Errors, r.Errors+r.Conns, r.FirstError)
 	}
 	out[connRateK] = float64(r.Conns) / r.Seconds
+	return nil
+}
+
+// measureKeepAlive takes the request rate over as many persistent
+// connections as the connection-rate workload has workers.
+func measureKeepAlive(ctx context.Context, e *runEnv, p *path, out map[metricKey]float64) error {
+	var r keepAliveResult
+	if err := loadCmd(ctx, e, &r, "keepalive", "-addr", hostPort(p.front, portEcho),
+		"-duration", e.set.shortRun.String(), "-workers", strconv.Itoa(e.set.connWorkers)); err != nil {
+		return err
+	}
+	out[keepAliveK] = float64(r.Requests) / r.Seconds
 	return nil
 }
 
