@@ -93,9 +93,6 @@ type Daemon struct {
 	reloads  chan reloadRequest
 	stopped  chan struct{}  // closed when Run no longer takes reloads
 	retiring sync.WaitGroup // services a reload replaced, still draining
-	// budget is the fd budget Run fixed at start; only Run's goroutine
-	// (start, reloads) uses it.
-	budget fdBudget
 }
 
 // current returns the running services.
@@ -255,7 +252,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.Check(); err != nil {
 		return err
 	}
-	fdLimit := raiseFDLimit(d.log)
 	if d.opts.Instance != "" {
 		l, err := listenControl(d.opts.Instance)
 		if err != nil {
@@ -279,9 +275,6 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	d.finishSetup()
-	// Measured now, with every listener and datapath open, and before
-	// any connection: what the daemon holds for itself.
-	d.startBudget(fdLimit)
 	for _, s := range d.current() {
 		s.logStarted("service started")
 	}

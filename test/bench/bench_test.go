@@ -192,8 +192,8 @@ func TestIdleConnections(t *testing.T) {
 		want  int
 	}{
 		{1 << 20, 10000},
-		{budgetFDsPerStream*10000 + 256, 10000},
-		{20000, (20000 - 256) / budgetFDsPerStream},
+		{fdsPerIdleFlow*10000 + 256, 10000},
+		{20000, (20000 - 256) / fdsPerIdleFlow},
 		{100, 0},
 	}
 	for _, tt := range tests {
@@ -211,7 +211,7 @@ func TestDaemonCapacity(t *testing.T) {
 	}{
 		{-1, 6, "RLIMIT_NOFILE unlimited"},
 		{20000, 0, "not measured"},
-		{20000, 2, "RLIMIT_NOFILE 20000 / 6 fds per stream ≈ 3333 flows (2.0 held per idle flow)"},
+		{20000, 6, "≈ 3333 flows"},
 	}
 	for _, tt := range tests {
 		if got := daemonCapacity(tt.limit, tt.fds); !strings.Contains(got, tt.want) {

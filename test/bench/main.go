@@ -115,8 +115,8 @@ func runDriver() int {
 	}
 	if set.idleConns < 10000 {
 		res.notes = append(res.notes, fmt.Sprintf("%d idle connections instead of 10,000: the open-file limit here is %d and "+
-			"cannot be raised (no CAP_SYS_RESOURCE), and the daemon's fd budget counts %d descriptors per stream.",
-			set.idleConns, limit, budgetFDsPerStream))
+			"cannot be raised (no CAP_SYS_RESOURCE), and the userspace relay holds %d descriptors per idle connection.",
+			set.idleConns, limit, fdsPerIdleFlow))
 	}
 	if haproxyBin == "" {
 		res.notes = append(res.notes, "HAProxy not found (`make bench` installs Debian's haproxy; apt-get install haproxy): "+
@@ -225,21 +225,20 @@ func raiseOpenFiles() (uint64, error) {
 	return cur.Max, nil
 }
 
-// budgetFDsPerStream is what the daemon's fd budget counts per relayed
-// stream (daemon/budget.go: two sockets and, while bytes move, two splice
-// pipes), although an idle stream holds only its two sockets: a daemon
-// admits at most its budget share divided by this. It sizes the
-// idle-connection workload to what the open-file limit allows.
-const budgetFDsPerStream = 6
+// fdsPerIdleFlow is how many descriptors the userspace relay holds per
+// idle stream: its two sockets (it borrows splice pipes only while bytes
+// move). It sizes the idle-connection workload to what the open-file limit
+// allows.
+const fdsPerIdleFlow = 2
 
 // idleConnections is how many idle connections the memory workload opens:
 // 10,000, unless the open-file limit cannot give each daemon
-// budgetFDsPerStream descriptors per connection plus headroom for its
-// listeners, logs and the budget's reserve.
+// fdsPerIdleFlow descriptors per connection plus headroom for its
+// listeners and logs.
 func idleConnections(limit uint64) int {
 	const want, headroom = 10000, 256
-	if limit < budgetFDsPerStream*want+headroom {
-		return int((limit - min(limit, headroom)) / budgetFDsPerStream)
+	if limit < fdsPerIdleFlow*want+headroom {
+		return int((limit - min(limit, headroom)) / fdsPerIdleFlow)
 	}
 	return want
 }

@@ -445,8 +445,7 @@ const docMeasured = `
   divided by the connections; HAProxy is measured the same way. Kernel paths keep their per-flow state in kernel
   memory and are not measured here.
 - **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
-  read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is the
-  daemon's fd budget: its open-file limit less a reserve, six descriptors per relayed stream (two sockets, two
-  splice pipes while bytes move; an idle flow holds two); the benchmark raises RLIMIT_NOFILE and the daemon
-  inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
+  read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is not a
+  configured limit (ebpfwd has none) but the daemon's open-file limit, two descriptors per flow; the benchmark
+  raises RLIMIT_NOFILE and the daemon inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
 `
