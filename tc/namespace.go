@@ -3,7 +3,6 @@ package tc
 import (
 	"context"
 	"fmt"
-	"os"
 	"sync"
 	"time"
 
@@ -141,14 +140,10 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 // translated flow holds, and their packets would cross.
 func (d *Datapath) warnPortOverlap(ns netns.NS) {
 	var lo, hi int
-	err := ns.Do(func() error {
-		b, err := os.ReadFile("/proc/sys/net/ipv4/ip_local_port_range")
-		if err != nil {
-			return err
-		}
-		_, err = fmt.Sscan(string(b), &lo, &hi)
-		return err
-	})
+	value, err := readSysctl(ns, "/proc/sys/net/ipv4/ip_local_port_range")
+	if err == nil {
+		_, err = fmt.Sscan(value, &lo, &hi)
+	}
 	if err != nil {
 		d.logger().Debug("read ip_local_port_range", "netns", ns.String(), "err", err)
 		return

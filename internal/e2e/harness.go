@@ -15,6 +15,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/daemon"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
@@ -144,6 +145,9 @@ func Start(t testing.TB, name, yaml string, opts Options) *Daemon {
 		close(d.exited)
 	}()
 	t.Cleanup(func() {
+		// A daemon a test killed could not remove its control socket;
+		// one that stopped removed it already.
+		defer os.Remove(daemon.ControlSocket(instance))
 		if code, err := d.Stop(); err != nil {
 			t.Errorf("daemon %s: %v", name, err)
 		} else if code != 0 && code != -1 {
