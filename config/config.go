@@ -74,7 +74,12 @@ type Service struct {
 	// relay) or forgotten (a kernel flow); 0, the default, means never, on
 	// every datapath.
 	IdleTimeout time.Duration
-	Pos         Pos
+	// MaxStreams is ebpfwd's own metadata key "maxStreams": the most TCP
+	// streams (tcp, http handlers) or UDP sessions (udp) the service
+	// holds at once; 0, the default, means its whole share of the
+	// daemon's file descriptor budget, which also caps a larger value.
+	MaxStreams int
+	Pos        Pos
 }
 
 // Handler says how a service treats accepted traffic.

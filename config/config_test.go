@@ -269,6 +269,36 @@ func TestKeysAreCaseInsensitive(t *testing.T) {
 	}
 }
 
+// maxStreams caps a service's concurrent streams or sessions; written as a
+// number or a digit string (as GOST's loader converts), any case.
+func TestMaxStreams(t *testing.T) {
+	const yaml = `services:
+- name: web
+  addr: ":80"
+  handler: {type: tcp}
+  forwarder: {nodes: [{addr: ":81"}]}
+  metadata: {maxStreams: 100}
+- name: dns
+  addr: ":53"
+  handler: {type: udp}
+  forwarder: {nodes: [{addr: ":54"}]}
+  metadata: {MAXSTREAMS: "2000"}
+- name: plain
+  addr: ":82"
+  handler: {type: tcp}
+  forwarder: {nodes: [{addr: ":81"}]}
+`
+	cfg, warns, err := Parse("max.yaml", []byte(yaml))
+	if err != nil || len(warns) > 0 {
+		t.Fatalf("Parse: %v (warnings %v)", err, warns)
+	}
+	for i, want := range []int{100, 2000, 0} {
+		if got := cfg.Services[i].MaxStreams; got != want {
+			t.Errorf("services[%d].MaxStreams = %d, want %d", i, got, want)
+		}
+	}
+}
+
 // All problems are reported at once, sorted by position.
 func TestMultipleErrorsSorted(t *testing.T) {
 	path := "testdata/invalid_multi.yaml"
@@ -299,7 +329,7 @@ func TestMultipleErrorsSorted(t *testing.T) {
 		t.Errorf("Error() = %q", err.Error())
 	}
 	// Warnings still come back for an invalid file.
-	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout)`
+	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, maxStreams)`
 	if len(warns) != 1 || warns[0].String() != wantWarn {
 		t.Errorf("warnings = %v, want [%s]", warns, wantWarn)
 	}

@@ -394,6 +394,16 @@ func TestParseErrors(t *testing.T) {
 			warns: []want{{9, 3, "services[0].netns", "deprecated"}},
 		},
 		{
+			name: "maxStreams zero",
+			yaml: base + "  metadata:\n    maxStreams: 0\n",
+			errs: []want{{10, 17, "services[0].metadata.maxStreams", "must be at least 1, not 0"}},
+		},
+		{
+			name: "maxStreams not a number",
+			yaml: base + "  metadata:\n    maxStreams: lots\n",
+			errs: []want{{10, 17, "services[0].metadata.maxStreams", `must be a whole number, not "lots"`}},
+		},
+		{
 			name: "idleTimeout negative",
 			yaml: base + "  metadata:\n    idleTimeout: -1s\n",
 			errs: []want{{10, 18, "services[0].metadata.idleTimeout", "must not be negative"}},

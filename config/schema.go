@@ -125,7 +125,7 @@ var (
 // Metadata keys ebpfwd reads, per place. GOST lower-cases metadata keys, so
 // they are matched case-insensitively; the spelling here is the documented one.
 var (
-	serviceMetadataKeys  = []string{"netns", "netns.out", "datapath", "idleTimeout"}
+	serviceMetadataKeys  = []string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams"}
 	listenerMetadataKeys = []string{"ttl"}
 	hopMetadataKeys      = []string{"netns"}
 	nodeMetadataKeys     = []string{"netns"}

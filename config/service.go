@@ -133,6 +133,18 @@ func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, ha
 	if tf, ok := known["idleTimeout"]; ok {
 		svc.IdleTimeout, _ = d.duration(tf)
 	}
+	if mf, ok := known["maxStreams"]; ok {
+		if n, ok := d.integer(mf); ok {
+			if n < 1 {
+				// 0 would read as "no connection at all", which no one
+				// configures on purpose; leaving the key out is how to
+				// take the whole budget share.
+				d.errorf(mf.pos(), mf.path, "must be at least 1, not %d (leave it out to use the service's whole fd budget share)", n)
+			} else {
+				svc.MaxStreams = n
+			}
+		}
+	}
 }
 
 // serviceParts carries the decoded key sets of a service's sections, so

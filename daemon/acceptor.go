@@ -71,6 +71,10 @@ func (a *acceptor) dispatch(conn net.Conn) {
 	for range 2 {
 		s := a.owner.Load()
 		if s.begin() {
+			if !s.admit(conn) {
+				s.wg.Done() // refused: admit closed it
+				return
+			}
 			go s.handle(conn)
 			return
 		}

@@ -93,6 +93,11 @@ type Daemon struct {
 	reloads  chan reloadRequest
 	stopped  chan struct{}  // closed when Run no longer takes reloads
 	retiring sync.WaitGroup // services a reload replaced, still draining
+	// budget is the fd budget Run fixed at start (under mu: metrics read
+	// it); only Run's goroutine (start, reloads) changes it. pool is what the services draw on: every
+	// service's Limit is the pool's.
+	budget fdBudget
+	pool   *datapath.Pool
 }
 
 // current returns the running services.
@@ -107,7 +112,7 @@ func (d *Daemon) current() []*service {
 // name the config file, line and field.
 func New(cfg *config.Config, opts Options, log *slog.Logger) (*Daemon, error) {
 	d := &Daemon{opts: opts, log: log, datapaths: opts.Datapaths, conns: context.Background(),
-		reloads: make(chan reloadRequest), stopped: make(chan struct{})}
+		reloads: make(chan reloadRequest), stopped: make(chan struct{}), pool: datapath.NewPool()}
 	if d.datapaths == nil {
 		d.datapaths = datapath.NewSet(userspace.Datapath{Logger: log})
 	}
@@ -252,6 +257,7 @@ func (d *Daemon) Run(ctx context.Context) error {
 	if err := d.Check(); err != nil {
 		return err
 	}
+	fdLimit := raiseFDLimit(d.log)
 	if d.opts.Instance != "" {
 		l, err := listenControl(d.opts.Instance)
 		if err != nil {
@@ -275,6 +281,9 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	d.finishSetup()
+	// Measured now, with every listener and datapath open, and before
+	// any connection: what the daemon holds for itself.
+	d.startBudget(fdLimit)
 	for _, s := range d.current() {
 		s.logStarted("service started")
 	}

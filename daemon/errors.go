@@ -36,7 +36,11 @@ const (
 	// ReasonLocal is a failure of this host, not of the node: out of file
 	// descriptors (EMFILE, ENFILE), buffers or memory (ENOBUFS, ENOMEM).
 	ReasonLocal Reason = "local_resources"
-	ReasonOther Reason = "other"
+	// ReasonFDBudget is a connection (TCP) or a new client's datagram
+	// (UDP) refused because the service holds its whole share of the fd
+	// budget (see budget.go).
+	ReasonFDBudget Reason = "fd_budget"
+	ReasonOther    Reason = "other"
 )
 
 // Reasons lists every Reason, so that metrics can show each at zero before
@@ -44,7 +48,7 @@ const (
 // event misses that event).
 var Reasons = []Reason{ReasonRefused, ReasonTimeout, ReasonUnreachable, ReasonResolve, ReasonNetnsGone,
 	ReasonHopAuth, ReasonHopGateway, ReasonHopStatus, ReasonHopProtocol, ReasonHopClosed, ReasonReset,
-	ReasonIdle, ReasonAccept, ReasonLocal, ReasonOther}
+	ReasonIdle, ReasonAccept, ReasonLocal, ReasonFDBudget, ReasonOther}
 
 // reasonOf maps an error from dialing or relaying to its Reason.
 func reasonOf(err error) Reason {

@@ -154,6 +154,14 @@ func (d *Daemon) reload(ctx context.Context, cfg *config.Config) reloadOutcome {
 			taken[prev] = true
 			st.keep = prev.cfg.Name == n.cfg.Name && sameService(oldCfg, prev.cfg, cfg, n.cfg)
 			st.handOver = !st.keep && sameListen(prev, n) && prev.ln.acc != nil
+			if !st.keep && prev.limit.Cost() == n.limit.Cost() {
+				// The old form's connections drain holding their
+				// descriptors: they count against the new form's share.
+				// (A service that changed between TCP and UDP keeps
+				// its old Limit for the old form; that Limit loses
+				// its guarantee and borrows until it drains.)
+				n.limit = prev.limit
+			}
 		}
 		steps = append(steps, st)
 	}
@@ -181,6 +189,20 @@ func (d *Daemon) reload(ctx context.Context, cfg *config.Config) reloadOutcome {
 			}
 		}
 	}
+
+	// The shares change with the set of services: every one that runs
+	// from now on gets its share before the new ones serve. What the
+	// new forms opened (listeners, datapaths) comes out of the headroom
+	// of the reserve fixed at start.
+	final := make([]*service, 0, len(steps))
+	for _, st := range steps {
+		if st.keep {
+			final = append(final, st.prev)
+		} else {
+			final = append(final, st.next)
+		}
+	}
+	d.applyBudget(final)
 
 	// Commit: from here on nothing is refused.
 	next := make([]*service, 0, len(steps))

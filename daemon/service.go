@@ -32,6 +32,10 @@ type service struct {
 	plan     Plan
 	errs     *Errors
 	proxy    *httpproxy.Server // handler http only
+	// limit is the service's share of the fd budget: the streams or
+	// sessions it may hold at once. A reload's new form takes its previous
+	// form's, so both forms' connections count against one share.
+	limit *datapath.Limit
 
 	att     datapath.Attachment
 	splicer datapath.Splicer // att's way of moving streams
@@ -57,6 +61,7 @@ func newService(d *Daemon, cfg *config.Config, i int, sc *config.Service, chains
 		cfg:   sc,
 		log:   d.log.With("service", sc.Name),
 		errs:  &Errors{},
+		limit: d.pool.NewLimit(demandOf(&service{cfg: sc}).cost),
 	}
 	s.listenNS, s.outNS = sc.NetNS, sc.NetNSOut
 	var errs []error
@@ -103,6 +108,7 @@ func (s *service) spec() datapath.Service {
 		Proxy:       s.cfg.Handler.Type == "http",
 		IdleTimeout: s.cfg.IdleTimeout,
 		PacketTTL:   s.cfg.Listener.TTL,
+		Limit:       s.limit,
 	}
 	if s.cfg.Forwarder != nil && !svc.Proxy {
 		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
@@ -212,9 +218,29 @@ func (s *service) begin() bool {
 	return true
 }
 
-// handle serves one accepted connection; begin counted it in.
+// admit takes a slot of the service's fd budget share for an accepted
+// connection. Without one the connection is reset at once, from the
+// accept loop, without blocking it: a storm on one service must not hold
+// descriptors, or the loop, that others need.
+func (s *service) admit(conn net.Conn) bool {
+	if s.limit.Acquire() {
+		return true
+	}
+	if tc, ok := conn.(*net.TCPConn); ok {
+		// A reset tells the client at once that it was refused, not
+		// served an empty stream, and leaves no TIME_WAIT behind.
+		_ = tc.SetLinger(0)
+	}
+	conn.Close()
+	s.limit.LogRefusal(s.log, "connection")
+	return false
+}
+
+// handle serves one accepted connection; begin counted it in and admit
+// gave it a slot.
 func (s *service) handle(conn net.Conn) {
 	defer s.wg.Done()
+	defer s.limit.Release()
 	if s.proxy != nil {
 		s.proxy.ServeConn(s.conns, conn)
 		return

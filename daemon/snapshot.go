@@ -27,6 +27,10 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 		for r, n := range s.errs.Snapshot() {
 			snap.Errors[string(r)] = n
 		}
+		// The Limit counts its own refusals: the UDP relay asks it for
+		// every new client's datagram, and counting there costs nothing
+		// extra on that path.
+		snap.Errors[string(ReasonFDBudget)] += s.limit.Refused()
 		if kr, ok := s.att.(datapath.KernelReasoner); ok {
 			if k, err := kr.KernelReasons(); err != nil {
 				s.log.Warn("read kernel datapath counters", "err", err)

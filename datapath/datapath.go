@@ -63,6 +63,10 @@ type Service struct {
 	// PacketTTL expires a UDP session (or kernel UDP flow) after this
 	// long without traffic.
 	PacketTTL time.Duration
+	// Limit bounds the UDP sessions a datapath opens sockets for (the
+	// service's fd budget share); nil bounds nothing. TCP streams are
+	// admitted by the daemon before they reach the datapath.
+	Limit *Limit
 }
 
 // Node is one forward target of a service.

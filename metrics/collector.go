@@ -42,7 +42,27 @@ var (
 	fallbacks = desc("datapath_fallback",
 		"1 for each service that runs on a slower datapath than it could: the datapath it fell back from, to, and why.",
 		"service", "from", "to", "reason")
+	fdBudget = desc("fd_budget_descriptors",
+		"The daemon's file descriptor budget (docs/CONFIG.md): part=limit (RLIMIT_NOFILE), reserved (the daemon's own), shared (what services may borrow beyond their guarantees), borrowed (of shared, in use now).",
+		"part")
+	splicePipes = desc("splice_pipes",
+		"splice(2) pipes the userspace relay may hold at once (state=limit; 0: no bound) and holds now (state=in_use).", "state")
+	spliceBuffered = desc("splice_buffered_chunks_total",
+		"Chunks of relayed streams copied through a userspace buffer because every splice pipe of the allowance was in use.")
 )
+
+// Budget is the daemon's descriptor budget and the relays' splice pipe
+// allowance at scrape time.
+type Budget struct {
+	Limit, Reserved, Shared, Borrowed int64
+	PipesLimit, PipesInUse            int64
+	PipesBuffered                     uint64
+}
+
+// BudgetReporter is implemented by a Source that keeps a descriptor budget.
+type BudgetReporter interface {
+	Budget() Budget
+}
 
 // collector turns a Source's snapshot into metrics at scrape time.
 type collector struct{ src Source }
@@ -52,7 +72,7 @@ func newCollector(src Source) prometheus.Collector { return collector{src} }
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, packetsTotal,
 		packetsPassed, packetsDropped, programRunTime, programRuns, connErrors,
-		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks} {
+		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks, fdBudget, splicePipes, spliceBuffered} {
 		ch <- d
 	}
 }
@@ -103,6 +123,16 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 	}
 	for _, f := range c.src.Fallbacks() {
 		gauge(fallbacks, 1, f.Service, f.From, f.To, f.Reason)
+	}
+	if br, ok := c.src.(BudgetReporter); ok {
+		b := br.Budget()
+		gauge(fdBudget, float64(b.Limit), "limit")
+		gauge(fdBudget, float64(b.Reserved), "reserved")
+		gauge(fdBudget, float64(b.Shared), "shared")
+		gauge(fdBudget, float64(b.Borrowed), "borrowed")
+		gauge(splicePipes, float64(b.PipesLimit), "limit")
+		gauge(splicePipes, float64(b.PipesInUse), "in_use")
+		counter(spliceBuffered, b.PipesBuffered)
 	}
 }
 

@@ -113,9 +113,25 @@ func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial d
 				a.active.Add(1)
 			} else {
 				a.active.Add(-1)
+				if l := a.svc.Limit; l != nil {
+					l.Release() // every session was admitted by Admit
+				}
 			}
 		},
 		OnError: func(error) { a.errors.Add(1) },
+	}
+	if l := a.svc.Limit; l != nil {
+		// Each session holds one socket: beyond the service's share of
+		// the fd budget a new client's datagram is dropped, so a flood
+		// of source ports cannot take the descriptors other services
+		// and the daemon itself need.
+		u.Admit = func() bool {
+			if l.Acquire() {
+				return true
+			}
+			l.LogRefusal(a.logger, "udp session")
+			return false
+		}
 	}
 	a.udp.Store(u)
 	return u.Serve(ctx)
@@ -128,7 +144,11 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 	}
 	// OnSession keeps active equal to the session table's size.
 	n := uint64(max(a.active.Load(), 0))
-	return []datapath.FlowTable{{Name: "udp_sessions", Entries: n, Capacity: relay.DefaultMaxUDPSessions}}
+	capacity := uint64(relay.DefaultMaxUDPSessions)
+	if l := a.svc.Limit; l != nil {
+		capacity = min(capacity, uint64(max(l.Capacity(), 0)))
+	}
+	return []datapath.FlowTable{{Name: "udp_sessions", Entries: n, Capacity: capacity}}
 }
 
 // Flows lists the live TCP streams and UDP sessions.

@@ -287,11 +287,10 @@ func startChainedDaemon(ctx context.Context, e *runEnv, kind datapath.Kind) (*pa
 	return p, nil
 }
 
-// daemonPath describes a path made of ebpfwd daemons. ebpfwd has no
-// connection limit of its own: every relayed stream holds descriptors (two
-// sockets, plus whatever its relay keeps open), so the daemon's
-// RLIMIT_NOFILE divided by the descriptors per flow observed under the
-// idle-connection workload is what bounds the flows it can hold.
+// daemonPath describes a path made of ebpfwd daemons. What bounds the
+// flows a daemon holds is its fd budget: RLIMIT_NOFILE, less a reserve,
+// divided by the descriptors the budget counts per stream (the worst
+// case; the idle-connection workload shows what an idle one holds).
 func daemonPath(daemons ...*process) *path {
 	return &path{front: gatewayIP, daemons: daemons, capacity: func(_ context.Context, fdsPerFlow float64) string {
 		limit := int64(-1)
@@ -315,9 +314,17 @@ func daemonCapacity(limit int64, fdsPerFlow float64) string {
 	case limit < 0:
 		return "no limit configured; RLIMIT_NOFILE unlimited"
 	case fdsPerFlow <= 0:
-		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d (descriptors per flow not measured)", limit)
+		return fmt.Sprintf("fd budget: RLIMIT_NOFILE %d less its reserve / %d fds per stream ≈ %d flows (descriptors per idle flow not measured)",
+			limit, budgetFDsPerStream, budgetFlows(limit))
 	default:
-		return fmt.Sprintf("no limit configured; RLIMIT_NOFILE %d / %.1f fds per flow ≈ %d flows",
-			limit, fdsPerFlow, int64(float64(limit)/fdsPerFlow))
+		return fmt.Sprintf("fd budget: RLIMIT_NOFILE %d less its reserve / %d fds per stream ≈ %d flows (%.1f held per idle flow)",
+			limit, budgetFDsPerStream, budgetFlows(limit), fdsPerFlow)
 	}
+}
+
+// budgetFlows is about how many streams one service of a daemon can hold
+// under limit: its guarantee and the whole shared part, that is the
+// budget's pool, which the reserve bounds from below.
+func budgetFlows(limit int64) int64 {
+	return max(limit-budgetReserve, 0) / budgetFDsPerStream
 }

@@ -115,8 +115,8 @@ func runDriver() int {
 	}
 	if set.idleConns < 10000 {
 		res.notes = append(res.notes, fmt.Sprintf("%d idle connections instead of 10,000: the open-file limit here is %d and "+
-			"cannot be raised (no CAP_SYS_RESOURCE), and the userspace relay holds %d descriptors per idle connection.",
-			set.idleConns, limit, fdsPerIdleFlow))
+			"cannot be raised (no CAP_SYS_RESOURCE), and the daemon's fd budget counts %d descriptors per stream.",
+			set.idleConns, limit, budgetFDsPerStream))
 	}
 	if haproxyBin == "" {
 		res.notes = append(res.notes, "HAProxy not found (`make bench` installs Debian's haproxy; apt-get install haproxy): "+
@@ -225,20 +225,26 @@ func raiseOpenFiles() (uint64, error) {
 	return cur.Max, nil
 }
 
-// fdsPerIdleFlow is how many descriptors the userspace relay holds per
-// idle stream: its two sockets (it borrows splice pipes only while bytes
-// move). It sizes the idle-connection workload to what the open-file limit
-// allows.
-const fdsPerIdleFlow = 2
+// budgetFDsPerStream is what the daemon's fd budget counts per relayed
+// stream (daemon/budget.go): its two sockets; the splice pipes a stream
+// borrows while bytes move come from an allowance set aside in the
+// daemon's reserve. It sizes the idle-connection workload to what the
+// open-file limit allows.
+const budgetFDsPerStream = 2
+
+// budgetReserve bounds what the daemon's fd budget keeps for itself: the
+// descriptors open at start (a few dozen here), 64 of headroom and at most
+// 512 splice pipes of two descriptors.
+const budgetReserve = 2048
 
 // idleConnections is how many idle connections the memory workload opens:
 // 10,000, unless the open-file limit cannot give each daemon
-// fdsPerIdleFlow descriptors per connection plus headroom for its
-// listeners and logs.
+// budgetFDsPerStream descriptors per connection beyond its fd budget's
+// reserve.
 func idleConnections(limit uint64) int {
-	const want, headroom = 10000, 256
-	if limit < fdsPerIdleFlow*want+headroom {
-		return int((limit - min(limit, headroom)) / fdsPerIdleFlow)
+	const want = 10000
+	if limit < budgetFDsPerStream*want+budgetReserve {
+		return int((limit - min(limit, budgetReserve)) / budgetFDsPerStream)
 	}
 	return want
 }

@@ -445,7 +445,8 @@ const docMeasured = `
   divided by the connections; HAProxy is measured the same way. Kernel paths keep their per-flow state in kernel
   memory and are not measured here.
 - **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
-  read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is not a
-  configured limit (ebpfwd has none) but the daemon's open-file limit, two descriptors per flow; the benchmark
-  raises RLIMIT_NOFILE and the daemon inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
+  read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is the
+  daemon's fd budget: its open-file limit less a reserve (the descriptors open at start, 64 of headroom
+  and the relays' splice pipe allowance), two descriptors per relayed stream (its sockets); the benchmark raises
+  RLIMIT_NOFILE and the daemon inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
 `

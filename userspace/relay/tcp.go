@@ -349,6 +349,10 @@ func (d *direction) copyChunk() (int64, error) {
 		if err := waitReadable(d.srcRaw); err != nil {
 			return 0, err
 		}
+		if !takePipe() {
+			return copyThroughBuffer(d.dst, &d.limited)
+		}
+		defer givePipe()
 		// *net.TCPConn.ReadFrom accepts *io.LimitedReader and splices.
 		return d.dst.(io.ReaderFrom).ReadFrom(&d.limited)
 	}

@@ -64,6 +64,12 @@ type UDP struct {
 	// when it closes, exactly once each (active-session metrics). It runs
 	// under the session table's lock and must not block.
 	OnSession func(opened bool)
+	// Admit, if set, is asked before a session opens, after MaxSessions:
+	// false drops the datagram (counted in Dropped) and opens nothing
+	// (the daemon's fd budget). Every session it admitted is reported
+	// closed through OnSession(false) exactly once. It runs under the
+	// session table's lock and must not block.
+	Admit func() bool
 	// OnError, if set, receives per-session failures (dial errors, upstream
 	// read and write errors) that do not stop Serve.
 	OnError func(err error)
@@ -112,7 +118,7 @@ func (u *UDP) Sessions() []Session {
 }
 
 // Dropped returns how many client datagrams were discarded: beyond
-// MaxSessions, beyond a session's backlog while its upstream was opening, or
+// MaxSessions or refused by Admit, beyond a session's backlog while its upstream was opening, or
 // because the upstream could not be opened.
 func (u *UDP) Dropped() uint64 { return u.dropped.Load() }
 
@@ -260,7 +266,7 @@ func (t *udpTable) deliver(key netip.AddrPort, addr net.Addr, p []byte) {
 }
 
 // session returns key's live session, opening one, or nil when at
-// MaxSessions.
+// MaxSessions or when Admit refuses a new one.
 func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 	t.mu.Lock()
 	defer t.mu.Unlock()
@@ -268,6 +274,9 @@ func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 		return s
 	}
 	if len(t.sessions) >= t.maxSessions {
+		return nil
+	}
+	if t.u.Admit != nil && !t.u.Admit() {
 		return nil
 	}
 	s := &udpSession{key: key, addr: addr, started: time.Now()}

@@ -71,6 +71,12 @@ func (c *trackedConn) Close() error {
 
 func startUDP(t *testing.T, ttl time.Duration, maxSessions int, dial func(context.Context, net.Addr) (net.Conn, error)) *udpRig {
 	t.Helper()
+	return startUDPWith(t, ttl, maxSessions, dial, nil)
+}
+
+// startUDPWith is startUDP with a last say on the relay before it serves.
+func startUDPWith(t *testing.T, ttl time.Duration, maxSessions int, dial func(context.Context, net.Addr) (net.Conn, error), configure func(*UDP)) *udpRig {
+	t.Helper()
 	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
 	if err != nil {
 		t.Fatalf("listen: %v", err)
@@ -106,6 +112,9 @@ func startUDP(t *testing.T, ttl time.Duration, maxSessions int, dial func(contex
 		},
 		OnError: func(error) { r.errs.Add(1) },
 		Logger:  slog.New(slog.DiscardHandler),
+	}
+	if configure != nil {
+		configure(r.relay)
 	}
 	ctx, cancel := context.WithCancel(t.Context())
 	r.cancel = cancel
@@ -287,19 +296,69 @@ func TestUDPSessionKeptAliveByTraffic(t *testing.T) {
 	})
 }
 
-func TestUDPMaxSessionsDrops(t *testing.T) {
-	r := startUDP(t, time.Minute, 1, nil)
-	first, second := r.client(t), r.client(t)
+// TestUDPAdmitRefuses: a new client that Admit refuses opens no session
+// and no upstream socket, its datagrams are dropped, the admitted client
+// is still served, and every admitted session is reported closed.
+func TestUDPAdmitRefuses(t *testing.T) {
+	var admitted, refused, slots atomic.Int64
+	slots.Store(1)
+	const ttl, extra = 200 * time.Millisecond, 5
+	r := startUDPWith(t, ttl, 0, nil, func(u *UDP) {
+		u.Admit = func() bool {
+			if slots.Add(-1) < 0 {
+				slots.Add(1)
+				refused.Add(1)
+				return false
+			}
+			admitted.Add(1)
+			return true
+		}
+		onSession := u.OnSession
+		u.OnSession = func(opened bool) {
+			if !opened {
+				slots.Add(1) // what the daemon's Limit.Release does
+			}
+			onSession(opened)
+		}
+	})
+	first, second := secondClientDropped(t, r, extra)
+	if refused.Load() != extra || r.dials.Load() != 1 || r.active.Load() != 1 {
+		t.Fatalf("refused %d dials %d active %d, want %d, 1, 1", refused.Load(), r.dials.Load(), r.active.Load(), extra)
+	}
+	if err := roundTrip(first, []byte("still served")); err != nil {
+		t.Fatal(err)
+	}
+	// Once the first session expires its slot is free again: the second
+	// client gets a session.
+	waitFor(t, "the first session to expire", testDeadline, func() bool { return r.active.Load() == 0 })
+	if err := roundTrip(second, []byte("now admitted")); err != nil {
+		t.Fatal(err)
+	}
+	if admitted.Load() != 2 {
+		t.Fatalf("admitted %d sessions, want 2", admitted.Load())
+	}
+}
+
+// secondClientDropped opens a session for a first client, then sends extra
+// datagrams from a second one, which the relay (at its limit) must drop.
+func secondClientDropped(t *testing.T, r *udpRig, extra int) (first, second *net.UDPConn) {
+	t.Helper()
+	first, second = r.client(t), r.client(t)
 	if err := roundTrip(first, []byte("first")); err != nil {
 		t.Fatal(err)
 	}
-	const extra = 5
 	for range extra {
 		if _, err := second.Write([]byte("second")); err != nil {
 			t.Fatal(err)
 		}
 	}
-	waitFor(t, "datagrams beyond MaxSessions to be dropped", testDeadline, func() bool { return r.relay.Dropped() == extra })
+	waitFor(t, "datagrams beyond the session limit to be dropped", testDeadline, func() bool { return r.relay.Dropped() == uint64(extra) })
+	return first, second
+}
+
+func TestUDPMaxSessionsDrops(t *testing.T) {
+	r := startUDP(t, time.Minute, 1, nil)
+	first, second := secondClientDropped(t, r, 5)
 	if err := second.SetReadDeadline(time.Now().Add(100 * time.Millisecond)); err != nil {
 		t.Fatal(err)
 	}
