@@ -48,6 +48,15 @@ func TestCommandLine(t *testing.T) {
 					t.Fatalf("log level %q, want debug", c.Log.Level)
 				}
 			}},
+		{name: "limiters as GOST's options",
+			cl: CommandLine{Services: []string{"tcp://:8000/10.0.0.2:80?climiter=10&rlimiter=2.5&limiter.in=1MB&limiter.conn.out=64KB"}},
+			check: func(t *testing.T, c *Config) {
+				l := c.Services[0].Limits
+				if l.Conns == nil || l.Conns.Rules[0].N != 10 || l.Rate == nil || l.Rate.Rules[0].N != 2.5 ||
+					l.Traffic == nil || len(l.Traffic.Rules) != 2 || l.Traffic.Rules[0].In != 1<<20 || l.Traffic.Rules[1].Out != 64<<10 {
+					t.Fatalf("limits %+v", describeLimits(l))
+				}
+			}},
 		{name: "no -L", cl: CommandLine{}, wantErr: "no service"},
 		{name: "unsupported handler", cl: CommandLine{Services: []string{"socks5://:1080"}}, wantErr: `scheme "socks5"`},
 		{name: "unsupported listener", cl: CommandLine{Services: []string{"tcp+tls://:443/10.0.0.2:80"}}, wantErr: `listener "tls"`},

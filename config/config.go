@@ -18,9 +18,11 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
 	"net/netip"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -38,6 +40,9 @@ type Config struct {
 	Services []*Service
 	Chains   []*Chain // hops referenced by name are already resolved into Chain.Hops
 	Hops     []*Hop   // top-level hops as written
+	// Limiters are the limiters, climiters and rlimiters sections, in
+	// that order, as written.
+	Limiters []*Limiter
 	Log      Log
 	Metrics  Metrics
 }
@@ -79,7 +84,11 @@ type Service struct {
 	// holds at once; 0, the default, means its whole share of the
 	// daemon's file descriptor budget, which also caps a larger value.
 	MaxStreams int
-	Pos        Pos
+	// Limits are the service's limiter, climiter and rlimiter (GOST's
+	// keys), or the limits its metadata asks for (GOST's command-line
+	// options limiter.in, climiter...).
+	Limits Limits
+	Pos    Pos
 }
 
 // Handler says how a service treats accepted traffic.
@@ -310,7 +319,17 @@ func (d *decoder) config(root *yaml.Node) *Config {
 		d.errorf(root, "services", "no services: the file has no services section")
 		return cfg
 	}
-	cfg.Services = d.services(f, chainsByName)
+	var limiters [3]map[string]*Limiter
+	for _, kind := range []LimiterKind{TrafficLimiter, ConnLimiter, RateLimiter} {
+		limiters[kind] = map[string]*Limiter{}
+		if lf, ok := top[kind.Section()]; ok {
+			limiters[kind] = d.limiters(lf, kind)
+			for _, l := range slices.SortedFunc(maps.Values(limiters[kind]), func(a, b *Limiter) int { return a.Pos.Line - b.Pos.Line }) {
+				cfg.Limiters = append(cfg.Limiters, l)
+			}
+		}
+	}
+	cfg.Services = d.services(f, chainsByName, limiters)
 	return cfg
 }
 

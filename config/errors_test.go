@@ -617,26 +617,31 @@ func TestParseErrors(t *testing.T) {
 		},
 	}
 	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			cfg, warns, err := Parse("gost.yaml", []byte(tt.yaml))
-			if len(tt.errs) == 0 {
-				if err != nil {
-					t.Fatalf("unexpected error:\n%v", err)
-				}
-				if cfg == nil {
-					t.Fatal("nil config without error")
-				}
-			} else {
-				var list *Errors
-				if !errors.As(err, &list) {
-					t.Fatalf("error = %v (%T), want *Errors", err, err)
-				}
-				if cfg != nil {
-					t.Error("config returned together with errors")
-				}
-				checkDiagnostics(t, "error", list.List, tt.errs)
-			}
-			checkDiagnostics(t, "warning", warns, tt.warns)
-		})
+		t.Run(tt.name, func(t *testing.T) { checkParse(t, tt.yaml, tt.errs, tt.warns) })
 	}
+}
+
+// checkParse parses yaml and asserts exactly the wanted errors (none:
+// a config) and warnings.
+func checkParse(t *testing.T, yaml string, errs, warns []want) {
+	t.Helper()
+	cfg, gotWarns, err := Parse("gost.yaml", []byte(yaml))
+	if len(errs) == 0 {
+		if err != nil {
+			t.Fatalf("unexpected error:\n%v", err)
+		}
+		if cfg == nil {
+			t.Fatal("nil config without error")
+		}
+	} else {
+		var list *Errors
+		if !errors.As(err, &list) {
+			t.Fatalf("error = %v (%T), want *Errors", err, err)
+		}
+		if cfg != nil {
+			t.Error("config returned together with errors")
+		}
+		checkDiagnostics(t, "error", list.List, errs)
+	}
+	checkDiagnostics(t, "warning", gotWarns, warns)
 }

@@ -37,16 +37,17 @@ func (s *section) suggest(key string) string {
 
 var (
 	topLevelSection = section{
-		keys: []string{"services", "chains", "hops", "log", "metrics"},
+		keys: []string{"services", "chains", "hops", "log", "metrics", "limiters", "climiters", "rlimiters"},
 		unsupported: []string{"authers", "admissions", "bypasses", "resolvers", "hosts", "ingresses",
-			"routers", "sds", "recorders", "limiters", "climiters", "rlimiters", "observers", "loggers",
+			"routers", "sds", "recorders", "observers", "loggers",
 			"tls", "profiling", "api"},
 	}
 	serviceSection = section{
 		// netns is the deprecated service-level spelling of metadata.netns.
-		keys: []string{"name", "addr", "netns", "handler", "listener", "forwarder", "metadata"},
+		keys: []string{"name", "addr", "netns", "handler", "listener", "forwarder", "metadata",
+			"limiter", "climiter", "rlimiter"},
 		unsupported: []string{"interface", "sockopts", "admission", "admissions", "bypass", "bypasses",
-			"resolver", "hosts", "limiter", "climiter", "rlimiter", "logger", "loggers", "observer",
+			"resolver", "hosts", "logger", "loggers", "observer",
 			"recorders", "status"},
 	}
 	handlerSection = section{
@@ -125,7 +126,8 @@ var (
 // Metadata keys ebpfwd reads, per place. GOST lower-cases metadata keys, so
 // they are matched case-insensitively; the spelling here is the documented one.
 var (
-	serviceMetadataKeys  = []string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams"}
+	serviceMetadataKeys = append([]string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams",
+		"limiter.refreshInterval", "limiter.scope"}, limiterMetadataKeys...)
 	listenerMetadataKeys = []string{"ttl"}
 	hopMetadataKeys      = []string{"netns"}
 	nodeMetadataKeys     = []string{"netns"}

@@ -13,13 +13,13 @@ func posOf(n *yaml.Node) Pos { return Pos{Line: n.Line, Column: n.Column} }
 
 // services decodes the services list; an empty one is an error because
 // ebpfwd would have nothing to do.
-func (d *decoder) services(f field, chains map[string]*Chain) []*Service {
+func (d *decoder) services(f field, chains map[string]*Chain, limiters [3]map[string]*Limiter) []*Service {
 	if isNull(f.value) || (f.value.Kind == yaml.SequenceNode && len(f.value.Content) == 0) {
 		d.errorf(f.pos(), f.path, "no services: the list is empty")
 		return nil
 	}
 	return decodeUnique(d, f, "service", func(item field, i int) (*Service, string) {
-		svc := d.service(item, i, chains)
+		svc := d.service(item, i, chains, limiters)
 		if svc == nil {
 			return nil, ""
 		}
@@ -48,7 +48,7 @@ func decodeUnique[T any](d *decoder, f field, kind string, decode func(item fiel
 	return out
 }
 
-func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
+func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]map[string]*Limiter) *Service {
 	fs, ok := d.fieldMapping(f, &serviceSection)
 	if !ok {
 		return nil
@@ -91,12 +91,49 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain) *Service {
 		svc.Forwarder, ffs = d.forwarder(ff)
 	}
 
-	if mf, ok := fs["metadata"]; ok {
-		md, known := d.metadata(mf, serviceMetadataKeys)
-		svc.Metadata = md
-		d.serviceMetadata(svc, known, legacyNS, hasLegacyNS)
+	for key, kind := range map[string]LimiterKind{"limiter": TrafficLimiter, "climiter": ConnLimiter, "rlimiter": RateLimiter} {
+		if lf, ok := fs[key]; ok {
+			l := d.serviceLimiter(lf, kind, limiters[kind])
+			switch kind {
+			case TrafficLimiter:
+				svc.Limits.Traffic = l
+			case ConnLimiter:
+				svc.Limits.Conns = l
+			case RateLimiter:
+				svc.Limits.Rate = l
+			}
+		}
 	}
 
+	var trafficAt *field // where a bandwidth limit was asked for
+	if lf, ok := fs["limiter"]; ok {
+		trafficAt = &lf
+	}
+	if mf, ok := fs["metadata"]; ok {
+		md, known := d.metadata(mf, serviceMetadataKeys)
+		for _, key := range limiterMetadataKeys[:4] {
+			if kf, ok := known[key]; ok && trafficAt == nil {
+				trafficAt = &kf
+			}
+		}
+		svc.Metadata = md
+		d.serviceMetadata(svc, known, legacyNS, hasLegacyNS)
+		d.metadataLimits(svc, known)
+		for _, key := range []string{"limiter.refreshInterval", "limiter.scope"} {
+			if kf, ok := known[key]; ok {
+				d.warnf(kf.key, kf.path, "has no effect: it configures limiter plugins and reloaded limit sources, which ebpfwd does not support; inline limits apply as written")
+			}
+		}
+	}
+
+	if svc.Listener.Type == "udp" || (svc.Listener.Type == "" && svc.Handler.Type == "udp") {
+		if svc.Limits.Traffic != nil && trafficAt != nil {
+			// A datagram cannot wait for tokens the way a stream's bytes
+			// can: GOST's UDP limiter blocks the session's reads, which
+			// holds every datagram behind it.
+			d.errorf(trafficAt.pos(), trafficAt.path, "bandwidth limits apply to TCP services only (this is a udp service); climiter and rlimiter bound its sessions")
+		}
+	}
 	d.checkServiceCombination(f, svc, serviceParts{
 		handler: hfs, listener: lfs, forwarder: ffs, ttl: ttl,
 		forwarderField: ff, hasForwarder: hasForwarder && !isNull(ff.value),

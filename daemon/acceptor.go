@@ -71,11 +71,12 @@ func (a *acceptor) dispatch(conn net.Conn) {
 	for range 2 {
 		s := a.owner.Load()
 		if s.begin() {
-			if !s.admit(conn) {
+			release, ok := s.admit(conn)
+			if !ok {
 				s.wg.Done() // refused: admit closed it
 				return
 			}
-			go s.handle(conn)
+			go s.handle(conn, release)
 			return
 		}
 	}

@@ -40,7 +40,11 @@ const (
 	// (UDP) refused because the service holds its whole share of the fd
 	// budget (see budget.go).
 	ReasonFDBudget Reason = "fd_budget"
-	ReasonOther    Reason = "other"
+	// ReasonConnLimit and ReasonRateLimit are connections (or new UDP
+	// sessions) the service's GOST climiter or rlimiter refused.
+	ReasonConnLimit Reason = "conn_limit"
+	ReasonRateLimit Reason = "rate_limit"
+	ReasonOther     Reason = "other"
 )
 
 // Reasons lists every Reason, so that metrics can show each at zero before
@@ -48,7 +52,7 @@ const (
 // event misses that event).
 var Reasons = []Reason{ReasonRefused, ReasonTimeout, ReasonUnreachable, ReasonResolve, ReasonNetnsGone,
 	ReasonHopAuth, ReasonHopGateway, ReasonHopStatus, ReasonHopProtocol, ReasonHopClosed, ReasonReset,
-	ReasonIdle, ReasonAccept, ReasonLocal, ReasonFDBudget, ReasonOther}
+	ReasonIdle, ReasonAccept, ReasonLocal, ReasonFDBudget, ReasonConnLimit, ReasonRateLimit, ReasonOther}
 
 // reasonOf maps an error from dialing or relaying to its Reason.
 func reasonOf(err error) Reason {

@@ -36,6 +36,9 @@ type service struct {
 	// sessions it may hold at once. A reload's new form takes its previous
 	// form's, so both forms' connections count against one share.
 	limit *datapath.Limit
+	// limits are the service's GOST limiters (climiter, rlimiter,
+	// limiter), enforced on every connection userspace serves.
+	limits *limits
 
 	att     datapath.Attachment
 	splicer datapath.Splicer // att's way of moving streams
@@ -63,6 +66,7 @@ func newService(d *Daemon, cfg *config.Config, i int, sc *config.Service, chains
 		errs:  &Errors{},
 		limit: d.pool.NewLimit(demandOf(&service{cfg: sc}).cost),
 	}
+	s.limits = newLimits(sc.Limits, s.errs, s.log)
 	s.listenNS, s.outNS = sc.NetNS, sc.NetNSOut
 	var errs []error
 	var err error
@@ -109,6 +113,10 @@ func (s *service) spec() datapath.Service {
 		IdleTimeout: s.cfg.IdleTimeout,
 		PacketTTL:   s.cfg.Listener.TTL,
 		Limit:       s.limit,
+		Limiters:    s.cfg.Limits.Names(),
+	}
+	if s.limits.admission != nil {
+		svc.Admit = func(client netip.Addr) (func(), bool) { return s.limits.admit(client, "udp session") }
 	}
 	if s.cfg.Forwarder != nil && !svc.Proxy {
 		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
@@ -222,25 +230,43 @@ func (s *service) begin() bool {
 // connection. Without one the connection is reset at once, from the
 // accept loop, without blocking it: a storm on one service must not hold
 // descriptors, or the loop, that others need.
-func (s *service) admit(conn net.Conn) bool {
-	if s.limit.Acquire() {
-		return true
+//
+// Then the service's climiter and rlimiter decide, by the client's
+// address; a connection they refuse is reset the same way. The release
+// returned with true ends the connection's hold on both.
+func (s *service) admit(conn net.Conn) (release func(), ok bool) {
+	if !s.limit.Acquire() {
+		resetClose(conn)
+		s.limit.LogRefusal(s.log, "connection")
+		return nil, false
 	}
+	if s.limits.admission == nil {
+		return s.limit.Release, true
+	}
+	admitted, ok := s.limits.admit(peerOf(conn).Addr(), "connection")
+	if !ok {
+		s.limit.Release()
+		resetClose(conn)
+		return nil, false
+	}
+	return func() { admitted(); s.limit.Release() }, true
+}
+
+// resetClose closes a refused connection with a reset: it tells the client
+// at once that it was refused, not served an empty stream, and leaves no
+// TIME_WAIT behind.
+func resetClose(conn net.Conn) {
 	if tc, ok := conn.(*net.TCPConn); ok {
-		// A reset tells the client at once that it was refused, not
-		// served an empty stream, and leaves no TIME_WAIT behind.
 		_ = tc.SetLinger(0)
 	}
 	conn.Close()
-	s.limit.LogRefusal(s.log, "connection")
-	return false
 }
 
 // handle serves one accepted connection; begin counted it in and admit
-// gave it a slot.
-func (s *service) handle(conn net.Conn) {
+// gave it a slot, which release gives back.
+func (s *service) handle(conn net.Conn, release func()) {
 	defer s.wg.Done()
-	defer s.limit.Release()
+	defer release()
 	if s.proxy != nil {
 		s.proxy.ServeConn(s.conns, conn)
 		return
@@ -294,7 +320,9 @@ func (s *service) forward(ctx context.Context, client net.Conn) {
 		return
 	}
 	// The datapath logs how the stream ended; the daemon counts why.
-	err = s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node})
+	up, down, released := s.limits.traffic.Stream(peer.Addr())
+	defer released()
+	err = s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node, Up: up, Down: down})
 	if err != nil && !errors.Is(err, context.Canceled) {
 		s.errs.Add(reasonOf(err))
 	}
@@ -401,7 +429,10 @@ func (s *service) newProxy() *httpproxy.Server {
 			return conn, err
 		},
 		Relay: func(ctx context.Context, client, upstream net.Conn) error {
-			return s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peerOf(client)})
+			peer := peerOf(client)
+			up, down, released := s.limits.traffic.Stream(peer.Addr())
+			defer released()
+			return s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Up: up, Down: down})
 		},
 		OnResult: func(r httpproxy.Result) {
 			if r.Err != nil && !errors.Is(r.Err, context.Canceled) {

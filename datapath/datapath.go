@@ -67,6 +67,15 @@ type Service struct {
 	// service's fd budget share); nil bounds nothing. TCP streams are
 	// admitted by the daemon before they reach the datapath.
 	Limit *Limit
+	// Admit, when set, is asked before each new UDP session too, after
+	// Limit: the service's GOST climiter and rlimiter. It returns the
+	// release to call once when the session ends, or false (counted by
+	// the daemon) when the session must not start. It must not block.
+	Admit func(client netip.Addr) (release func(), ok bool)
+	// Limiters names the GOST limiters the service has (limiter,
+	// climiter, rlimiter), for a datapath that cannot enforce them to say
+	// so in Applies: the userspace relay enforces them all.
+	Limiters []string
 }
 
 // Node is one forward target of a service.
@@ -137,6 +146,17 @@ type Stream struct {
 	Upstream net.Conn       // dialed to the node (possibly through hops)
 	Peer     netip.AddrPort // the client's address, for logs
 	Node     string         // the node name, for logs
+	// Up and Down are the bandwidth limits of the stream (GOST's
+	// limiter): client -> node and node -> client. A Splicer that cannot
+	// hold a stream to them returns ErrFallback.
+	Up, Down []Bucket
+}
+
+// Bucket is a token bucket of bytes (golang.org/x/time/rate's Limiter):
+// a direction that moved n bytes waits for n tokens.
+type Bucket interface {
+	WaitN(ctx context.Context, n int) error
+	Burst() int
 }
 
 // PacketDialer opens the upstream socket of a new datagram session for the

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"strings"
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/loader"
@@ -36,6 +37,11 @@ func applicable(svc datapath.Service) error {
 		return fmt.Errorf("network %q is not tcp or udp", svc.Network)
 	case len(svc.Nodes) == 0:
 		return errors.New("no forward nodes")
+	case len(svc.Limiters) > 0:
+		// Not NeverApplies: the service could run on tc without them, so
+		// auto's fallback is worth a metric and a line in ebpfwd plan.
+		return fmt.Errorf("the kernel path does not enforce GOST limiters (%s); the userspace relay does",
+			strings.Join(svc.Limiters, ", "))
 	}
 	if _, err := bpfStrategy(svc.Strategy); err != nil {
 		return err

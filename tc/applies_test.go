@@ -1,6 +1,8 @@
 package tc
 
 import (
+	"errors"
+	"net/netip"
 	"strings"
 	"testing"
 
@@ -40,5 +42,24 @@ func TestNodesReachable(t *testing.T) {
 				t.Fatalf("err = %v, want %q", err, tt.wantErr)
 			}
 		})
+	}
+}
+
+// TestApplicableRefusesLimiters: tc cannot enforce GOST limiters, and
+// says so as a fallback reason (not "never applies"), so auto counts the
+// fallback and datapath: tc with a limiter is refused.
+func TestApplicableRefusesLimiters(t *testing.T) {
+	svc := datapath.Service{
+		Name: "limited", Network: "tcp", Addr: "10.0.0.1:80", Listen: netip.MustParseAddrPort("10.0.0.1:80"),
+		Nodes:    []datapath.Node{{Name: "n", Addr: "10.0.1.1:80", IP: netip.MustParseAddrPort("10.0.1.1:80")}},
+		Limiters: []string{"climiter ten (concurrent connections)"},
+	}
+	err := applicable(svc)
+	if err == nil || !strings.Contains(err.Error(), "climiter ten") || errors.Is(err, datapath.ErrNeverApplies) {
+		t.Fatalf("applicable = %v, want a fallback reason naming the climiter", err)
+	}
+	svc.Limiters = nil
+	if err := applicable(svc); err != nil {
+		t.Fatalf("without the limiter: %v", err)
 	}
 }

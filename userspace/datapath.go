@@ -9,6 +9,7 @@ import (
 	"errors"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -85,7 +86,7 @@ func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
 	id := a.streamID.Add(1)
 	a.streams.Store(id, st)
 	defer a.streams.Delete(id)
-	err := relay.TCP(ctx, s.Client, s.Upstream, a.svc.IdleTimeout, &st.counts)
+	err := relay.TCPWith(ctx, s.Client, s.Upstream, relay.Options{Idle: a.svc.IdleTimeout, Counts: &st.counts, Up: s.Up, Down: s.Down})
 	attrs := []any{"client", s.Peer, "node", s.Node, "up_bytes", st.counts.Up.Load(), "down_bytes", st.counts.Down.Load(),
 		"duration", time.Since(st.started).Round(time.Millisecond)}
 	switch {
@@ -113,24 +114,36 @@ func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial d
 				a.active.Add(1)
 			} else {
 				a.active.Add(-1)
-				if l := a.svc.Limit; l != nil {
-					l.Release() // every session was admitted by Admit
-				}
 			}
 		},
 		OnError: func(error) { a.errors.Add(1) },
 	}
-	if l := a.svc.Limit; l != nil {
-		// Each session holds one socket: beyond the service's share of
-		// the fd budget a new client's datagram is dropped, so a flood
-		// of source ports cannot take the descriptors other services
-		// and the daemon itself need.
-		u.Admit = func() bool {
-			if l.Acquire() {
-				return true
+	if l, admit := a.svc.Limit, a.svc.Admit; l != nil || admit != nil {
+		u.Admit = func(client netip.AddrPort) (func(), bool) {
+			// Each session holds one socket: beyond the service's fd
+			// budget a new client's datagram is dropped, so a flood of
+			// source ports cannot take the descriptors other services
+			// and the daemon itself need.
+			if l != nil && !l.Acquire() {
+				l.LogRefusal(a.logger, "udp session")
+				return nil, false
 			}
-			l.LogRefusal(a.logger, "udp session")
-			return false
+			release := func() {}
+			if admit != nil {
+				var ok bool
+				if release, ok = admit(client.Addr()); !ok {
+					if l != nil {
+						l.Release()
+					}
+					return nil, false
+				}
+			}
+			return func() {
+				release()
+				if l != nil {
+					l.Release()
+				}
+			}, true
 		}
 	}
 	a.udp.Store(u)

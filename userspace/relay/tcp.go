@@ -21,6 +21,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/ebpfwd/ebpfwd/datapath"
 )
 
 // Counts are live byte counters a relay adds to as bytes move. A
@@ -110,14 +112,40 @@ type Tunnel interface {
 // Cancelling ctx aborts the relay and returns an error wrapping ctx's cause.
 // c may be nil.
 func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *Counts) error {
+	return TCPWith(ctx, client, upstream, Options{Idle: idle, Counts: c})
+}
+
+// Options are the settings of one relayed stream beyond its connections.
+type Options struct {
+	Idle   time.Duration // see TCP
+	Counts *Counts       // may be nil
+	// Up and Down bound each direction's rate (client -> upstream and
+	// upstream -> client): after each chunk the direction waits on every
+	// one of them for the chunk's bytes, and a chunk is never larger than
+	// the smallest burst, so no direction runs ahead of its buckets by
+	// more than one burst.
+	Up, Down []Bucket
+}
+
+// Bucket is a token bucket of bytes: datapath's, which *rate.Limiter of
+// golang.org/x/time satisfies.
+type Bucket = datapath.Bucket
+
+// TCPWith is TCP with every option.
+func TCPWith(ctx context.Context, client, upstream net.Conn, o Options) error {
+	c, idle := o.Counts, o.Idle
 	if c == nil {
 		c = new(Counts)
 	}
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
 	r := &tcpRelay{
-		conns: [...]net.Conn{client, upstream},
-		idle:  idle,
-		start: time.Now(),
-		done:  make(chan error, 2),
+		ctx:    ctx,
+		cancel: cancel,
+		conns:  [...]net.Conn{client, upstream},
+		idle:   idle,
+		start:  time.Now(),
+		done:   make(chan error, 2),
 	}
 	clientRaw, clientPending := unwrap(client)
 	upstreamRaw, upstreamPending := unwrap(upstream)
@@ -129,8 +157,8 @@ func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *
 		r.lingering[i] = setLinger(raw, 0)
 	}
 	r.dirs = [...]*direction{
-		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, c.up()),
-		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, c.down()),
+		newDirection("client→upstream", clientRaw, upstreamRaw, clientPending, c.up(), o.Up),
+		newDirection("upstream→client", upstreamRaw, clientRaw, upstreamPending, c.down(), o.Down),
 	}
 	// Read deadlines interrupt a blocked copy every window so the bytes
 	// it moved so far are counted (splice(2) reports them only when the
@@ -160,10 +188,14 @@ func TCP(ctx context.Context, client, upstream net.Conn, idle time.Duration, c *
 
 // tcpRelay is the state shared by the two directions of one TCP relay.
 type tcpRelay struct {
-	conns [2]net.Conn // as handed to TCP (closed too, in case a tunnel owns more than its NetConn)
-	raw   [2]net.Conn // what bytes are actually read from and written to
-	dirs  [2]*direction
-	done  chan error
+	// ctx ends when the relay does (abort cancels it), so a direction
+	// waiting on a bucket stops waiting once the other one failed.
+	ctx    context.Context
+	cancel context.CancelFunc
+	conns  [2]net.Conn // as handed to TCP (closed too, in case a tunnel owns more than its NetConn)
+	raw    [2]net.Conn // what bytes are actually read from and written to
+	dirs   [2]*direction
+	done   chan error
 
 	idle   time.Duration
 	window time.Duration // read deadline granularity
@@ -200,6 +232,8 @@ type direction struct {
 	pending  []byte
 	counter  counter
 	limited  io.LimitedReader
+	chunk    int64           // bytes one copy call moves at most
+	buckets  []Bucket        // rate limits: waited on after every chunk
 	buf      []byte          // nil when dst splices from src in the kernel
 	srcRaw   syscall.RawConn // src's socket, when splicing
 	// quietUntil is the latest time (ns since start) up to which this
@@ -209,8 +243,11 @@ type direction struct {
 	quietUntil atomic.Int64
 }
 
-func newDirection(name string, src, dst net.Conn, pending []byte, counter counter) *direction {
-	d := &direction{name: name, src: src, dst: dst, pending: pending, counter: counter}
+func newDirection(name string, src, dst net.Conn, pending []byte, counter counter, buckets []Bucket) *direction {
+	d := &direction{name: name, src: src, dst: dst, pending: pending, counter: counter, chunk: chunkSize, buckets: buckets}
+	for _, b := range buckets {
+		d.chunk = min(d.chunk, int64(max(b.Burst(), 1)))
+	}
 	d.limited.R = src
 	// *net.TCPConn.ReadFrom splices from a TCP or Unix stream socket; any
 	// other pair gets one reusable buffer instead of io.Copy's per-call
@@ -256,6 +293,7 @@ func (r *tcpRelay) now() int64 { return int64(time.Since(r.start)) }
 func (r *tcpRelay) abort(reason error, reset bool) {
 	r.closeOnce.Do(func() {
 		r.reason = reason
+		defer r.cancel()
 		for i := range r.raw {
 			switch {
 			case reset && !r.lingering[i]:
@@ -298,7 +336,10 @@ func (r *tcpRelay) run(d *direction) error {
 			r.lastActive.Store(r.now())
 		}
 		switch {
-		case err == nil && n == chunkSize:
+		case err == nil && n == d.chunk:
+			if err := d.charge(r.ctx, n); err != nil {
+				return fmt.Errorf("relay %s: rate limit: %w", d.name, err)
+			}
 			continue
 		case err == nil: // short chunk without error: src reached EOF
 			if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
@@ -313,6 +354,8 @@ func (r *tcpRelay) run(d *direction) error {
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if n == 0 {
 				d.quietUntil.Store(r.now())
+			} else if err := d.charge(r.ctx, n); err != nil {
+				return fmt.Errorf("relay %s: rate limit: %w", d.name, err)
 			}
 			if r.idle > 0 && r.idleExpired() {
 				return fmt.Errorf("relay: no bytes moved for %s: %w", r.idle, ErrIdleTimeout)
@@ -338,10 +381,22 @@ func (r *tcpRelay) idleExpired() bool {
 	return true
 }
 
-// copyChunk moves up to chunkSize bytes. It returns a nil error with fewer
+// charge waits until every bucket of the direction has n bytes' worth of
+// tokens: the bytes have moved already, so the next chunk waits for them.
+// n is at most the chunk, which is at most every bucket's burst.
+func (d *direction) charge(ctx context.Context, n int64) error {
+	for _, b := range d.buckets {
+		if err := b.WaitN(ctx, int(n)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// copyChunk moves up to d.chunk bytes. It returns a nil error with fewer
 // than chunkSize bytes only at EOF, like io.CopyN without the io.EOF.
 func (d *direction) copyChunk() (int64, error) {
-	d.limited.N = chunkSize
+	d.limited.N = d.chunk
 	if d.buf == nil {
 		// Splice borrows a pipe (two fds) for as long as its call waits
 		// for data, so wait first: an idle connection then holds only its

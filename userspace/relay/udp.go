@@ -64,12 +64,13 @@ type UDP struct {
 	// when it closes, exactly once each (active-session metrics). It runs
 	// under the session table's lock and must not block.
 	OnSession func(opened bool)
-	// Admit, if set, is asked before a session opens, after MaxSessions:
-	// false drops the datagram (counted in Dropped) and opens nothing
-	// (the daemon's fd budget). Every session it admitted is reported
-	// closed through OnSession(false) exactly once. It runs under the
-	// session table's lock and must not block.
-	Admit func() bool
+	// Admit, if set, is asked before a session of client opens, after
+	// MaxSessions: false drops the datagram (counted in Dropped) and opens
+	// nothing (the daemon's fd budget, GOST's climiter and rlimiter). The
+	// release it returns with true is called exactly once, when the
+	// session closes. It runs under the session table's lock and must not
+	// block.
+	Admit func(client netip.AddrPort) (release func(), ok bool)
 	// OnError, if set, receives per-session failures (dial errors, upstream
 	// read and write errors) that do not stop Serve.
 	OnError func(err error)
@@ -190,6 +191,7 @@ type udpSession struct {
 	key     netip.AddrPort
 	addr    net.Addr // the client as Conn reported it
 	started time.Time
+	release func() // Admit's, called once when the session leaves the table
 
 	// lastActive is when a datagram last moved either way, in nanoseconds
 	// since the table started.
@@ -276,10 +278,14 @@ func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 	if len(t.sessions) >= t.maxSessions {
 		return nil
 	}
-	if t.u.Admit != nil && !t.u.Admit() {
-		return nil
+	var release func()
+	if t.u.Admit != nil {
+		var ok bool
+		if release, ok = t.u.Admit(key); !ok {
+			return nil
+		}
 	}
-	s := &udpSession{key: key, addr: addr, started: time.Now()}
+	s := &udpSession{key: key, addr: addr, started: time.Now(), release: release}
 	s.lastActive.Store(t.now())
 	t.sessions[key] = s
 	if t.u.OnSession != nil {
@@ -498,6 +504,9 @@ func (t *udpTable) remove(s *udpSession) {
 		return
 	}
 	delete(t.sessions, s.key)
+	if s.release != nil {
+		s.release()
+	}
 	if t.u.OnSession != nil {
 		t.u.OnSession(false)
 	}

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"net/netip"
 	"os"
 	"runtime"
 	"sync"
@@ -298,27 +299,27 @@ func TestUDPSessionKeptAliveByTraffic(t *testing.T) {
 
 // TestUDPAdmitRefuses: a new client that Admit refuses opens no session
 // and no upstream socket, its datagrams are dropped, the admitted client
-// is still served, and every admitted session is reported closed.
+// is still served, and every admitted session is released once, with the
+// client it was admitted for.
 func TestUDPAdmitRefuses(t *testing.T) {
-	var admitted, refused, slots atomic.Int64
+	var admitted, refused, slots, released atomic.Int64
 	slots.Store(1)
 	const ttl, extra = 200 * time.Millisecond, 5
 	r := startUDPWith(t, ttl, 0, nil, func(u *UDP) {
-		u.Admit = func() bool {
+		u.Admit = func(client netip.AddrPort) (func(), bool) {
+			if !client.Addr().IsLoopback() {
+				t.Errorf("Admit asked for %v, not the loopback client", client)
+			}
 			if slots.Add(-1) < 0 {
 				slots.Add(1)
 				refused.Add(1)
-				return false
+				return nil, false
 			}
 			admitted.Add(1)
-			return true
-		}
-		onSession := u.OnSession
-		u.OnSession = func(opened bool) {
-			if !opened {
+			return func() {
+				released.Add(1)
 				slots.Add(1) // what the daemon's Limit.Release does
-			}
-			onSession(opened)
+			}, true
 		}
 	})
 	first, second := secondClientDropped(t, r, extra)
@@ -336,6 +337,10 @@ func TestUDPAdmitRefuses(t *testing.T) {
 	}
 	if admitted.Load() != 2 {
 		t.Fatalf("admitted %d sessions, want 2", admitted.Load())
+	}
+	waitFor(t, "the second session to expire", testDeadline, func() bool { return r.active.Load() == 0 })
+	if released.Load() != 2 {
+		t.Fatalf("released %d sessions, want 2", released.Load())
 	}
 }
 
