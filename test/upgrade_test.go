@@ -4,7 +4,9 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
+	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -48,9 +50,16 @@ func TestUpgradeRefusesNoneResetsNone(t *testing.T) {
 	e2e.UDPEchoIn(t, tg, "127.0.0.1:9053")
 	instance, opts := fixedInstance("upgrade")
 	opts.In = c
+	// systemd's notification socket (Type=notify): READY=1 from the
+	// first process, MAINPID= of the new one after the upgrade.
+	notify := listenNotify(t)
+	opts.Env = []string{"NOTIFY_SOCKET=" + notify.LocalAddr().String()}
 	opts.Args = append(opts.Args, "--drain-timeout", "30s") // the last one counts
 	d := e2e.Start(t, "upgrade", e2e.Config(upgradeTopology, map[string]string{"T": tg.Name}), opts)
 	d.Instance = instance
+	if msg := readNotify(t, notify); msg != "READY=1" {
+		t.Fatalf("first notification %q, want READY=1", msg)
+	}
 
 	// A transfer that spans the upgrade: paced, so it is still running
 	// when the new process takes over; it stays on the old process.
@@ -86,6 +95,9 @@ func TestUpgradeRefusesNoneResetsNone(t *testing.T) {
 	time.Sleep(300 * time.Millisecond)
 	before := served.Load()
 	next := d.Upgrade(t, restartTimeout)
+	if msg, want := readNotify(t, notify), fmt.Sprintf("MAINPID=%d\nREADY=1", next.Pid()); msg != want {
+		t.Errorf("notification after the upgrade %q, want %q", msg, want)
+	}
 	// Keep the load on for a while against the new process.
 	time.Sleep(500 * time.Millisecond)
 	close(stopLoad)
@@ -136,4 +148,28 @@ func TestUpgradeRefusesNoneResetsNone(t *testing.T) {
 	}
 	next.WaitLog(t, time.Second, "listening on the socket the previous process handed over", "service=relay")
 	next.WaitLog(t, time.Second, "listening on the socket the previous process handed over", "service=dgram")
+}
+
+// listenNotify is a stand-in for systemd's notification socket.
+func listenNotify(t *testing.T) *net.UnixConn {
+	t.Helper()
+	path := filepath.Join(t.TempDir(), "notify.sock")
+	conn, err := net.ListenUnixgram("unixgram", &net.UnixAddr{Name: path, Net: "unixgram"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { conn.Close() })
+	return conn
+}
+
+// readNotify reads the next notification, waiting a few seconds at most.
+func readNotify(t *testing.T, conn *net.UnixConn) string {
+	t.Helper()
+	_ = conn.SetReadDeadline(time.Now().Add(10 * time.Second))
+	buf := make([]byte, 4096)
+	n, err := conn.Read(buf)
+	if err != nil {
+		t.Fatalf("no notification from the daemon: %v", err)
+	}
+	return string(buf[:n])
 }

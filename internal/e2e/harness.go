@@ -117,6 +117,8 @@ type Options struct {
 	// FDLimit, when set, runs the daemon with RLIMIT_NOFILE at this
 	// (soft and hard) through util-linux prlimit, which execs in place.
 	FDLimit int
+	// Env is added to the daemon's environment (NAME=value).
+	Env []string
 }
 
 // Start writes yaml to a temp file, runs `ebpfwd run --ready-file` on it
@@ -150,6 +152,9 @@ func Start(t testing.TB, name, yaml string, opts Options) *Daemon {
 		argv = append([]string{"prlimit", "--nofile=" + n + ":" + n}, argv...)
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
+	if len(opts.Env) > 0 {
+		cmd.Env = append(os.Environ(), opts.Env...)
+	}
 	d := &Daemon{Name: name, Instance: instance, Config: cfg, Cmd: cmd, Output: &syncbuf.Buffer{}, ready: ready, exited: make(chan struct{})}
 	// A pipe of our own rather than Cmd's copying: Wait then returns when
 	// the daemon exits, not when every process holding the pipe (the new
