@@ -66,6 +66,13 @@ func listenControl(instance string) (net.Listener, error) {
 	if err != nil {
 		return nil, fmt.Errorf("control socket: %w", err)
 	}
+	// Run removes the path itself, at once, when it closes the socket:
+	// left to Close, the unlink would come whenever the server gets to
+	// it, and after an upgrade's new process bound the same path it
+	// would remove the new process's socket.
+	if ul, ok := l.(*net.UnixListener); ok {
+		ul.SetUnlinkOnClose(false)
+	}
 	// It lists every client and reloads the daemon: root's only.
 	if err := os.Chmod(path, 0o600); err != nil {
 		l.Close()

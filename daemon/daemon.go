@@ -53,6 +53,20 @@ type Options struct {
 	// next run, and Run returns ErrRestart: the caller then re-executes
 	// the daemon, whose next run takes the state over. Nil never fires.
 	Restart <-chan struct{}
+	// Upgrade, when it receives, hands the daemon over to a new process
+	// (see Upgrader) and Run returns ErrUpgraded once its own connections
+	// are done. Nil never fires.
+	Upgrade <-chan Upgrader
+	// Inherited are the listening sockets the previous process of an
+	// upgrade handed over, by ListenerKey: a service takes its own
+	// instead of binding; the rest are closed once every service listens.
+	Inherited map[string]*os.File
+	// Adopt, when set, is called by Run before it sets anything up: the
+	// new process of an upgrade waits there until the old one let go of
+	// the kernel state and the control socket. An error stops Run.
+	Adopt func() error
+	// Serving, when set, is called once every service serves.
+	Serving func()
 }
 
 // ErrRestart is what Run returns after a shutdown for Options.Restart: the
@@ -98,6 +112,8 @@ type Daemon struct {
 	// service's Limit is the pool's.
 	budget fdBudget
 	pool   *datapath.Pool
+	// inheritMu guards opts.Inherited, which services take from.
+	inheritMu sync.Mutex
 }
 
 // current returns the running services.
@@ -258,15 +274,26 @@ func (d *Daemon) Run(ctx context.Context) error {
 		return err
 	}
 	fdLimit := raiseFDLimit(d.log)
+	if d.opts.Adopt != nil {
+		if err := d.opts.Adopt(); err != nil {
+			return fmt.Errorf("take over from the previous process: %w", err)
+		}
+	}
+	closeControl := func() {}
 	if d.opts.Instance != "" {
 		l, err := listenControl(d.opts.Instance)
 		if err != nil {
 			return err
 		}
 		path := l.Addr().String()
-		defer os.Remove(path)
 		controlCtx, stopControl := context.WithCancel(context.WithoutCancel(ctx))
-		defer stopControl()
+		// Once: an upgrade closes it early, so the new process can open
+		// its own at the same path.
+		closeControl = sync.OnceFunc(func() {
+			stopControl() // the server closes l
+			os.Remove(path)
+		})
+		defer closeControl()
 		go d.serveControl(controlCtx, l)
 	}
 	// Connections live in their own context: shutdown cancels it only
@@ -296,11 +323,30 @@ func (d *Daemon) Run(ctx context.Context) error {
 	for _, s := range d.current() {
 		s.serve()
 	}
+	d.closeUnclaimed()
+	if d.opts.Serving != nil {
+		d.opts.Serving()
+	}
 
-	restart := false
+	restart, upgraded := false, false
+	var upgradeErr error
 wait:
 	for {
 		select {
+		case u := <-d.opts.Upgrade:
+			d.log.Info("upgrade: starting the new process with this one's listening sockets")
+			started, err := d.handOver(u, closeControl)
+			if !started {
+				d.log.Error("upgrade refused: the new process did not start; still serving", "err", err)
+				continue
+			}
+			upgraded, upgradeErr = true, err
+			if err != nil {
+				d.log.Error("upgrade: the new process failed after this one let go; finishing this one's connections and exiting with an error", "err", err)
+			} else {
+				d.log.Info("upgrade: the new process serves; finishing this one's connections", "drain_timeout", d.opts.DrainTimeout)
+			}
+			break wait
 		case <-ctx.Done():
 			d.log.Info("shutting down: no longer accepting", "drain_timeout", d.opts.DrainTimeout)
 			break wait
@@ -341,6 +387,13 @@ wait:
 		}
 	}
 	d.closeAll()
+	if upgraded {
+		if upgradeErr != nil {
+			return fmt.Errorf("upgrade: %w", upgradeErr)
+		}
+		d.log.Info("stopped after the upgrade: the new process serves")
+		return ErrUpgraded
+	}
 	if restart {
 		d.log.Info("stopped for restart: kernel datapaths left in place for the next run")
 		return ErrRestart

@@ -180,6 +180,9 @@ func (s *service) setup(ctx context.Context) error {
 
 // listen opens the service's listening socket.
 func (s *service) listen(ctx context.Context) error {
+	if f := s.inherited(); f != nil {
+		return s.fromInherited(f)
+	}
 	switch s.cfg.Listener.Type {
 	case "udp":
 		pc, err := s.listenNS.ListenPacket(ctx, "udp", s.cfg.Addr)

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"net"
+	"sync"
 )
 
 // WithRelay joins a kernel datapath's attachment with the relay's
@@ -19,6 +20,17 @@ func WithRelay(kernel, relay Attachment) Attachment {
 
 type relayed struct {
 	kernel, relay Attachment
+	closeKernel   sync.Once
+	kernelErr     error
+}
+
+// CloseKernel closes the kernel datapath's attachment only: the relay's
+// keeps carrying its streams (an upgrade hands the kernel state to a new
+// process while the old one finishes its connections). Close later closes
+// the relay's; the kernel's is closed once.
+func (r *relayed) CloseKernel() error {
+	r.closeKernel.Do(func() { r.kernelErr = r.kernel.Close() })
+	return r.kernelErr
 }
 
 var (
@@ -116,5 +128,5 @@ func PicksNodes(a Attachment) bool {
 }
 
 func (r *relayed) Close() error {
-	return errors.Join(r.kernel.Close(), r.relay.Close())
+	return errors.Join(r.CloseKernel(), r.relay.Close())
 }

@@ -8,6 +8,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"os"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -20,6 +21,9 @@ type ServerConfig struct {
 	Path     string
 	Username string // Basic auth when set
 	Password string
+	// Inherited, when set, is the listening socket the previous process of
+	// an upgrade served metrics on: it is served instead of binding Addr.
+	Inherited *os.File
 }
 
 // listenAddr applies the loopback default: metrics reveal the gateway's
@@ -53,8 +57,14 @@ func Listen(cfg ServerConfig, reg *prometheus.Registry, log *slog.Logger) (*Serv
 	if err != nil {
 		return nil, fmt.Errorf("metrics addr %q: %w", cfg.Addr, err)
 	}
-	ln, err := net.Listen("tcp", addr)
-	if err != nil {
+	var ln net.Listener
+	if cfg.Inherited != nil {
+		ln, err = net.FileListener(cfg.Inherited)
+		cfg.Inherited.Close()
+		if err != nil {
+			return nil, fmt.Errorf("metrics: inherited socket: %w", err)
+		}
+	} else if ln, err = net.Listen("tcp", addr); err != nil {
 		return nil, fmt.Errorf("metrics: listen %s: %w", addr, err)
 	}
 	var h http.Handler = promhttp.HandlerFor(reg, promhttp.HandlerOpts{Registry: reg, ErrorLog: slogAdapter{log}})
@@ -72,6 +82,15 @@ func Listen(cfg ServerConfig, reg *prometheus.Registry, log *slog.Logger) (*Serv
 
 // Addr is the address the server listens on.
 func (s *Server) Addr() string { return s.ln.Addr().String() }
+
+// File returns a copy of the listening socket, for an upgrade to hand over.
+func (s *Server) File() (*os.File, error) {
+	fl, ok := s.ln.(interface{ File() (*os.File, error) })
+	if !ok {
+		return nil, errors.New("metrics: the listener cannot be copied")
+	}
+	return fl.File()
+}
 
 // Serve serves until Shutdown.
 func (s *Server) Serve() {

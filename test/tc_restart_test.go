@@ -7,10 +7,7 @@ import (
 	"net"
 	"os"
 	"regexp"
-	"slices"
-	"strconv"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -106,48 +103,25 @@ func stillRunning(t *testing.T, done <-chan error, what string) {
 	}
 }
 
-// readyFile is the daemon's --ready-file.
-func readyFile(t *testing.T, d *e2e.Daemon) string {
+// upgradeTo sends SIGUSR2 and waits until the new process has taken over
+// and the old one has exited: the old one let go of the kernel state and
+// the new one adopted it. It returns the new process.
+func upgradeTo(t *testing.T, d *e2e.Daemon) *e2e.Daemon {
 	t.Helper()
-	i := slices.Index(d.Cmd.Args, "--ready-file")
-	if i < 0 || i+1 >= len(d.Cmd.Args) {
-		t.Fatalf("daemon %s has no --ready-file: %v", d.Name, d.Cmd.Args)
+	next := d.Upgrade(t, restartTimeout)
+	select {
+	case <-d.Exited():
+	case <-time.After(restartTimeout):
+		t.Fatalf("daemon %s: the old process did not exit within %v of the upgrade; output:\n%s", d.Name, restartTimeout, d.Output)
 	}
-	return d.Cmd.Args[i+1]
-}
-
-// restartInPlace sends SIGUSR2 and waits until the re-executed daemon
-// (same PID) has written its ready file again.
-func restartInPlace(t *testing.T, d *e2e.Daemon) {
-	t.Helper()
-	ready := readyFile(t, d)
-	if err := os.Remove(ready); err != nil {
-		t.Fatal(err)
+	if next.Pid() == d.Pid() || !next.Running() {
+		t.Fatalf("daemon %s: new process %d (running %v) after the upgrade of %d", d.Name, next.Pid(), next.Running(), d.Pid())
 	}
-	if err := d.Signal(syscall.SIGUSR2); err != nil {
-		t.Fatal(err)
-	}
-	deadline := time.Now().Add(restartTimeout)
-	for {
-		data, err := os.ReadFile(ready)
-		if err == nil && strings.HasSuffix(string(data), "\n") {
-			if pid := strings.TrimSpace(string(data)); pid != strconv.Itoa(d.Pid()) {
-				t.Fatalf("ready file after restart names pid %s, want the same process %d", pid, d.Pid())
-			}
-			break
-		}
-		if !d.Running() {
-			t.Fatalf("daemon %s exited on SIGUSR2 (%v); output:\n%s", d.Name, d.WaitErr(), d.Output)
-		}
-		if time.Now().After(deadline) {
-			t.Fatalf("daemon %s did not write its ready file within %v of SIGUSR2; output:\n%s", d.Name, restartTimeout, d.Output)
-		}
-		time.Sleep(20 * time.Millisecond)
-	}
-	d.WaitLog(t, time.Second, "re-executing itself to restart in place")
+	d.WaitLog(t, time.Second, "ebpfwd exiting: the new process serves")
 	if n := strings.Count(d.Output.String(), "ebpfwd starting"); n != 2 {
-		t.Fatalf("daemon %s started %d times, want 2 (one restart); output:\n%s", d.Name, n, d.Output)
+		t.Fatalf("daemon %s started %d times, want 2 (one upgrade); output:\n%s", d.Name, n, d.Output)
 	}
+	return next
 }
 
 // tcFlow matches a service's established kernel flow from client in
@@ -168,17 +142,13 @@ func TestTCRestartKeepsFlows(t *testing.T) {
 	d := e2e.Start(t, "tc-restart", e2e.Config(tcRestart, map[string]string{"GW": tp.gw.Name}), opts)
 	d.Instance = instance
 	gw := e2e.Handle(t, tp.gw)
-	pid := d.Pid()
 
 	local, done := pacedExchange(t, tp.client, "10.34.1.1:8000")
 	if out := conns(t, d); !tcFlow("tc-keep", local).MatchString(out) {
 		t.Fatalf("conns does not list the flow before the restart:\n%s", out)
 	}
-	restartInPlace(t, d)
+	d = upgradeTo(t, d)
 	stillRunning(t, done, "the restart completed")
-	if d.Pid() != pid || !d.Running() {
-		t.Fatalf("daemon pid %d (running %v) after restart, want %d", d.Pid(), d.Running(), pid)
-	}
 	d.WaitLog(t, time.Second, "adopted the pinned tcx link of a previous run", "g0")
 	d.WaitLog(t, time.Second, "reusing the pinned maps of a previous run")
 	if out := conns(t, d); !tcFlow("tc-keep", local).MatchString(out) {
@@ -235,7 +205,7 @@ func TestTCRestartKeepsSpliceFlows(t *testing.T) {
 	before := ifindex()
 
 	local, done := pacedExchange(t, tp.client, "10.33.1.1:8000")
-	restartInPlace(t, d)
+	d = upgradeTo(t, d)
 	stillRunning(t, done, "the restart completed")
 	d.WaitLog(t, time.Second, "splice link of a previous run adopted", links[0])
 	if after := ifindex(); after != before {

@@ -2,6 +2,7 @@ package main
 
 import (
 	"log/slog"
+	"os"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/config"
@@ -11,8 +12,10 @@ import (
 
 // serveMetrics starts the Prometheus endpoint GOST's `metrics` section
 // describes, reading the daemon's figures at scrape time.
-func serveMetrics(cfg *config.Config, d *daemon.Daemon, rec *metrics.Recorder, logger *slog.Logger) (*metrics.Server, error) {
-	mc := metrics.ServerConfig{Addr: cfg.Metrics.Addr, Path: cfg.Metrics.Path}
+// inherited, when set, is the socket the previous process of an upgrade
+// served metrics on.
+func serveMetrics(cfg *config.Config, d *daemon.Daemon, rec *metrics.Recorder, inherited *os.File, logger *slog.Logger) (*metrics.Server, error) {
+	mc := metrics.ServerConfig{Addr: cfg.Metrics.Addr, Path: cfg.Metrics.Path, Inherited: inherited}
 	if a := cfg.Metrics.Auth; a != nil {
 		mc.Username, mc.Password = a.Username, a.Password
 	}

@@ -5,6 +5,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -14,6 +15,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"golang.org/x/sys/unix"
 
 	"github.com/ebpfwd/ebpfwd/daemon"
 	"github.com/ebpfwd/ebpfwd/internal/syncbuf"
@@ -38,6 +41,13 @@ const (
 func Main(m *testing.M) int {
 	if !testutil.IsRoot() {
 		return m.Run()
+	}
+	// The new process of a daemon's upgrade outlives its parent: as a
+	// subreaper, this process becomes its parent and can wait for it
+	// (Daemon.Upgrade), instead of init.
+	if err := unix.Prctl(unix.PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0); err != nil {
+		fmt.Fprintf(os.Stderr, "e2e: become a child subreaper: %v\n", err)
+		return 1
 	}
 	dir, err := os.MkdirTemp("", "ebpfwd-e2e-")
 	if err != nil {
@@ -80,11 +90,17 @@ type Daemon struct {
 	Name     string
 	Instance string // for `ebpfwd conns --instance`
 	Config   string // the configuration file it runs
-	Cmd      *exec.Cmd
-	Output   *syncbuf.Buffer // stdout and stderr, interleaved
-	exited   chan struct{}
-	// waitErr is Cmd.Wait's result, valid once exited is closed.
-	waitErr error
+	// Cmd started the daemon; the process a daemon upgraded to was not
+	// started by the test, and its Cmd is the original's.
+	Cmd    *exec.Cmd
+	Output *syncbuf.Buffer // stdout and stderr, interleaved (of every process of an upgrade)
+	proc   *os.Process
+	ready  string // the ready file
+	exited chan struct{}
+	// waitErr and exitCode are the process's end, valid once exited is
+	// closed.
+	waitErr  error
+	exitCode int
 }
 
 // Options tunes Start.
@@ -101,6 +117,8 @@ type Options struct {
 	// FDLimit, when set, runs the daemon with RLIMIT_NOFILE at this
 	// (soft and hard) through util-linux prlimit, which execs in place.
 	FDLimit int
+	// Env is added to the daemon's environment (NAME=value).
+	Env []string
 }
 
 // Start writes yaml to a temp file, runs `ebpfwd run --ready-file` on it
@@ -134,14 +152,32 @@ func Start(t testing.TB, name, yaml string, opts Options) *Daemon {
 		argv = append([]string{"prlimit", "--nofile=" + n + ":" + n}, argv...)
 	}
 	cmd := exec.Command(argv[0], argv[1:]...)
-	d := &Daemon{Name: name, Instance: instance, Config: cfg, Cmd: cmd, Output: &syncbuf.Buffer{}, exited: make(chan struct{})}
-	cmd.Stdout = d.Output
-	cmd.Stderr = d.Output
+	if len(opts.Env) > 0 {
+		cmd.Env = append(os.Environ(), opts.Env...)
+	}
+	d := &Daemon{Name: name, Instance: instance, Config: cfg, Cmd: cmd, Output: &syncbuf.Buffer{}, ready: ready, exited: make(chan struct{})}
+	// A pipe of our own rather than Cmd's copying: Wait then returns when
+	// the daemon exits, not when every process holding the pipe (the new
+	// process of an upgrade) has.
+	pr, pw, err := os.Pipe()
+	if err != nil {
+		t.Fatalf("daemon %s: output pipe: %v", name, err)
+	}
+	cmd.Stdout, cmd.Stderr = pw, pw
 	if err := cmd.Start(); err != nil {
+		pr.Close()
+		pw.Close()
 		t.Fatalf("start daemon %s: %v", name, err)
 	}
+	pw.Close()
+	go func() {
+		_, _ = io.Copy(d.Output, pr)
+		pr.Close()
+	}()
+	d.proc = cmd.Process
 	go func() {
 		d.waitErr = cmd.Wait()
+		d.exitCode = cmd.ProcessState.ExitCode()
 		close(d.exited)
 	}()
 	t.Cleanup(func() {
@@ -175,7 +211,7 @@ func Start(t testing.TB, name, yaml string, opts Options) *Daemon {
 }
 
 // Pid is the daemon's process id.
-func (d *Daemon) Pid() int { return d.Cmd.Process.Pid }
+func (d *Daemon) Pid() int { return d.proc.Pid }
 
 // Exited is closed once the process has exited.
 func (d *Daemon) Exited() <-chan struct{} { return d.exited }
@@ -195,7 +231,7 @@ func (d *Daemon) Running() bool {
 
 // Signal sends sig to the daemon.
 func (d *Daemon) Signal(sig os.Signal) error {
-	if err := d.Cmd.Process.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
+	if err := d.proc.Signal(sig); err != nil && !errors.Is(err, os.ErrProcessDone) {
 		return fmt.Errorf("signal daemon %s: %w", d.Name, err)
 	}
 	return nil
@@ -231,9 +267,9 @@ func (d *Daemon) Crash(t testing.TB) {
 func (d *Daemon) Wait(timeout time.Duration) (int, error) {
 	select {
 	case <-d.exited:
-		return d.Cmd.ProcessState.ExitCode(), nil
+		return d.exitCode, nil
 	case <-time.After(timeout):
-		_ = d.Cmd.Process.Kill()
+		_ = d.proc.Kill()
 		<-d.exited
 		return -1, fmt.Errorf("did not exit within %v of SIGTERM; killed", timeout)
 	}
@@ -317,4 +353,60 @@ func FDKinds(fds []string) map[string]int {
 		kinds[kind]++
 	}
 	return kinds
+}
+
+// Upgrade sends SIGUSR2 and waits up to timeout until the new process the
+// daemon hands over to is ready (the ready file names a new pid). It
+// returns that process as a Daemon, stopped in t.Cleanup; d, the old
+// process, finishes its connections and exits on its own (d.Exited).
+func (d *Daemon) Upgrade(t testing.TB, timeout time.Duration) *Daemon {
+	t.Helper()
+	old := strconv.Itoa(d.Pid())
+	if err := d.Signal(syscall.SIGUSR2); err != nil {
+		t.Fatal(err)
+	}
+	deadline := time.Now().Add(timeout)
+	for {
+		data, err := os.ReadFile(d.ready)
+		if pid := strings.TrimSpace(string(data)); err == nil && bytes.HasSuffix(data, []byte("\n")) && pid != old {
+			n, err := strconv.Atoi(pid)
+			if err != nil {
+				t.Fatalf("daemon %s: ready file after the upgrade holds %q", d.Name, data)
+			}
+			return d.successor(t, n)
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("daemon %s: no new process ready within %v of SIGUSR2; output:\n%s", d.Name, timeout, d.Output)
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+}
+
+// successor tracks the new process pid of d's upgrade. It becomes this
+// (subreaper) process's child once d exits; only then can it be waited for.
+func (d *Daemon) successor(t testing.TB, pid int) *Daemon {
+	t.Helper()
+	p, err := os.FindProcess(pid)
+	if err != nil {
+		t.Fatalf("daemon %s: find new process %d: %v", d.Name, pid, err)
+	}
+	next := &Daemon{Name: d.Name, Instance: d.Instance, Config: d.Config, Cmd: d.Cmd, Output: d.Output,
+		proc: p, ready: d.ready, exited: make(chan struct{})}
+	go func() {
+		<-d.exited
+		state, err := p.Wait()
+		next.waitErr, next.exitCode = err, -1
+		if state != nil {
+			next.exitCode = state.ExitCode()
+		}
+		close(next.exited)
+	}()
+	t.Cleanup(func() {
+		if code, err := next.Stop(); err != nil {
+			t.Errorf("daemon %s (after its upgrade): %v", d.Name, err)
+		} else if code != 0 && code != -1 {
+			t.Logf("daemon %s (after its upgrade) exited with status %d", d.Name, code)
+		}
+	})
+	return next
 }
