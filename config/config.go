@@ -74,15 +74,27 @@ type Service struct {
 	// relay) or forgotten (a kernel flow); 0, the default, means never, on
 	// every datapath.
 	IdleTimeout time.Duration
-	Pos         Pos
+	// ProxyProtocol is GOST's service metadata "proxyProtocol" (1 or 2; 0
+	// off): every connection must open with a PROXY protocol header (of
+	// either version), whose source address is then the client's.
+	ProxyProtocol int
+	Pos           Pos
 }
 
 // Handler says how a service treats accepted traffic.
 type Handler struct {
-	Type     string // tcp, udp or http
-	Chain    string // name of the chain traffic leaves through; "" = direct
-	Auth     *Auth  // proxy authentication (http only)
-	Metadata map[string]any
+	Type  string // tcp, udp or http
+	Chain string // name of the chain traffic leaves through; "" = direct
+	Auth  *Auth  // proxy authentication (http only)
+	// ProxyProtocol is handler metadata "proxyProtocol" (tcp handler): the
+	// PROXY protocol version (1 or 2; 0 none) sent to the node before the
+	// client's bytes, as GOST's forward handler does.
+	ProxyProtocol int
+	// ReplyBufferSize is handler metadata "readBufferSize" (udp handler):
+	// the largest reply datagram passed to a client, longer ones cut to it
+	// (GOST's meaning); 0 means whole datagrams.
+	ReplyBufferSize int
+	Metadata        map[string]any
 }
 
 // Listener says how a service accepts traffic.
@@ -91,8 +103,16 @@ type Listener struct {
 	// TTL is listener metadata "ttl": how long a UDP session may stay idle
 	// before it expires (GOST's meaning). It defaults to 5s for udp listeners
 	// and is 0 for tcp listeners, where it has no meaning.
-	TTL      time.Duration
-	Metadata map[string]any
+	TTL time.Duration
+	// KeepAlive is listener metadata "keepAlive" (udp): a session lives on
+	// after it answered the client, until TTL without traffic. False, GOST's
+	// default, ends a session with its first reply.
+	KeepAlive bool
+	// ReadBufferSize is listener metadata "readBufferSize" (udp): the
+	// largest client datagram passed on, longer ones cut to it (GOST's
+	// meaning); 0 means whole datagrams.
+	ReadBufferSize int
+	Metadata       map[string]any
 }
 
 // Forwarder lists the targets a tcp or udp service forwards to.
@@ -122,9 +142,13 @@ type Hop struct {
 	Selector Selector
 	NetNS    netns.NS // metadata "netns": namespace the hop's nodes are dialed from
 	NetNSPos Pos      // where it was given
-	Nodes    []*Node
-	Metadata map[string]any
-	Pos      Pos
+	// ProxyProtocol is hop metadata "proxyProtocol": the PROXY protocol
+	// version sent to this hop's nodes when it is the first hop (GOST's
+	// dialer option); a node's own setting wins.
+	ProxyProtocol int
+	Nodes         []*Node
+	Metadata      map[string]any
+	Pos           Pos
 }
 
 // Node is a forward target (in Forwarder) or a proxy (in a Hop).
@@ -141,8 +165,12 @@ type Node struct {
 	Dialer    Dialer    // type defaults to "tcp" in hops
 	NetNS     netns.NS  // node metadata "netns" (overrides the hop's)
 	NetNSPos  Pos       // where it was given
-	Metadata  map[string]any
-	Pos       Pos
+	// ProxyProtocol is the PROXY protocol version sent to a hop node when
+	// its hop is the first (0 none): node metadata "proxyProtocol", else
+	// the hop's, as GOST's hop passes its own to nodes without one.
+	ProxyProtocol int
+	Metadata      map[string]any
+	Pos           Pos
 }
 
 // Connector is the protocol spoken to a proxy node.

@@ -299,7 +299,7 @@ func TestMultipleErrorsSorted(t *testing.T) {
 		t.Errorf("Error() = %q", err.Error())
 	}
 	// Warnings still come back for an invalid file.
-	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout)`
+	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, proxyProtocol)`
 	if len(warns) != 1 || warns[0].String() != wantWarn {
 		t.Errorf("warnings = %v, want [%s]", warns, wantWarn)
 	}

@@ -556,7 +556,7 @@ func TestParseErrors(t *testing.T) {
 			yaml: strings.Replace(base, "    type: tcp\n", "    type: tcp\n    metadata:\n      readTimeout: 1s\n", 1) +
 				"  metadata:\n    netns.outt: ns2\n",
 			warns: []want{
-				{7, 7, "services[0].handler.metadata.readTimeout", `unknown metadata key "readTimeout" is ignored (ebpfwd reads no metadata here)`},
+				{7, 7, "services[0].handler.metadata.readTimeout", `unknown metadata key "readTimeout" is ignored (ebpfwd reads here: proxyProtocol, readBufferSize, udp.bufferSize)`},
 				{12, 5, "services[0].metadata.netns.outt", `(did you mean "netns.out"?)`},
 			},
 		},

@@ -125,10 +125,16 @@ var (
 // Metadata keys ebpfwd reads, per place. GOST lower-cases metadata keys, so
 // they are matched case-insensitively; the spelling here is the documented one.
 var (
-	serviceMetadataKeys  = []string{"netns", "netns.out", "datapath", "idleTimeout"}
-	listenerMetadataKeys = []string{"ttl"}
-	hopMetadataKeys      = []string{"netns"}
-	nodeMetadataKeys     = []string{"netns"}
+	serviceMetadataKeys = []string{"netns", "netns.out", "datapath", "idleTimeout", "proxyProtocol"}
+	// handlerMetadataKeys: GOST's forward handler sends a PROXY header to
+	// the node (proxyProtocol) and sizes its UDP reply buffer
+	// (readBufferSize, or its alias udp.bufferSize).
+	handlerMetadataKeys = []string{"proxyProtocol", "readBufferSize", "udp.bufferSize"}
+	// listenerMetadataKeys: GOST's udp listener; keepalive.ttl and
+	// udp.bufferSize are its second spellings of ttl and readBufferSize.
+	listenerMetadataKeys = []string{"ttl", "keepalive.ttl", "keepAlive", "readBufferSize", "udp.bufferSize"}
+	hopMetadataKeys      = []string{"netns", "proxyProtocol"}
+	nodeMetadataKeys     = []string{"netns", "proxyProtocol"}
 )
 
 // unsupportedType formats the message for a type ebpfwd does not implement.
