@@ -90,11 +90,7 @@ type Handler struct {
 	// PROXY protocol version (1 or 2; 0 none) sent to the node before the
 	// client's bytes, as GOST's forward handler does.
 	ProxyProtocol int
-	// ReplyBufferSize is handler metadata "readBufferSize" (udp handler):
-	// the largest reply datagram passed to a client, longer ones cut to it
-	// (GOST's meaning); 0 means whole datagrams.
-	ReplyBufferSize int
-	Metadata        map[string]any
+	Metadata      map[string]any
 }
 
 // Listener says how a service accepts traffic.

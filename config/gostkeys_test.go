@@ -62,12 +62,6 @@ func TestGOSTMetadataValues(t *testing.T) {
 				t.Fatalf("ReadBufferSize = %d", n)
 			}
 		}},
-		{"udp handler readBufferSize", "services:\n- addr: :53\n  handler: {type: udp, metadata: {readBufferSize: 600}}\n  forwarder: {nodes: [{addr: 10.0.0.2:53}]}\n",
-			func(t *testing.T, c *Config) {
-				if n := c.Services[0].Handler.ReplyBufferSize; n != 600 {
-					t.Fatalf("ReplyBufferSize = %d", n)
-				}
-			}},
 		{"hop proxyProtocol reaches its nodes, a node's own wins", `services:
 - addr: :80
   handler: {type: tcp, chain: c}
@@ -131,6 +125,9 @@ func TestGOSTMetadataDiagnostics(t *testing.T) {
 		{name: "http handler sends no PROXY header",
 			yaml:  "services:\n- addr: 127.0.0.1:3128\n  handler:\n    type: http\n    metadata: {proxyProtocol: 1}\n",
 			warns: []want{{5, 16, "services[0].handler.metadata.proxyProtocol", "the http handler sends no PROXY protocol header"}}},
+		{name: "handler readBufferSize changes nothing",
+			yaml:  "services:\n- addr: :53\n  handler:\n    type: udp\n    metadata: {readBufferSize: 600}\n  forwarder: {nodes: [{addr: 10.0.0.2:53}]}\n",
+			warns: []want{{5, 16, "services[0].handler.metadata.readBufferSize", "only the datagram it sniffs"}}},
 		{name: "forward node proxyProtocol",
 			yaml:  "services:\n- addr: :80\n  handler: {type: tcp}\n  forwarder:\n    nodes:\n    - addr: 10.0.0.2:80\n      metadata: {proxyProtocol: 1}\n",
 			warns: []want{{7, 18, "services[0].forwarder.nodes[0].metadata.proxyProtocol", "a forward node's proxyProtocol sends nothing"}}},

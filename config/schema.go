@@ -127,8 +127,9 @@ var (
 var (
 	serviceMetadataKeys = []string{"netns", "netns.out", "datapath", "idleTimeout", "proxyProtocol"}
 	// handlerMetadataKeys: GOST's forward handler sends a PROXY header to
-	// the node (proxyProtocol) and sizes its UDP reply buffer
-	// (readBufferSize, or its alias udp.bufferSize).
+	// the node (proxyProtocol); its readBufferSize (udp.bufferSize) sizes
+	// only the datagram it sniffs or forwards statelessly, neither of
+	// which ebpfwd has: read to say so.
 	handlerMetadataKeys = []string{"proxyProtocol", "readBufferSize", "udp.bufferSize"}
 	// listenerMetadataKeys: GOST's udp listener; keepalive.ttl and
 	// udp.bufferSize are its second spellings of ttl and readBufferSize.

@@ -239,9 +239,8 @@ func (d *decoder) checkStreamAndDatagramKeys(svc *Service, parts serviceParts) {
 		}
 	}
 	for _, k := range []string{"readBufferSize", "udp.bufferSize"} {
-		if kf, ok := parts.handlerMetadata[k]; ok && svc.Handler.Type != "udp" {
-			d.warnf(kf.key, kf.path, "%s applies only to the udp handler; ignored", k)
-			svc.Handler.ReplyBufferSize = 0
+		if kf, ok := parts.handlerMetadata[k]; ok {
+			d.warnf(kf.key, kf.path, "GOST's forward handler sizes with %s only the datagram it sniffs (sniffing) or forwards statelessly (stateless), which ebpfwd does not do; ignored (the listener's readBufferSize limits datagrams)", k)
 		}
 	}
 }
@@ -277,9 +276,6 @@ func (d *decoder) handler(f field) (h Handler, fs, md fields) {
 		h.Metadata, md = d.metadata(mf, handlerMetadataKeys)
 		if pf, ok := md["proxyProtocol"]; ok {
 			h.ProxyProtocol, _ = d.proxyVersion(pf)
-		}
-		if bf, ok := d.firstOf(md, "readBufferSize", "udp.bufferSize"); ok {
-			h.ReplyBufferSize, _ = d.bufferSize(bf)
 		}
 	}
 	return h, fs, md

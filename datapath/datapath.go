@@ -63,6 +63,18 @@ type Service struct {
 	// PacketTTL expires a UDP session (or kernel UDP flow) after this
 	// long without traffic.
 	PacketTTL time.Duration
+	// PacketKeepAlive keeps a UDP session after it answered the client;
+	// false ends a session with its first reply (GOST's default).
+	PacketKeepAlive bool
+	// PacketReadSize cuts client datagrams longer than this many bytes
+	// (GOST's listener readBufferSize); 0 passes whole datagrams.
+	PacketReadSize int
+	// AcceptProxyHeader: every stream opens with a PROXY protocol header
+	// naming the real client, which the service reads and strips.
+	AcceptProxyHeader bool
+	// SendProxyHeader is the PROXY protocol version (1, 2) sent to the node
+	// or first hop before the client's bytes; 0 none.
+	SendProxyHeader int
 }
 
 // Node is one forward target of a service.
