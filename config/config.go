@@ -259,7 +259,7 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {
 		if !errors.Is(err, io.EOF) {
-			d.syntaxError(err)
+			d.syntaxError(data, err)
 		}
 		return nil
 	}
@@ -269,7 +269,7 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	case err == nil:
 		d.errorf(&next, "", "the file holds more than one YAML document; ebpfwd reads exactly one")
 	case !errors.Is(err, io.EOF):
-		d.syntaxError(err)
+		d.syntaxError(data, err)
 	}
 	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
 		return doc.Content[0]
@@ -277,10 +277,11 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	return nil
 }
 
-// syntaxError turns a yaml.v3 parse error into a diagnostic. yaml.v3 gives
-// only a line (and not always that); a missing line is reported as line 1.
-func (d *decoder) syntaxError(err error) {
-	line, msg := 1, err.Error()
+// syntaxError turns a yaml.v3 parse error into a diagnostic at the token
+// it is about (see locateSyntaxError): yaml.v3 gives only a line, not
+// always that, and often the line where the enclosing construct began.
+func (d *decoder) syntaxError(data []byte, err error) {
+	line, msg := 0, err.Error()
 	if m := yamlLineError.FindStringSubmatch(msg); m != nil {
 		if n, convErr := strconv.Atoi(m[1]); convErr == nil && n > 0 {
 			line = n
@@ -289,7 +290,8 @@ func (d *decoder) syntaxError(err error) {
 	} else {
 		msg = strings.TrimPrefix(msg, "yaml: ")
 	}
-	d.errs = append(d.errs, Diagnostic{File: d.file, Line: line, Field: "", Message: "YAML syntax error: " + msg})
+	line, col := locateSyntaxError(data, msg, line)
+	d.errs = append(d.errs, Diagnostic{File: d.file, Line: line, Column: col, Field: "", Message: "YAML syntax error: " + msg})
 }
 
 // config builds the whole configuration from the root node (nil = empty).

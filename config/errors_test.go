@@ -93,17 +93,17 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "syntax error with line",
 			yaml: "services:\n- name: a\n  addr: [\n",
-			errs: []want{{3, 0, "", "YAML syntax error: did not find expected node content"}},
+			errs: []want{{3, 9, "", "YAML syntax error: did not find expected node content"}},
 		},
 		{
 			name: "tab indentation",
 			yaml: "services:\n\t- name: a\n",
-			errs: []want{{2, 0, "", "found character that cannot start any token"}},
+			errs: []want{{2, 1, "", "found character that cannot start any token"}},
 		},
 		{
 			name: "unknown anchor",
 			yaml: "services: *nope\n",
-			errs: []want{{1, 0, "", "unknown anchor 'nope' referenced"}},
+			errs: []want{{1, 11, "", "unknown anchor 'nope' referenced"}},
 		},
 		{
 			name: "two documents",
