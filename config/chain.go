@@ -115,7 +115,7 @@ func (d *decoder) chainHop(f field, i int, topHops map[string]*Hop) *Hop {
 				name = s
 			}
 		}
-		return d.hopBody(f, fs, name)
+		return d.laterHopProxyProtocol(f, i, d.hopBody(f, fs, name))
 	}
 
 	nameField, hasName := fs["name"]
@@ -138,6 +138,22 @@ func (d *decoder) chainHop(f field, i int, topHops map[string]*Hop) *Hop {
 			d.warnf(other.key, other.path, "ignored: this hop refers to top-level hop %q, whose own settings apply", name)
 		}
 	}
+	return d.laterHopProxyProtocol(f, i, h)
+}
+
+// laterHopProxyProtocol warns that a PROXY header is sent only to the first
+// hop: as in GOST, only the first hop's node is dialed, every later one is
+// reached through the tunnel and gets none.
+func (d *decoder) laterHopProxyProtocol(f field, i int, h *Hop) *Hop {
+	if i == 0 || h == nil {
+		return h
+	}
+	for _, n := range h.Nodes {
+		if n.ProxyProtocol > 0 {
+			d.warnf(f.pos(), f.path, "proxyProtocol is sent only to the first hop's nodes (as in GOST: later hops are reached through the tunnel); ignored for hop %q", h.Name)
+			break
+		}
+	}
 	return h
 }
 
@@ -158,10 +174,19 @@ func (d *decoder) hopBody(f field, fs fields, name string) *Hop {
 			h.NetNS, _ = d.netns(nsf)
 			h.NetNSPos = posOf(nsf.value)
 		}
+		if pf, ok := known["proxyProtocol"]; ok {
+			h.ProxyProtocol, _ = d.proxyVersion(pf)
+		}
 	}
 	nf, hasNodes := fs["nodes"]
 	if hasNodes {
 		h.Nodes = d.nodes(nf, true)
+		for _, n := range h.Nodes {
+			// GOST's hop passes its proxyProtocol to nodes without one.
+			if _, own := n.Metadata["proxyprotocol"]; !own {
+				n.ProxyProtocol = h.ProxyProtocol
+			}
+		}
 	}
 	if !hasNodes || isEmptyList(nf.value) {
 		at := f.value
@@ -221,6 +246,15 @@ func (d *decoder) node(f field, i int, inHop bool) *Node {
 		if nsf, ok := known["netns"]; ok {
 			n.NetNS, _ = d.netns(nsf)
 			n.NetNSPos = posOf(nsf.value)
+		}
+		if pf, ok := known["proxyProtocol"]; ok {
+			n.ProxyProtocol, _ = d.proxyVersion(pf)
+			if !inHop && n.ProxyProtocol > 0 {
+				// GOST reaches forward targets through the service's
+				// router: a target's own dialer option is never used.
+				d.warnf(pf.key, pf.path, "a forward node's proxyProtocol sends nothing (GOST's neither): set handler.metadata.proxyProtocol to send a PROXY header to the nodes; ignored")
+				n.ProxyProtocol = 0
+			}
 		}
 	}
 	return n

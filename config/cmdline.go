@@ -83,11 +83,11 @@ type (
 // listenerParams are the -L parameters that belong to the listener, as
 // GOST reads them there; every other parameter is service metadata (netns,
 // netns.out, and ebpfwd's own keys among them).
-var listenerParams = []string{"ttl"}
+var listenerParams = []string{"ttl", "keepAlive", "readBufferSize"}
 
 // hopParams are the -F parameters that belong to the hop: the namespace
 // the hop's node is dialed from.
-var hopParams = []string{"netns"}
+var hopParams = []string{"netns", "proxyProtocol"}
 
 // YAML returns the configuration the command line stands for, as GOST's
 // `-O yaml` would print it. A URL ebpfwd cannot run is an error naming the

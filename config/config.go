@@ -88,15 +88,23 @@ type Service struct {
 	// keys), or the limits its metadata asks for (GOST's command-line
 	// options limiter.in, climiter...).
 	Limits Limits
-	Pos    Pos
+	// ProxyProtocol is GOST's service metadata "proxyProtocol" (1 or 2; 0
+	// off): every connection must open with a PROXY protocol header (of
+	// either version), whose source address is then the client's.
+	ProxyProtocol int
+	Pos           Pos
 }
 
 // Handler says how a service treats accepted traffic.
 type Handler struct {
-	Type     string // tcp, udp or http
-	Chain    string // name of the chain traffic leaves through; "" = direct
-	Auth     *Auth  // proxy authentication (http only)
-	Metadata map[string]any
+	Type  string // tcp, udp or http
+	Chain string // name of the chain traffic leaves through; "" = direct
+	Auth  *Auth  // proxy authentication (http only)
+	// ProxyProtocol is handler metadata "proxyProtocol" (tcp handler): the
+	// PROXY protocol version (1 or 2; 0 none) sent to the node before the
+	// client's bytes, as GOST's forward handler does.
+	ProxyProtocol int
+	Metadata      map[string]any
 }
 
 // Listener says how a service accepts traffic.
@@ -105,8 +113,16 @@ type Listener struct {
 	// TTL is listener metadata "ttl": how long a UDP session may stay idle
 	// before it expires (GOST's meaning). It defaults to 5s for udp listeners
 	// and is 0 for tcp listeners, where it has no meaning.
-	TTL      time.Duration
-	Metadata map[string]any
+	TTL time.Duration
+	// KeepAlive is listener metadata "keepAlive" (udp): a session lives on
+	// after it answered the client, until TTL without traffic. False, GOST's
+	// default, ends a session with its first reply.
+	KeepAlive bool
+	// ReadBufferSize is listener metadata "readBufferSize" (udp): the
+	// largest client datagram passed on, longer ones cut to it (GOST's
+	// meaning); 0 means whole datagrams.
+	ReadBufferSize int
+	Metadata       map[string]any
 }
 
 // Forwarder lists the targets a tcp or udp service forwards to.
@@ -136,9 +152,13 @@ type Hop struct {
 	Selector Selector
 	NetNS    netns.NS // metadata "netns": namespace the hop's nodes are dialed from
 	NetNSPos Pos      // where it was given
-	Nodes    []*Node
-	Metadata map[string]any
-	Pos      Pos
+	// ProxyProtocol is hop metadata "proxyProtocol": the PROXY protocol
+	// version sent to this hop's nodes when it is the first hop (GOST's
+	// dialer option); a node's own setting wins.
+	ProxyProtocol int
+	Nodes         []*Node
+	Metadata      map[string]any
+	Pos           Pos
 }
 
 // Node is a forward target (in Forwarder) or a proxy (in a Hop).
@@ -155,8 +175,12 @@ type Node struct {
 	Dialer    Dialer    // type defaults to "tcp" in hops
 	NetNS     netns.NS  // node metadata "netns" (overrides the hop's)
 	NetNSPos  Pos       // where it was given
-	Metadata  map[string]any
-	Pos       Pos
+	// ProxyProtocol is the PROXY protocol version sent to a hop node when
+	// its hop is the first (0 none): node metadata "proxyProtocol", else
+	// the hop's, as GOST's hop passes its own to nodes without one.
+	ProxyProtocol int
+	Metadata      map[string]any
+	Pos           Pos
 }
 
 // Connector is the protocol spoken to a proxy node.
@@ -249,7 +273,7 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	var doc yaml.Node
 	if err := dec.Decode(&doc); err != nil {
 		if !errors.Is(err, io.EOF) {
-			d.syntaxError(err)
+			d.syntaxError(data, err)
 		}
 		return nil
 	}
@@ -259,7 +283,7 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	case err == nil:
 		d.errorf(&next, "", "the file holds more than one YAML document; ebpfwd reads exactly one")
 	case !errors.Is(err, io.EOF):
-		d.syntaxError(err)
+		d.syntaxError(data, err)
 	}
 	if doc.Kind == yaml.DocumentNode && len(doc.Content) == 1 {
 		return doc.Content[0]
@@ -267,10 +291,11 @@ func (d *decoder) document(data []byte) *yaml.Node {
 	return nil
 }
 
-// syntaxError turns a yaml.v3 parse error into a diagnostic. yaml.v3 gives
-// only a line (and not always that); a missing line is reported as line 1.
-func (d *decoder) syntaxError(err error) {
-	line, msg := 1, err.Error()
+// syntaxError turns a yaml.v3 parse error into a diagnostic at the token
+// it is about (see locateSyntaxError): yaml.v3 gives only a line, not
+// always that, and often the line where the enclosing construct began.
+func (d *decoder) syntaxError(data []byte, err error) {
+	line, msg := 0, err.Error()
 	if m := yamlLineError.FindStringSubmatch(msg); m != nil {
 		if n, convErr := strconv.Atoi(m[1]); convErr == nil && n > 0 {
 			line = n
@@ -279,7 +304,8 @@ func (d *decoder) syntaxError(err error) {
 	} else {
 		msg = strings.TrimPrefix(msg, "yaml: ")
 	}
-	d.errs = append(d.errs, Diagnostic{File: d.file, Line: line, Field: "", Message: "YAML syntax error: " + msg})
+	line, col := locateSyntaxError(data, msg, line)
+	d.errs = append(d.errs, Diagnostic{File: d.file, Line: line, Column: col, Field: "", Message: "YAML syntax error: " + msg})
 }
 
 // config builds the whole configuration from the root node (nil = empty).

@@ -329,7 +329,7 @@ func TestMultipleErrorsSorted(t *testing.T) {
 		t.Errorf("Error() = %q", err.Error())
 	}
 	// Warnings still come back for an invalid file.
-	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, maxStreams, limiter.refreshInterval, limiter.scope, limiter.in, limiter.out, limiter.conn.in, limiter.conn.out, climiter, rlimiter)`
+	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, maxStreams, proxyProtocol, limiter.refreshInterval, limiter.scope, limiter.in, limiter.out, limiter.conn.in, limiter.conn.out, climiter, rlimiter)`
 	if len(warns) != 1 || warns[0].String() != wantWarn {
 		t.Errorf("warnings = %v, want [%s]", warns, wantWarn)
 	}

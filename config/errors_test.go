@@ -93,17 +93,17 @@ func TestParseErrors(t *testing.T) {
 		{
 			name: "syntax error with line",
 			yaml: "services:\n- name: a\n  addr: [\n",
-			errs: []want{{3, 0, "", "YAML syntax error: did not find expected node content"}},
+			errs: []want{{3, 9, "", "YAML syntax error: did not find expected node content"}},
 		},
 		{
 			name: "tab indentation",
 			yaml: "services:\n\t- name: a\n",
-			errs: []want{{2, 0, "", "found character that cannot start any token"}},
+			errs: []want{{2, 1, "", "found character that cannot start any token"}},
 		},
 		{
 			name: "unknown anchor",
 			yaml: "services: *nope\n",
-			errs: []want{{1, 0, "", "unknown anchor 'nope' referenced"}},
+			errs: []want{{1, 11, "", "unknown anchor 'nope' referenced"}},
 		},
 		{
 			name: "two documents",
@@ -566,7 +566,7 @@ func TestParseErrors(t *testing.T) {
 			yaml: strings.Replace(base, "    type: tcp\n", "    type: tcp\n    metadata:\n      readTimeout: 1s\n", 1) +
 				"  metadata:\n    netns.outt: ns2\n",
 			warns: []want{
-				{7, 7, "services[0].handler.metadata.readTimeout", `unknown metadata key "readTimeout" is ignored (ebpfwd reads no metadata here)`},
+				{7, 7, "services[0].handler.metadata.readTimeout", `unknown metadata key "readTimeout" is ignored (ebpfwd reads here: proxyProtocol, readBufferSize, udp.bufferSize)`},
 				{12, 5, "services[0].metadata.netns.outt", `(did you mean "netns.out"?)`},
 			},
 		},

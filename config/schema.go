@@ -126,11 +126,18 @@ var (
 // Metadata keys ebpfwd reads, per place. GOST lower-cases metadata keys, so
 // they are matched case-insensitively; the spelling here is the documented one.
 var (
-	serviceMetadataKeys = append([]string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams",
+	serviceMetadataKeys = append([]string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams", "proxyProtocol",
 		"limiter.refreshInterval", "limiter.scope"}, limiterMetadataKeys...)
-	listenerMetadataKeys = []string{"ttl"}
-	hopMetadataKeys      = []string{"netns"}
-	nodeMetadataKeys     = []string{"netns"}
+	// handlerMetadataKeys: GOST's forward handler sends a PROXY header to
+	// the node (proxyProtocol); its readBufferSize (udp.bufferSize) sizes
+	// only the datagram it sniffs or forwards statelessly, neither of
+	// which ebpfwd has: read to say so.
+	handlerMetadataKeys = []string{"proxyProtocol", "readBufferSize", "udp.bufferSize"}
+	// listenerMetadataKeys: GOST's udp listener; keepalive.ttl and
+	// udp.bufferSize are its second spellings of ttl and readBufferSize.
+	listenerMetadataKeys = []string{"ttl", "keepalive.ttl", "keepAlive", "readBufferSize", "udp.bufferSize"}
+	hopMetadataKeys      = []string{"netns", "proxyProtocol"}
+	nodeMetadataKeys     = []string{"netns", "proxyProtocol"}
 )
 
 // unsupportedType formats the message for a type ebpfwd does not implement.

@@ -72,17 +72,16 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]
 	}
 
 	hf, hasHandler := fs["handler"]
-	var hfs fields
+	var hfs, hmd fields
 	if hasHandler && !isNull(hf.value) {
-		svc.Handler, hfs = d.handler(hf)
+		svc.Handler, hfs, hmd = d.handler(hf)
 	} else {
 		d.errorf(f.pos(), join(f.path, "handler"), "is required (handler.type: %s)", joinList(handlerTypes))
 	}
 
-	var lfs fields
-	var ttl *field
+	var lfs, lmd fields
 	if lf, ok := fs["listener"]; ok {
-		svc.Listener, lfs, ttl = d.listener(lf)
+		svc.Listener, lfs, lmd = d.listener(lf)
 	}
 
 	ff, hasForwarder := fs["forwarder"]
@@ -109,18 +108,20 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]
 	if lf, ok := fs["limiter"]; ok {
 		trafficAt = &lf
 	}
+	var smd fields
 	if mf, ok := fs["metadata"]; ok {
-		md, known := d.metadata(mf, serviceMetadataKeys)
+		var md map[string]any
+		md, smd = d.metadata(mf, serviceMetadataKeys)
+		svc.Metadata = md
+		d.serviceMetadata(svc, smd, legacyNS, hasLegacyNS)
 		for _, key := range limiterMetadataKeys[:4] {
-			if kf, ok := known[key]; ok && trafficAt == nil {
+			if kf, ok := smd[key]; ok && trafficAt == nil {
 				trafficAt = &kf
 			}
 		}
-		svc.Metadata = md
-		d.serviceMetadata(svc, known, legacyNS, hasLegacyNS)
-		d.metadataLimits(svc, known)
+		d.metadataLimits(svc, smd)
 		for _, key := range []string{"limiter.refreshInterval", "limiter.scope"} {
-			if kf, ok := known[key]; ok {
+			if kf, ok := smd[key]; ok {
 				d.warnf(kf.key, kf.path, "has no effect: it configures limiter plugins and reloaded limit sources, which ebpfwd does not support; inline limits apply as written")
 			}
 		}
@@ -135,7 +136,8 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]
 		}
 	}
 	d.checkServiceCombination(f, svc, serviceParts{
-		handler: hfs, listener: lfs, forwarder: ffs, ttl: ttl,
+		handler: hfs, listener: lfs, forwarder: ffs,
+		metadata: smd, handlerMetadata: hmd, listenerMetadata: lmd,
 		forwarderField: ff, hasForwarder: hasForwarder && !isNull(ff.value),
 	}, chains)
 	return svc
@@ -182,15 +184,20 @@ func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, ha
 			}
 		}
 	}
+	if pf, ok := known["proxyProtocol"]; ok {
+		svc.ProxyProtocol, _ = d.proxyVersion(pf)
+	}
 }
 
 // serviceParts carries the decoded key sets of a service's sections, so
 // cross-section checks can point at the exact key at fault.
 type serviceParts struct {
 	handler, listener, forwarder fields
-	ttl                          *field // listener metadata ttl, when given
-	forwarderField               field
-	hasForwarder                 bool
+	// The metadata keys ebpfwd reads, as given, of the service, its
+	// handler and its listener.
+	metadata, handlerMetadata, listenerMetadata fields
+	forwarderField                              field
+	hasForwarder                                bool
 }
 
 // checkServiceCombination enforces which handler, listener, forwarder and
@@ -214,10 +221,7 @@ func (d *decoder) checkServiceCombination(f field, svc *Service, parts servicePa
 	if svc.Listener.Type == "udp" && svc.Listener.TTL == 0 {
 		svc.Listener.TTL = defaultUDPTTL
 	}
-	if ttl := parts.ttl; ttl != nil && svc.Listener.Type == "tcp" {
-		d.warnf(ttl.key, ttl.path, "ttl applies only to udp listeners; ignored")
-		svc.Listener.TTL = 0
-	}
+	d.checkStreamAndDatagramKeys(svc, parts)
 
 	switch handlerType {
 	case "tcp", "udp":
@@ -258,12 +262,44 @@ func (d *decoder) checkServiceCombination(f field, svc *Service, parts servicePa
 	}
 }
 
-// handler decodes a service's handler section.
-func (d *decoder) handler(f field) (Handler, fields) {
-	var h Handler
+// checkStreamAndDatagramKeys refuses or warns about the keys that belong
+// to one kind of listener or handler given to the other, as GOST would
+// ignore them (warning) or as ebpfwd cannot do them (error).
+func (d *decoder) checkStreamAndDatagramKeys(svc *Service, parts serviceParts) {
+	if svc.Listener.Type == "tcp" {
+		for _, k := range []string{"ttl", "keepalive.ttl", "keepAlive", "readBufferSize", "udp.bufferSize"} {
+			if kf, ok := parts.listenerMetadata[k]; ok {
+				d.warnf(kf.key, kf.path, "%s applies only to udp listeners; ignored", k)
+			}
+		}
+		svc.Listener.TTL, svc.Listener.KeepAlive, svc.Listener.ReadBufferSize = 0, false, 0
+	}
+	if pf, ok := parts.metadata["proxyProtocol"]; ok && svc.Listener.Type == "udp" {
+		d.warnf(pf.key, pf.path, "a udp listener reads no PROXY protocol header (GOST's neither); ignored")
+		svc.ProxyProtocol = 0
+	}
+	if pf, ok := parts.handlerMetadata["proxyProtocol"]; ok && svc.Handler.ProxyProtocol > 0 {
+		switch svc.Handler.Type {
+		case "udp":
+			d.errorf(pf.pos(), pf.path, "a udp handler cannot send a PROXY protocol header: it is a TCP stream's preamble, and ebpfwd would have to send it as a datagram of its own, which UDP receivers do not expect")
+		case "http":
+			d.warnf(pf.key, pf.path, "the http handler sends no PROXY protocol header (GOST's neither): set proxyProtocol on the chain's hop to send one to a proxy; ignored")
+			svc.Handler.ProxyProtocol = 0
+		}
+	}
+	for _, k := range []string{"readBufferSize", "udp.bufferSize"} {
+		if kf, ok := parts.handlerMetadata[k]; ok {
+			d.warnf(kf.key, kf.path, "GOST's forward handler sizes with %s only the datagram it sniffs (sniffing) or forwards statelessly (stateless), which ebpfwd does not do; ignored (the listener's readBufferSize limits datagrams)", k)
+		}
+	}
+}
+
+// handler decodes a service's handler section; md are the metadata keys
+// ebpfwd reads, as given.
+func (d *decoder) handler(f field) (h Handler, fs, md fields) {
 	fs, ok := d.fieldMapping(f, &handlerSection)
 	if !ok {
-		return h, nil
+		return h, nil, nil
 	}
 	if tf, ok := fs["type"]; ok {
 		if t, ok := d.str(tf); ok {
@@ -286,30 +322,37 @@ func (d *decoder) handler(f field) (Handler, fields) {
 		h.Auth = d.auth(af)
 	}
 	if mf, ok := fs["metadata"]; ok {
-		h.Metadata, _ = d.metadata(mf, nil)
+		h.Metadata, md = d.metadata(mf, handlerMetadataKeys)
+		if pf, ok := md["proxyProtocol"]; ok {
+			h.ProxyProtocol, _ = d.proxyVersion(pf)
+		}
 	}
-	return h, fs
+	return h, fs, md
 }
 
 // listener decodes a service's listener section. An empty type is filled
 // in from the handler later, as GOST does when the listener is omitted.
-// ttl is the metadata ttl field when given, for checks that need the final
-// listener type.
-func (d *decoder) listener(f field) (l Listener, fs fields, ttl *field) {
+// md are the metadata keys ebpfwd reads, as given, for checks that need
+// the final listener type.
+func (d *decoder) listener(f field) (l Listener, fs, md fields) {
 	fs, ok := d.fieldMapping(f, &listenerSection)
 	if !ok {
 		return l, nil, nil
 	}
 	l.Type = d.sectionType(fs, listenerTypes, l.Type)
 	if mf, ok := fs["metadata"]; ok {
-		md, known := d.metadata(mf, listenerMetadataKeys)
-		l.Metadata = md
-		if tf, ok := known["ttl"]; ok {
-			ttl = &tf
+		l.Metadata, md = d.metadata(mf, listenerMetadataKeys)
+		if tf, ok := d.firstOf(md, "ttl", "keepalive.ttl"); ok {
 			l.TTL, _ = d.duration(tf)
 		}
+		if kf, ok := md["keepAlive"]; ok {
+			l.KeepAlive, _ = d.boolean(kf)
+		}
+		if bf, ok := d.firstOf(md, "readBufferSize", "udp.bufferSize"); ok {
+			l.ReadBufferSize, _ = d.bufferSize(bf)
+		}
 	}
-	return l, fs, ttl
+	return l, fs, md
 }
 
 // forwarder decodes a service's forwarder section.

@@ -222,3 +222,78 @@ func quoteValue(n *yaml.Node) string {
 	}
 	return describe(n)
 }
+
+// boolean decodes a flag the way GOST's metadata helper reads one: a YAML
+// boolean, a string strconv.ParseBool accepts ("true", "1", "false"...), or
+// the number 0 or 1.
+func (d *decoder) boolean(f field) (bool, bool) {
+	n := f.value
+	if n.Kind == yaml.ScalarNode {
+		switch n.ShortTag() {
+		case "!!bool":
+			var v bool
+			if err := n.Decode(&v); err == nil {
+				return v, true
+			}
+		case "!!int", "!!str":
+			if v, err := strconv.ParseBool(n.Value); err == nil {
+				return v, true
+			}
+		}
+	}
+	d.errorf(f.pos(), f.path, "must be true or false, not %s", quoteValue(n))
+	return false, false
+}
+
+// proxyVersion decodes a PROXY protocol version: 1 or 2, or 0 for none.
+func (d *decoder) proxyVersion(f field) (int, bool) {
+	v, ok := d.integer(f)
+	if !ok {
+		return 0, false
+	}
+	if v < 0 || v > 2 {
+		d.errorf(f.pos(), f.path, "PROXY protocol version %d: must be 1 or 2 (0 for none)", v)
+		return 0, false
+	}
+	return v, true
+}
+
+// maxUDPPayload is the largest UDP payload (65535 less the 8-byte header).
+const maxUDPPayload = 65535 - 8
+
+// bufferSize decodes a datagram buffer size in bytes: 0 means whole
+// datagrams; more than the largest UDP payload cuts nothing and is the
+// same as 0.
+func (d *decoder) bufferSize(f field) (int, bool) {
+	v, ok := d.integer(f)
+	if !ok {
+		return 0, false
+	}
+	if v < 0 {
+		d.errorf(f.pos(), f.path, "buffer size %d must not be negative", v)
+		return 0, false
+	}
+	if v >= maxUDPPayload {
+		v = 0
+	}
+	return v, true
+}
+
+// firstOf returns the field of the first key of keys that was given, for a
+// GOST key with a second spelling; giving both is an error at the second.
+func (d *decoder) firstOf(known fields, keys ...string) (field, bool) {
+	var got field
+	found := false
+	for _, k := range keys {
+		f, ok := known[k]
+		if !ok {
+			continue
+		}
+		if found {
+			d.errorf(f.key, f.path, "%s is another spelling of %s, given at line %d: give one", k, keys[0], got.key.Line)
+			continue
+		}
+		got, found = f, true
+	}
+	return got, found
+}

@@ -186,7 +186,7 @@ func buildChain(cc *config.Chain) *chain.Chain {
 	for _, hc := range cc.Hops {
 		var nodes []*selector.Node[*chain.Node]
 		for _, nc := range hc.Nodes {
-			n := &chain.Node{Name: nc.Name, Addr: nc.Addr, NS: nc.NetNS}
+			n := &chain.Node{Name: nc.Name, Addr: nc.Addr, NS: nc.NetNS, ProxyProtocol: nc.ProxyProtocol}
 			if a := nc.Connector.Auth; a != nil {
 				n.Auth = &httpconnect.Auth{Username: a.Username, Password: a.Password}
 			}

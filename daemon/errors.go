@@ -12,6 +12,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/proxyproto"
 	"github.com/ebpfwd/ebpfwd/userspace/relay"
 )
 
@@ -44,7 +45,12 @@ const (
 	// sessions) the service's GOST climiter or rlimiter refused.
 	ReasonConnLimit Reason = "conn_limit"
 	ReasonRateLimit Reason = "rate_limit"
-	ReasonOther     Reason = "other"
+	// A service with proxyProtocol closed a connection that did not open
+	// with a PROXY header, opened with a broken one, or sent none in time.
+	ReasonProxyMissing   Reason = "proxy_header_missing"
+	ReasonProxyMalformed Reason = "proxy_header_malformed"
+	ReasonProxyTimeout   Reason = "proxy_header_timeout"
+	ReasonOther          Reason = "other"
 )
 
 // Reasons lists every Reason, so that metrics can show each at zero before
@@ -52,7 +58,8 @@ const (
 // event misses that event).
 var Reasons = []Reason{ReasonRefused, ReasonTimeout, ReasonUnreachable, ReasonResolve, ReasonNetnsGone,
 	ReasonHopAuth, ReasonHopGateway, ReasonHopStatus, ReasonHopProtocol, ReasonHopClosed, ReasonReset,
-	ReasonIdle, ReasonAccept, ReasonLocal, ReasonFDBudget, ReasonConnLimit, ReasonRateLimit, ReasonOther}
+	ReasonIdle, ReasonAccept, ReasonLocal, ReasonFDBudget, ReasonConnLimit, ReasonRateLimit,
+	ReasonProxyMissing, ReasonProxyMalformed, ReasonProxyTimeout, ReasonOther}
 
 // reasonOf maps an error from dialing or relaying to its Reason.
 func reasonOf(err error) Reason {
@@ -61,6 +68,12 @@ func reasonOf(err error) Reason {
 	switch {
 	case errors.Is(err, netns.ErrGone):
 		return ReasonNetnsGone
+	case errors.Is(err, proxyproto.ErrNoHeader):
+		return ReasonProxyMissing
+	case errors.Is(err, proxyproto.ErrMalformed):
+		return ReasonProxyMalformed
+	case errors.Is(err, proxyproto.ErrTimeout):
+		return ReasonProxyTimeout
 	case errors.Is(err, syscall.EMFILE), errors.Is(err, syscall.ENFILE),
 		errors.Is(err, syscall.ENOBUFS), errors.Is(err, syscall.ENOMEM):
 		return ReasonLocal

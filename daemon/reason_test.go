@@ -14,6 +14,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/proxyproto"
 	"github.com/ebpfwd/ebpfwd/userspace/relay"
 )
 
@@ -38,6 +39,9 @@ func TestReasonOf(t *testing.T) {
 		{wrap(&httpconnect.StatusError{Code: 403, Status: "403 Forbidden"}), ReasonHopStatus},
 		{wrap(httpconnect.ErrMalformedResponse), ReasonHopProtocol},
 		{wrap(io.ErrUnexpectedEOF), ReasonHopClosed},
+		{fmt.Errorf("%w: the client closed without sending one", proxyproto.ErrNoHeader), ReasonProxyMissing},
+		{fmt.Errorf("%w: bad port", proxyproto.ErrMalformed), ReasonProxyMalformed},
+		{fmt.Errorf("%w (10s, 3 bytes received)", proxyproto.ErrTimeout), ReasonProxyTimeout},
 		{wrap(&net.DNSError{Err: "no such host", Name: "x", IsNotFound: true}), ReasonResolve},
 		{errors.New("something else"), ReasonOther},
 	}

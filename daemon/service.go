@@ -17,6 +17,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/userspace/chain"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
+	"github.com/ebpfwd/ebpfwd/userspace/proxyproto"
 )
 
 // service is one configured service at run time.
@@ -114,6 +115,11 @@ func (s *service) spec() datapath.Service {
 		PacketTTL:   s.cfg.Listener.TTL,
 		Limit:       s.limit,
 		Limiters:    s.cfg.Limits.Names(),
+
+		PacketKeepAlive:   s.cfg.Listener.KeepAlive,
+		PacketReadSize:    s.cfg.Listener.ReadBufferSize,
+		AcceptProxyHeader: s.cfg.ProxyProtocol > 0,
+		SendProxyHeader:   s.cfg.Handler.ProxyProtocol,
 	}
 	if s.limits.admission != nil {
 		svc.Admit = func(client netip.Addr) (func(), bool) { return s.limits.admit(client, "udp session") }
@@ -265,16 +271,50 @@ func resetClose(conn net.Conn) {
 	conn.Close()
 }
 
+// proxyHeaderTimeout bounds the wait for a PROXY protocol header, as GOST's
+// listener does.
+const proxyHeaderTimeout = 10 * time.Second
+
 // handle serves one accepted connection; begin counted it in and admit
-// gave it a slot, which release gives back.
+// gave it a slot, which release gives back. A service with proxyProtocol
+// reads the client's PROXY header first: from then on the connection's
+// addresses are the header's.
 func (s *service) handle(conn net.Conn, release func()) {
 	defer s.wg.Done()
 	defer release()
+	if s.cfg.ProxyProtocol > 0 {
+		pc, err := proxyproto.Read(conn, proxyHeaderTimeout)
+		if err != nil {
+			conn.Close()
+			reason := reasonOf(err)
+			s.errs.Add(reason)
+			s.log.Warn("connection closed: no valid PROXY protocol header", "client", peerOf(conn), "reason", reason, "err", err)
+			return
+		}
+		conn = pc
+	}
+	ctx := withClient(s.conns, conn)
 	if s.proxy != nil {
-		s.proxy.ServeConn(s.conns, conn)
+		s.proxy.ServeConn(ctx, conn)
 		return
 	}
-	s.forward(s.conns, conn)
+	s.forward(ctx, conn)
+}
+
+// clientKey carries a connection's client and the address it reached
+// (the PROXY header's when one was read) to the dials made for it, for the
+// PROXY headers they send.
+type clientKey struct{}
+
+type clientAddrs struct{ src, dst netip.AddrPort }
+
+func withClient(ctx context.Context, c net.Conn) context.Context {
+	return context.WithValue(ctx, clientKey{}, clientAddrs{src: peerOf(c), dst: addrPortOf(c.LocalAddr())})
+}
+
+func clientOf(ctx context.Context) clientAddrs {
+	a, _ := ctx.Value(clientKey{}).(clientAddrs)
+	return a
 }
 
 // drain takes no new connection and waits up to timeout (or until hurry is
@@ -305,11 +345,14 @@ func (s *service) drain(timeout time.Duration, hurry <-chan struct{}) int64 {
 	return left
 }
 
-func peerOf(c net.Conn) netip.AddrPort {
-	if a, ok := c.RemoteAddr().(*net.TCPAddr); ok {
-		return a.AddrPort()
+func peerOf(c net.Conn) netip.AddrPort { return addrPortOf(c.RemoteAddr()) }
+
+func addrPortOf(a net.Addr) netip.AddrPort {
+	if ta, ok := a.(*net.TCPAddr); ok {
+		ap := ta.AddrPort()
+		return netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port())
 	}
-	ap, _ := netip.ParseAddrPort(c.RemoteAddr().String())
+	ap, _ := netip.ParseAddrPort(a.String())
 	return ap
 }
 
@@ -368,10 +411,24 @@ func (s *service) dialNode(ctx context.Context, key string) (net.Conn, string, e
 func (s *service) dial(ctx context.Context, network, addr, key string) (net.Conn, error) {
 	ctx, cancel := context.WithTimeout(ctx, dialTimeout)
 	defer cancel()
+	client := clientOf(ctx)
+	var conn net.Conn
+	var err error
 	if s.chain != nil {
-		return s.chain.Dial(ctx, chain.Request{Target: addr, Key: key, DefaultNS: s.outNS, Observe: s.observeHop})
+		conn, err = s.chain.Dial(ctx, chain.Request{Target: addr, Key: key, DefaultNS: s.outNS, Observe: s.observeHop,
+			Source: client.src, Destination: client.dst})
+	} else {
+		conn, err = s.outNS.Dial(ctx, network, addr)
 	}
-	return s.outNS.Dial(ctx, network, addr)
+	if err != nil || network != "tcp" || s.proxy != nil || s.cfg.Handler.ProxyProtocol == 0 {
+		return conn, err
+	}
+	// GOST's forward handler: the node hears of the client first.
+	if err := proxyproto.Write(conn, s.cfg.Handler.ProxyProtocol, client.src, client.dst); err != nil {
+		conn.Close()
+		return nil, err
+	}
+	return conn, nil
 }
 
 // dialPacket opens the upstream socket of a new UDP session.

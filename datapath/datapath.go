@@ -76,6 +76,18 @@ type Service struct {
 	// climiter, rlimiter), for a datapath that cannot enforce them to say
 	// so in Applies: the userspace relay enforces them all.
 	Limiters []string
+	// PacketKeepAlive keeps a UDP session after it answered the client;
+	// false ends a session with its first reply (GOST's default).
+	PacketKeepAlive bool
+	// PacketReadSize cuts client datagrams longer than this many bytes
+	// (GOST's listener readBufferSize); 0 passes whole datagrams.
+	PacketReadSize int
+	// AcceptProxyHeader: every stream opens with a PROXY protocol header
+	// naming the real client, which the service reads and strips.
+	AcceptProxyHeader bool
+	// SendProxyHeader is the PROXY protocol version (1, 2) sent to the node
+	// or first hop before the client's bytes; 0 none.
+	SendProxyHeader int
 }
 
 // Node is one forward target of a service.

@@ -33,6 +33,14 @@ func applicable(svc datapath.Service) error {
 		return datapath.NeverApplies("http proxy services terminate connections in userspace")
 	case svc.Chained:
 		return datapath.NeverApplies("traffic goes through proxy hops, which need a userspace connection")
+	case svc.AcceptProxyHeader:
+		return datapath.NeverApplies("the service reads a PROXY protocol header (proxyProtocol) before the client's bytes: packets forwarded in the kernel cannot have it stripped")
+	case svc.SendProxyHeader > 0:
+		return datapath.NeverApplies("the nodes get a PROXY protocol header (handler proxyProtocol) before the client's bytes: packets forwarded in the kernel cannot carry one")
+	case svc.Network == "udp" && !svc.PacketKeepAlive:
+		return datapath.NeverApplies("udp sessions end with their first reply (listener keepAlive is false, GOST's default); a kernel flow lives until ttl: set keepAlive: true to run on tc")
+	case svc.Network == "udp" && svc.PacketReadSize > 0:
+		return datapath.NeverApplies("readBufferSize cuts longer datagrams; the kernel forwards whole packets")
 	case svc.Network != "tcp" && svc.Network != "udp":
 		return fmt.Errorf("network %q is not tcp or udp", svc.Network)
 	case len(svc.Nodes) == 0:

@@ -33,7 +33,13 @@ func TestApplicable(t *testing.T) {
 		wantErr string // "" = applicable
 	}{
 		{name: "direct tcp", mutate: func(*datapath.Service) {}},
-		{name: "udp", mutate: func(s *datapath.Service) { s.Network = "udp" }},
+		{name: "udp kept alive", mutate: func(s *datapath.Service) { s.Network, s.PacketKeepAlive = "udp", true }},
+		{name: "udp one-reply sessions", mutate: func(s *datapath.Service) { s.Network = "udp" }, wantErr: "set keepAlive: true"},
+		{name: "udp read buffer", mutate: func(s *datapath.Service) {
+			s.Network, s.PacketKeepAlive, s.PacketReadSize = "udp", true, 1500
+		}, wantErr: "readBufferSize cuts longer datagrams"},
+		{name: "accepts a PROXY header", mutate: func(s *datapath.Service) { s.AcceptProxyHeader = true }, wantErr: "reads a PROXY protocol header"},
+		{name: "sends a PROXY header", mutate: func(s *datapath.Service) { s.SendProxyHeader = 2 }, wantErr: "cannot carry one"},
 		{name: "ipv6", mutate: func(s *datapath.Service) {
 			listenAt(s, "[fd00::1]:80")
 			s.Nodes[0] = testNode("n", "[fd00:1::2]:8080")

@@ -34,7 +34,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 - name: udp-svc
   addr: 127.0.0.1:8001
   handler: {type: udp}
-  listener: {type: udp, metadata: {ttl: 30s}}
+  listener: {type: udp, metadata: {ttl: 30s, keepAlive: true}}
   forwarder:
     nodes:
     - {name: target-0, addr: "127.0.0.1:9001"}

@@ -36,7 +36,7 @@ const fdBudgetTopology = `services:
   handler: {type: udp}
   # Sessions expire soon after the flood, so the test sees the daemon's
   # descriptors go back to where they were.
-  listener: {type: udp, metadata: {ttl: 1s}}
+  listener: {type: udp, metadata: {ttl: 1s, keepAlive: true}}
   forwarder:
     nodes:
     - {name: udp-target, addr: "127.0.0.1:9053"}

@@ -36,7 +36,7 @@ func TestIPv6(t *testing.T) {
 - name: v6-udp
   addr: "[fd00:10::1]:8001"
   handler: {type: udp}
-  listener: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true}} # so tc can carry it
   forwarder:
     nodes:
     - {name: target-0, addr: "[fd00:20::2]:9001"}

@@ -48,7 +48,7 @@ const limitsTopology = `services:
 - name: sessions
   addr: 127.0.0.1:8053
   handler: {type: udp}
-  listener: {type: udp, metadata: {ttl: 30s}}
+  listener: {type: udp, metadata: {ttl: 30s, keepAlive: true}}
   climiter: two
   forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9053"}]}
   metadata: {netns.out: $T}

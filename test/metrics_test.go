@@ -83,7 +83,7 @@ const metricsTopology = `services:
   handler: {type: udp}
   # The session must outlive the test (default ttl: 5s) so the flow table
   # has a known entry count when it is checked.
-  listener: {type: udp, metadata: {ttl: 10m}}
+  listener: {type: udp, metadata: {ttl: 10m, keepAlive: true}}
   forwarder:
     nodes:
     - {name: udp-target, addr: "127.0.0.1:9053"}

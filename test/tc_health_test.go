@@ -41,7 +41,7 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 - name: tc-two-udp-nodes
   addr: "10.35.1.1:8010"
   handler: {type: udp}
-  listener: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true}} # tc keeps a flow: sessions kept alive
   forwarder:
     selector: {strategy: round, maxFails: 1, failTimeout: 1m}
     nodes:

@@ -193,6 +193,7 @@ const spliceOut = `services:
 - name: out-udp
   addr: "10.33.1.1:8001"
   handler: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true}} # tc keeps a flow: sessions kept alive
   forwarder:
     nodes:
     - {name: target-0, addr: "10.33.9.2:9001"}

@@ -36,6 +36,7 @@ const tcGateway = `services:
 - name: tc-udp
   addr: "10.31.1.1:8001"
   handler: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true}} # tc keeps a flow: sessions kept alive
   forwarder:
     nodes:
     - {name: server-0, addr: "10.31.2.2:9001"}

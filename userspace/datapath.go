@@ -103,11 +103,14 @@ func (a *attachment) Splice(ctx context.Context, s datapath.Stream) error {
 
 func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial datapath.PacketDialer) error {
 	u := &relay.UDP{
-		Conn:   pc,
-		Dial:   dial,
-		TTL:    a.svc.PacketTTL,
-		Counts: &a.counts,
-		Logger: a.logger,
+		Conn: pc,
+		Dial: dial,
+		TTL:  a.svc.PacketTTL,
+		// GOST's udp listener without keepAlive answers once per session.
+		OneReply: !a.svc.PacketKeepAlive,
+		ReadSize: a.svc.PacketReadSize,
+		Counts:   &a.counts,
+		Logger:   a.logger,
 		OnSession: func(opened bool) {
 			if opened {
 				a.opened.Add(1)

@@ -61,7 +61,7 @@ const forwardTemplate = `- name: $NAME-tcp
 - name: $NAME-udp
   addr: "$ADDR"
   handler: {type: udp}
-  listener: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true}} # so tc can carry it
   forwarder:
     nodes:
     - {name: node-0, addr: "$NODE"}

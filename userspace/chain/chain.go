@@ -9,11 +9,13 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
+	"github.com/ebpfwd/ebpfwd/userspace/proxyproto"
 )
 
 // Node is one proxy of a hop.
@@ -24,6 +26,9 @@ type Node struct {
 	// hop; unset (own) means: the hop's, else the caller's default.
 	NS   netns.NS
 	Auth *httpconnect.Auth
+	// ProxyProtocol is the PROXY protocol version (1, 2) sent to this node
+	// right after dialing it, when its hop is the first; 0 none.
+	ProxyProtocol int
 }
 
 // Hop is one level of a chain with its node group.
@@ -48,6 +53,10 @@ type Request struct {
 	// the TCP dial for hop 1, the CONNECT through the hop before for the
 	// rest.
 	Observe func(hop, node string, took time.Duration, err error)
+	// Source and Destination are the client's address and the address it
+	// connected to, for the PROXY header of a first-hop node that wants
+	// one (zero: a header without addresses).
+	Source, Destination netip.AddrPort
 }
 
 // HopError is a failure attributed to one hop's node.
@@ -137,6 +146,11 @@ func (c *Chain) dialOnce(ctx context.Context, req Request) (net.Conn, error) {
 	start := time.Now()
 	conn, err := ns.Dial(ctx, "tcp", first.Value.Addr)
 	req.observe(hop.Name, first.Name, start, err)
+	if err == nil && first.Value.ProxyProtocol > 0 {
+		if err = proxyproto.Write(conn, first.Value.ProxyProtocol, req.Source, req.Destination); err != nil {
+			conn.Close()
+		}
+	}
 	if err != nil {
 		hop.Selector.MarkFailed(first)
 		return nil, &HopError{Chain: c.Name, Hop: hop.Name, Node: first.Name, Addr: first.Value.Addr, Err: err}

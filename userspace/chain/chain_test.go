@@ -6,6 +6,7 @@ import (
 	"io"
 	"log/slog"
 	"net"
+	"net/netip"
 	"sync"
 	"testing"
 	"time"
@@ -15,6 +16,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/selector"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
+	"github.com/ebpfwd/ebpfwd/userspace/proxyproto"
 )
 
 // relayBoth copies both ways with half-close, like the userspace datapath.
@@ -186,5 +188,43 @@ func TestChainPendingBytesAfterResponse(t *testing.T) {
 	got, _ := io.ReadAll(conn)
 	if string(got) != "hello from the target" {
 		t.Fatalf("tunnel delivered %q", got)
+	}
+}
+
+// TestChainSendsProxyHeaderToFirstHop: a first-hop node with ProxyProtocol
+// gets a PROXY header naming the client before the CONNECT; the tunnel
+// then works as without.
+func TestChainSendsProxyHeaderToFirstHop(t *testing.T) {
+	echo := startEcho(t)
+	var d net.Dialer
+	srv := &httpproxy.Server{Dial: d.DialContext, Relay: relayBoth, Logger: slog.New(slog.DiscardHandler)}
+	headers := make(chan proxyproto.Header, 1)
+	hop := testutil.ServeLoopback(t, func(ctx context.Context, c net.Conn) {
+		pc, err := proxyproto.Read(c, 5*time.Second)
+		if err != nil {
+			t.Errorf("hop: %v", err)
+			c.Close()
+			return
+		}
+		headers <- pc.Header
+		srv.ServeConn(ctx, pc)
+	})
+	for _, version := range []int{1, 2} {
+		c := buildChain([]nodeSpec{{hop, nil}})
+		c.Hops[0].Selector.Nodes()[0].Value.ProxyProtocol = version
+		src, dst := netip.MustParseAddrPort("192.0.2.44:5555"), netip.MustParseAddrPort("10.0.0.1:8000")
+		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+		conn, err := c.Dial(ctx, Request{Target: echo, Source: src, Destination: dst})
+		cancel()
+		if err != nil {
+			t.Fatalf("v%d: %v", version, err)
+		}
+		h := <-headers
+		if h.Version != version || h.Source != src || h.Destination != dst {
+			t.Fatalf("the hop read %+v, want version %d from %v to %v", h, version, src, dst)
+		}
+		if err := peer.Exchange(t.Context(), conn, 1<<16); err != nil {
+			t.Fatalf("v%d: through the tunnel: %v", version, err)
+		}
 	}
 }

@@ -53,6 +53,14 @@ type UDP struct {
 	Dial func(ctx context.Context, client net.Addr) (net.Conn, error)
 	// TTL is the session idle expiry (DefaultUDPTTL when zero).
 	TTL time.Duration
+	// OneReply ends a session once it has passed one reply to its client
+	// (GOST's udp listener without keepAlive): the client's next datagram
+	// opens a new session. False keeps a session until TTL.
+	OneReply bool
+	// ReadSize cuts client datagrams longer than this many bytes, as
+	// GOST's readBufferSize does (the kernel drops what does not fit its
+	// buffer); 0 passes whole datagrams.
+	ReadSize int
 	// Counts receives byte counts; may be nil.
 	Counts *Counts
 	// Logger defaults to slog.Default().
@@ -219,6 +227,9 @@ func (t *udpTable) readClients() error {
 		if !key.IsValid() {
 			t.u.dropped.Add(1)
 			continue
+		}
+		if t.u.ReadSize > 0 {
+			n = min(n, t.u.ReadSize)
 		}
 		t.deliver(key, addr, buf[:n])
 	}
@@ -430,6 +441,11 @@ func (t *udpTable) relayReplies(s *udpSession, up net.Conn) {
 			default:
 				t.report(fmt.Errorf("udp relay: client %s: write reply: %w", s.key, werr))
 			}
+			if t.u.OneReply {
+				s.end(t)
+				t.log.Debug("udp session answered", "client", s.key)
+				return
+			}
 		case errors.Is(err, os.ErrDeadlineExceeded):
 			if s.expire(t) {
 				t.log.Debug("udp session expired", "client", s.key)
@@ -492,6 +508,15 @@ func (s *udpSession) expire(t *udpTable) bool {
 	s.closed = true
 	t.remove(s)
 	return true
+}
+
+// end closes s now and takes it out of the table, so the client's next
+// datagram opens a fresh session.
+func (s *udpSession) end(t *udpTable) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	s.closed = true
+	t.remove(s)
 }
 
 // remove takes s out of the table and reports the closed session, once: it

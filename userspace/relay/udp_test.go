@@ -75,7 +75,8 @@ func startUDP(t *testing.T, ttl time.Duration, maxSessions int, dial func(contex
 	return startUDPWith(t, ttl, maxSessions, dial, nil)
 }
 
-// startUDPWith is startUDP with a last say on the relay before it serves.
+// startUDPWith is startUDP with configure applied to the relay before it
+// serves.
 func startUDPWith(t *testing.T, ttl time.Duration, maxSessions int, dial func(context.Context, net.Addr) (net.Conn, error), configure func(*UDP)) *udpRig {
 	t.Helper()
 	ln, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
@@ -471,5 +472,90 @@ func TestUDPServeStopsWithoutLeaks(t *testing.T) {
 func TestUDPRequiresConnAndDial(t *testing.T) {
 	if err := (&UDP{}).Serve(t.Context()); err == nil {
 		t.Fatal("Serve without Conn and Dial succeeded")
+	}
+}
+
+// udpDoubleEcho is an upstream that answers every datagram twice.
+func udpDoubleEcho(t *testing.T) *net.UDPAddr {
+	t.Helper()
+	c, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatalf("listen echo: %v", err)
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		buf := make([]byte, maxDatagram)
+		for {
+			n, from, err := c.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			for range 2 {
+				if _, err := c.WriteToUDPAddrPort(buf[:n], from); err != nil {
+					return
+				}
+			}
+		}
+	}()
+	t.Cleanup(func() { c.Close(); <-done })
+	return c.LocalAddr().(*net.UDPAddr)
+}
+
+// TestUDPOneReply: without keepAlive (GOST's default) a session ends with
+// the first reply it passes on: a second reply to the same datagram does
+// not reach the client, and the client's next datagram opens a new session
+// with a new upstream socket.
+func TestUDPOneReply(t *testing.T) {
+	echo := udpDoubleEcho(t)
+	var closed atomic.Int64
+	dial := func(ctx context.Context, _ net.Addr) (net.Conn, error) {
+		var d net.Dialer
+		c, err := d.DialContext(ctx, "udp", echo.String())
+		if err != nil {
+			return nil, err
+		}
+		return &trackedConn{UDPConn: c.(*net.UDPConn), closed: &closed}, nil
+	}
+	r := startUDPWith(t, time.Minute, 0, dial, func(u *UDP) { u.OneReply = true })
+	c := r.client(t)
+	p := []byte("one question, one answer")
+	if err := roundTrip(c, p); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the answered session to end", testDeadline, func() bool { return r.active.Load() == 0 && closed.Load() == 1 })
+	if down := r.relay.Counts.Down.Load(); down != uint64(len(p)) {
+		t.Fatalf("%d bytes passed to the client, want %d: one reply per session", down, len(p))
+	}
+	if err := roundTrip(c, []byte("again")); err != nil {
+		t.Fatal(err)
+	}
+	if got := r.dials.Load(); got != 2 {
+		t.Fatalf("%d upstream dials, want 2: a new session per answered datagram", got)
+	}
+}
+
+// TestUDPReadSize: a client datagram longer than ReadSize is cut to it
+// (GOST's readBufferSize); shorter ones pass whole.
+func TestUDPReadSize(t *testing.T) {
+	r := startUDPWith(t, time.Minute, 0, nil, func(u *UDP) { u.ReadSize = 100 })
+	c := r.client(t)
+	if err := roundTrip(c, bytes.Repeat([]byte("s"), 100)); err != nil {
+		t.Fatal(err)
+	}
+	long := make([]byte, 300)
+	for i := range long {
+		long[i] = byte(i)
+	}
+	if _, err := c.Write(long); err != nil {
+		t.Fatal(err)
+	}
+	buf := make([]byte, maxDatagram)
+	n, err := c.Read(buf)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !bytes.Equal(buf[:n], long[:100]) {
+		t.Fatalf("echo of a 300-byte datagram: %d bytes, want its first 100", n)
 	}
 }
