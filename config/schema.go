@@ -128,7 +128,9 @@ var (
 	serviceMetadataKeys  = []string{"netns", "netns.out", "datapath", "idleTimeout"}
 	listenerMetadataKeys = []string{"ttl"}
 	hopMetadataKeys      = []string{"netns"}
-	nodeMetadataKeys     = []string{"netns"}
+	// httpHandlerMetadataKeys are ebpfwd's own keys for handler type http.
+	httpHandlerMetadataKeys = []string{"allowOpenProxy", "maxClients", "headerTimeout"}
+	nodeMetadataKeys        = []string{"netns"}
 )
 
 // unsupportedType formats the message for a type ebpfwd does not implement.
