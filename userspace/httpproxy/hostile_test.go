@@ -3,7 +3,6 @@ package httpproxy
 import (
 	"bufio"
 	"context"
-	"encoding/binary"
 	"errors"
 	"fmt"
 	"io"
@@ -289,8 +288,8 @@ func TestLoopDetected(t *testing.T) {
 	}
 }
 
-// nxdomainServer answers every DNS query on a loopback UDP socket with
-// NXDOMAIN and returns its address.
+// nxdomainServer runs a loopback nameserver that answers NXDOMAIN and
+// returns its address.
 func nxdomainServer(t *testing.T) string {
 	t.Helper()
 	pc, err := net.ListenPacket("udp", "127.0.0.1:0")
@@ -298,23 +297,7 @@ func nxdomainServer(t *testing.T) string {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { pc.Close() })
-	go func() {
-		buf := make([]byte, 1500)
-		for {
-			n, from, err := pc.ReadFrom(buf)
-			if err != nil {
-				return
-			}
-			if n < 12 {
-				continue
-			}
-			resp := append([]byte(nil), buf[:n]...)
-			flags := binary.BigEndian.Uint16(resp[2:])
-			// QR, the query's opcode and RD, RA, RCODE 3 (NXDOMAIN).
-			binary.BigEndian.PutUint16(resp[2:], 0x8000|flags&0x7900|0x0080|3)
-			_, _ = pc.WriteTo(resp, from)
-		}
-	}()
+	testutil.ServeNXDOMAIN(pc)
 	return pc.LocalAddr().String()
 }
 
