@@ -105,6 +105,21 @@ type Handler struct {
 	// client's bytes, as GOST's forward handler does.
 	ProxyProtocol int
 	Metadata      map[string]any
+	// HTTP is ebpfwd's own handler metadata for handler type http.
+	HTTP HTTPHandler
+}
+
+// HTTPHandler holds the ebpfwd metadata keys of an http handler.
+type HTTPHandler struct {
+	// AllowOpenProxy is "allowOpenProxy": run without auth on an address
+	// other than loopback. Without it such a service is refused.
+	AllowOpenProxy bool
+	// MaxClients is "maxClients": connections served at once (tunnels
+	// included); a client beyond it is answered 503. 0 means no cap.
+	MaxClients int
+	// HeaderTimeout is "headerTimeout": how long a client has from
+	// connecting to send its request header; 0 means the default (10s).
+	HeaderTimeout time.Duration
 }
 
 // Listener says how a service accepts traffic.

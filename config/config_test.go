@@ -434,3 +434,22 @@ func TestForwarderTargets(t *testing.T) {
 		t.Fatalf("nodes and targets: err = %v, want a refusal", err)
 	}
 }
+
+// TestHTTPHandlerMetadata: ebpfwd's own keys of an http handler decode to
+// HTTPHandler, in any case as GOST lower-cases metadata keys.
+func TestHTTPHandlerMetadata(t *testing.T) {
+	const yaml = `services:
+- addr: 10.0.0.1:3128
+  handler:
+    type: http
+    metadata: {allowopenproxy: true, maxClients: 100, HEADERTIMEOUT: 3s}
+`
+	cfg, warns, err := Parse("http.yaml", []byte(yaml))
+	if err != nil || len(warns) > 0 {
+		t.Fatalf("Parse: %v (warnings %v)", err, warns)
+	}
+	want := HTTPHandler{AllowOpenProxy: true, MaxClients: 100, HeaderTimeout: 3 * time.Second}
+	if got := cfg.Services[0].Handler.HTTP; got != want {
+		t.Fatalf("http handler metadata = %+v, want %+v", got, want)
+	}
+}

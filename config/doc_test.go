@@ -33,6 +33,7 @@ func TestConfigDocListsEveryKey(t *testing.T) {
 	}
 	want["service metadata"] = serviceMetadataKeys
 	want["handler metadata"] = handlerMetadataKeys
+	want["http handler metadata"] = httpHandlerMetadataKeys
 	want["listener metadata"] = listenerMetadataKeys
 	want["hop metadata"] = hopMetadataKeys
 	want["node metadata"] = nodeMetadataKeys

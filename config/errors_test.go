@@ -560,6 +560,24 @@ func TestParseErrors(t *testing.T) {
 			errs: []want{{10, 3, "log", "a key must be a plain string, not a list"}},
 		},
 
+		{
+			name: "http handler without auth on every address is refused",
+			yaml: "services:\n- addr: :3128\n  handler: {type: http}\n",
+			errs: []want{{3, 19, "services[0].handler.auth", "is an open proxy into everything netns.out reaches"}},
+		},
+		{
+			name: "http handler with allowOpenProxy false is refused at the key",
+			yaml: "services:\n- addr: 10.0.0.1:3128\n  handler:\n    type: http\n    metadata:\n      allowopenproxy: false\n",
+			errs: []want{{6, 23, "services[0].handler.metadata.allowOpenProxy", "set handler.metadata.allowOpenProxy: true"}},
+		},
+		{
+			name: "http handler metadata values are checked",
+			yaml: "services:\n- addr: 127.0.0.1:3128\n  handler:\n    type: http\n    metadata: {allowOpenProxy: yes please, maxClients: -1, headerTimeout: soon}\n",
+			errs: []want{{5, 32, "services[0].handler.metadata.allowOpenProxy", "must be true or false"},
+				{5, 56, "services[0].handler.metadata.maxClients", "must not be negative"},
+				{5, 75, "services[0].handler.metadata.headerTimeout", "invalid duration"}},
+		},
+
 		// Warnings only.
 		{
 			name: "unknown metadata keys warn",
@@ -576,10 +594,9 @@ func TestParseErrors(t *testing.T) {
 			warns: []want{{6, 5, "services[0].handler.auth", `auth only applies to the http handler`}},
 		},
 		{
-			name: "forwarder on http handler warns",
-			yaml: strings.Replace(base, "type: tcp", "type: http", 1),
-			warns: []want{{6, 3, "services[0].forwarder", "forwarder is ignored"},
-				{5, 11, "services[0].handler.auth", "open proxy"}},
+			name:  "forwarder on http handler warns",
+			yaml:  strings.Replace(base, "type: tcp", "type: http\n    auth: {username: u, password: p}", 1),
+			warns: []want{{7, 3, "services[0].forwarder", "forwarder is ignored"}},
 		},
 		{
 			name: "http handler without auth on a loopback address: no warning",
@@ -590,9 +607,8 @@ func TestParseErrors(t *testing.T) {
 			yaml: "services:\n- addr: :3128\n  handler: {type: http, auth: {username: u, password: p}}\n",
 		},
 		{
-			name:  "http handler without auth on every address warns",
-			yaml:  "services:\n- addr: :3128\n  handler: {type: http}\n",
-			warns: []want{{3, 19, "services[0].handler.auth", "is an open proxy into everything netns.out reaches"}},
+			name: "http handler with allowOpenProxy on every address: no warning",
+			yaml: "services:\n- addr: :3128\n  handler: {type: http, metadata: {allowOpenProxy: true, maxClients: 100, headerTimeout: 3s}}\n",
 		},
 		{
 			name: "names and strings are bounded",

@@ -138,6 +138,8 @@ var (
 	listenerMetadataKeys = []string{"ttl", "keepalive.ttl", "keepAlive", "readBufferSize", "udp.bufferSize"}
 	hopMetadataKeys      = []string{"netns", "proxyProtocol"}
 	nodeMetadataKeys     = []string{"netns", "proxyProtocol"}
+	// httpHandlerMetadataKeys are ebpfwd's own keys for handler type http.
+	httpHandlerMetadataKeys = []string{"allowOpenProxy", "maxClients", "headerTimeout"}
 )
 
 // unsupportedType formats the message for a type ebpfwd does not implement.

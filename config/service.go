@@ -235,12 +235,14 @@ func (d *decoder) checkServiceCombination(f field, svc *Service, parts servicePa
 			d.errorf(at, path, "handler type %q needs at least one forwarder node to send traffic to", handlerType)
 		}
 	case "http":
-		if svc.Handler.Auth == nil && !(svc.Listen.IsValid() && svc.Listen.Addr().IsLoopback()) {
+		if svc.Handler.Auth == nil && !svc.Handler.HTTP.AllowOpenProxy && !(svc.Listen.IsValid() && svc.Listen.Addr().IsLoopback()) {
 			at, path := f.pos(), join(f.path, "handler.auth")
-			if af, ok := parts.handler["type"]; ok {
-				at = af.pos()
+			if af, ok := parts.handler["metadata.allowOpenProxy"]; ok {
+				at, path = af.pos(), af.path
+			} else if tf, ok := parts.handler["type"]; ok {
+				at = tf.pos()
 			}
-			d.warnf(at, path, "an http handler without auth that listens on %s is an open proxy into everything netns.out reaches, loopback included: set handler.auth, or listen on a loopback address", svc.Addr)
+			d.errorf(at, path, "an http handler without auth that listens on %s is an open proxy into everything netns.out reaches, loopback included: set handler.auth, listen on a loopback address, or set handler.metadata.allowOpenProxy: true", svc.Addr)
 		}
 		if parts.hasForwarder {
 			d.warnf(parts.forwarderField.key, parts.forwarderField.path, "an http handler connects to the address each client asks for; forwarder is ignored")
@@ -322,12 +324,46 @@ func (d *decoder) handler(f field) (h Handler, fs, md fields) {
 		h.Auth = d.auth(af)
 	}
 	if mf, ok := fs["metadata"]; ok {
-		h.Metadata, md = d.metadata(mf, handlerMetadataKeys)
+		known := handlerMetadataKeys
+		if h.Type == "http" {
+			known = append(slices.Clone(known), httpHandlerMetadataKeys...)
+		}
+		h.Metadata, md = d.metadata(mf, known)
 		if pf, ok := md["proxyProtocol"]; ok {
 			h.ProxyProtocol, _ = d.proxyVersion(pf)
 		}
+		h.HTTP = d.httpHandlerMetadata(md)
+		for _, k := range httpHandlerMetadataKeys {
+			if v, ok := md[k]; ok {
+				fs["metadata."+k] = v // for the checks of the service
+			}
+		}
 	}
 	return h, fs, md
+}
+
+// httpHandlerMetadata decodes ebpfwd's own metadata keys of an http
+// handler.
+func (d *decoder) httpHandlerMetadata(known fields) HTTPHandler {
+	var h HTTPHandler
+	if f, ok := known["allowOpenProxy"]; ok {
+		if f.value.Kind == yaml.ScalarNode && f.value.ShortTag() == "!!bool" {
+			_ = f.value.Decode(&h.AllowOpenProxy)
+		} else {
+			d.errorf(f.pos(), f.path, "must be true or false, not %s", quoteValue(f.value))
+		}
+	}
+	if f, ok := known["maxClients"]; ok {
+		if n, ok := d.integer(f); ok && n < 0 {
+			d.errorf(f.pos(), f.path, "must not be negative (0 means no cap)")
+		} else {
+			h.MaxClients = n
+		}
+	}
+	if f, ok := known["headerTimeout"]; ok {
+		h.HeaderTimeout, _ = d.duration(f)
+	}
+	return h
 }
 
 // listener decodes a service's listener section. An empty type is filled

@@ -495,10 +495,20 @@ func (s *service) newProxy() *httpproxy.Server {
 			return s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Up: up, Down: down})
 		},
 		OnResult: func(r httpproxy.Result) {
-			if r.Err != nil && !errors.Is(r.Err, context.Canceled) {
+			switch {
+			case r.Refused != "":
+				s.errs.Add(Reason(r.Refused))
+			case r.Err != nil && !errors.Is(r.Err, context.Canceled):
 				s.errs.Add(reasonOf(r.Err))
 			}
 		},
+		HandshakeTimeout: s.cfg.Handler.HTTP.HeaderTimeout,
+		MaxClients:       s.cfg.Handler.HTTP.MaxClients,
+	}
+	if s.chain == nil {
+		// A chained dial reaches the first hop, not the target: only a
+		// direct one can loop into this daemon.
+		srv.Self = func(ap netip.AddrPort) bool { return s.d.isOwnListener(s.outNS, ap) }
 	}
 	if a := s.cfg.Handler.Auth; a != nil {
 		srv.Auth = &httpconnect.Auth{Username: a.Username, Password: a.Password}

@@ -3,6 +3,7 @@ package daemon
 import (
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/metrics"
+	"github.com/ebpfwd/ebpfwd/userspace/httpproxy"
 )
 
 var _ metrics.Source = (*Daemon)(nil)
@@ -23,6 +24,11 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 		}
 		for _, r := range Reasons {
 			snap.Errors[string(r)] = 0
+		}
+		if s.proxy != nil {
+			for _, r := range httpproxy.Refusals {
+				snap.Errors[string(r)] = 0
+			}
 		}
 		for r, n := range s.errs.Snapshot() {
 			snap.Errors[string(r)] = n

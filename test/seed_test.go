@@ -55,6 +55,8 @@ const seedHopProxy = `services:
   addr: "10.0.1.1:8080"
   handler:
     type: http
+    # A hop inside ns2, reached only over veth3: no auth on purpose.
+    metadata: {allowOpenProxy: true}
   listener:
     type: tcp
   metadata:

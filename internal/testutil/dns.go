@@ -83,3 +83,27 @@ func dnsResponse(query []byte, answer netip.Addr) ([]byte, bool) {
 	}
 	return resp, true
 }
+
+// ServeNXDOMAIN answers every query arriving on pc with NXDOMAIN (the name
+// does not exist), until pc is closed: the nameserver of a test that needs
+// a name to fail to resolve at once.
+func ServeNXDOMAIN(pc net.PacketConn) {
+	go func() {
+		buf := make([]byte, 1500)
+		for {
+			n, from, err := pc.ReadFrom(buf)
+			if err != nil {
+				return // closed by the test
+			}
+			if n < dnsHeaderLen {
+				continue
+			}
+			resp := append([]byte(nil), buf[:n]...)
+			flags := binary.BigEndian.Uint16(resp[2:])
+			// QR set, the query's opcode and RD kept, RA set, RCODE 3.
+			const qr, keep, ra, nxdomain = 0x8000, 0x7900, 0x0080, 3
+			binary.BigEndian.PutUint16(resp[2:], qr|flags&keep|ra|nxdomain)
+			_, _ = pc.WriteTo(resp, from)
+		}
+	}()
+}

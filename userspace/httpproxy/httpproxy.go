@@ -9,6 +9,7 @@ package httpproxy
 
 import (
 	"bufio"
+	"bytes"
 	"context"
 	"crypto/subtle"
 	"encoding/base64"
@@ -19,8 +20,10 @@ import (
 	"math"
 	"net"
 	"net/http"
+	"net/netip"
 	"net/textproto"
 	"strings"
+	"sync/atomic"
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
@@ -46,6 +49,17 @@ const (
 	// maxRequestHeaderBytes bounds a request header; net/http uses 1 MiB for
 	// servers, a proxy handshake needs far less.
 	maxRequestHeaderBytes = 64 << 10
+	// maxRequestLineBytes bounds the request line (answered 414 beyond):
+	// RFC 9112 3 recommends supporting at least 8000 octets.
+	maxRequestLineBytes = 8 << 10
+	// lingerTimeout and lingerBytes bound the wait for a client to stop
+	// sending after an error reply (see lingerClose), as net/http's
+	// server does after a bad request.
+	lingerTimeout = 500 * time.Millisecond
+	lingerBytes   = 256 << 10
+	// busyReplyTimeout bounds writing the 503 to a client over MaxClients:
+	// a refusal must cost less than a served client.
+	busyReplyTimeout = 100 * time.Millisecond
 	// readBufferSize is the bufio size for reading requests. Bytes a client
 	// pipelines after its CONNECT beyond this stay in the socket and reach
 	// the upstream through Relay.
@@ -54,11 +68,45 @@ const (
 	realm = "ebpfwd"
 )
 
+// Refusal says why the handler itself refused a client (as opposed to a
+// target that could not be reached). The values are metric labels.
+type Refusal string
+
+const (
+	// RefusedMalformed: the request is not valid HTTP/1.1 or not a proxy
+	// request (400), including the framing RFC 9112 forbids:
+	// Content-Length with Transfer-Encoding, more than one Content-Length,
+	// whitespace before a header field's colon.
+	RefusedMalformed Refusal = "http_bad_request"
+	// RefusedTooLarge: the request line (414) or header (431) is over its
+	// limit.
+	RefusedTooLarge Refusal = "http_too_large"
+	// RefusedHeaderTimeout: the header was not in within HandshakeTimeout
+	// (408 when the client sent part of it, a close when it sent nothing).
+	RefusedHeaderTimeout Refusal = "http_header_timeout"
+	// RefusedAuth: missing or wrong Proxy-Authorization (407).
+	RefusedAuth Refusal = "http_auth"
+	// RefusedLoop: the target is one of ebpfwd's own listeners (508).
+	RefusedLoop Refusal = "http_loop"
+	// RefusedBusy: MaxClients clients were already being served (503).
+	RefusedBusy Refusal = "http_busy"
+)
+
+// Refusals lists every Refusal, for metrics that show each at zero.
+var Refusals = []Refusal{RefusedMalformed, RefusedTooLarge, RefusedHeaderTimeout, RefusedAuth, RefusedLoop, RefusedBusy}
+
+// ErrLoop is wrapped by the error of a request whose target is one of
+// ebpfwd's own listeners.
+var ErrLoop = errors.New("target is one of ebpfwd's own listeners")
+
 // Result describes how one client connection ended.
 type Result struct {
 	Method string // request method; "" if no request was read
 	Target string // host:port asked for
 	Status int    // status answered to the client; 0 if none was
+	// Refused is set when the handler refused the client itself; a failed
+	// dial leaves it empty (Err says why).
+	Refused Refusal
 	// Sent reports whether the reply carrying Status was written in full
 	// to the client's socket. False with a Status means the client got no
 	// reply or a cut one: it was gone, or did not read within the reply
@@ -100,6 +148,17 @@ type Server struct {
 	// OnResult, when set, is called once per connection with its outcome
 	// (for metrics). It must not block.
 	OnResult func(r Result)
+	// MaxClients caps the connections served at once, tunnels included;
+	// a client over it is answered 503 and closed. Zero means no cap.
+	MaxClients int
+	// Self reports whether addr is one of ebpfwd's own listeners as seen
+	// from where Dial dials. A target that is one is answered 508 Loop
+	// Detected: an IP-literal target before it is dialed, any target once
+	// the connection shows the address it reached. Nil checks nothing (a
+	// chained Dial, whose connection leads to the first hop).
+	Self func(addr netip.AddrPort) bool
+
+	active atomic.Int64 // connections being served, for MaxClients
 }
 
 // requestError is a client error answered with a status before closing.
@@ -117,7 +176,13 @@ func (e *requestError) Unwrap() error { return e.err }
 
 // ServeConn handles one accepted client connection and closes it when done.
 func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
-	res := s.serve(ctx, conn)
+	var res Result
+	if n := s.active.Add(1); s.MaxClients > 0 && n > int64(s.MaxClients) {
+		res = s.refuseBusy(conn)
+	} else {
+		res = s.serve(ctx, conn)
+	}
+	s.active.Add(-1)
 	// status_sent tells a status the client received from one it never
 	// saw: the log must not claim a 504 that did not reach anyone.
 	attrs := []any{"client", conn.RemoteAddr().String(),
@@ -134,6 +199,28 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
 	if s.OnResult != nil {
 		s.OnResult(res)
 	}
+	if res.Refused != RefusedBusy && lingers(res) {
+		lingerClose(ctx, conn)
+		conn.Close()
+	}
+}
+
+// lingers reports whether serve left conn open for lingerClose: it
+// answered an error.
+func lingers(res Result) bool { return res.Sent && res.Status >= 400 }
+
+// refuseBusy answers 503 to a client over MaxClients without reading its
+// request, and closes it.
+func (s *Server) refuseBusy(conn net.Conn) Result {
+	defer conn.Close()
+	res := Result{Status: http.StatusServiceUnavailable, Refused: RefusedBusy,
+		Err: fmt.Errorf("%d clients already served (maxClients)", s.MaxClients)}
+	if err := writeWithin(conn, []byte(statusReply(res.Status, nil)), busyReplyTimeout); err != nil {
+		res.ReplyErr = fmt.Errorf("write 503 reply: %w", err)
+	} else {
+		res.Sent = true
+	}
+	return res
 }
 
 // serve runs one exchange. It owns conn: every path closes it, either
@@ -141,7 +228,9 @@ func (s *Server) ServeConn(ctx context.Context, conn net.Conn) {
 func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 	handedOff := false
 	defer func() {
-		if !handedOff {
+		// After an error reply ServeConn closes, once the result is
+		// reported (see lingerClose).
+		if !handedOff && !lingers(res) {
 			conn.Close()
 		}
 	}()
@@ -159,31 +248,61 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 	// The limit keeps a client from streaming an endless header; it is
 	// lifted once the header is in so request bodies are not truncated.
 	limited := &io.LimitedReader{R: conn, N: maxRequestHeaderBytes}
-	br := bufio.NewReaderSize(limited, readBufferSize)
+	// rec keeps what the header's reads brought in: net/http drops the
+	// framing it tolerates (a Content-Length beside Transfer-Encoding, a
+	// repeated Content-Length) and the checks need the header as sent.
+	rec := &recorder{r: limited}
+	br := bufio.NewReaderSize(rec, readBufferSize)
 	req, err := http.ReadRequest(br)
+	raw := rec.stop(br.Buffered())
 	if err != nil {
-		if errors.Is(err, io.EOF) && limited.N == maxRequestHeaderBytes {
+		if errors.Is(err, io.EOF) && len(raw) == 0 {
 			// Connected and left without a byte: a health check or port
 			// scan, not worth an error.
 			return res
 		}
-		res.Err = fmt.Errorf("read request: %w", err)
-		if isTimeout(err) || limited.N == maxRequestHeaderBytes {
-			return res // nothing useful to answer to
+		res.Err = fmt.Errorf("read request: %w", redact(err))
+		switch {
+		case isTimeout(err) && ctx.Err() == nil:
+			// A client that sent nothing gets nothing; one that was
+			// sending a request hears it was too slow (RFC 9110 15.5.9).
+			res.Refused = RefusedHeaderTimeout
+			if len(raw) > 0 {
+				s.answer(ctx, conn, &res, http.StatusRequestTimeout, nil)
+			}
+		case isTimeout(err) || len(raw) == 0:
+			// Shutdown, or a read error before any byte: nothing useful
+			// to answer to.
+		case limited.N <= 0:
+			res.Refused = RefusedTooLarge
+			status := http.StatusRequestHeaderFieldsTooLarge
+			if bytes.IndexByte(raw, '\n') < 0 || bytes.IndexByte(raw, '\n') > maxRequestLineBytes {
+				status = http.StatusRequestURITooLong
+			}
+			s.answer(ctx, conn, &res, status, nil)
+		default:
+			res.Refused = RefusedMalformed
+			s.answer(ctx, conn, &res, http.StatusBadRequest, nil)
 		}
-		status := http.StatusBadRequest
-		if limited.N <= 0 {
-			status = http.StatusRequestHeaderFieldsTooLarge
-		}
-		s.answer(ctx, conn, &res, status, nil)
 		return res
 	}
 	limited.N = math.MaxInt64
 	res.Method = req.Method
+	if status, err := checkFraming(raw); err != nil {
+		res.Target = requestTarget(req)
+		res.Err = err
+		res.Refused = RefusedMalformed
+		if status == http.StatusRequestURITooLong {
+			res.Refused = RefusedTooLarge
+		}
+		s.answer(ctx, conn, &res, status, nil)
+		return res
+	}
 
 	if err := s.authorize(req); err != nil {
 		res.Target = requestTarget(req)
 		res.Err = err
+		res.Refused = RefusedAuth
 		s.answer(ctx, conn, &res, http.StatusProxyAuthRequired,
 			http.Header{"Proxy-Authenticate": {`Basic realm="` + realm + `"`}})
 		return res
@@ -199,6 +318,12 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 		res.Err = err
 		var re *requestError
 		if errors.As(err, &re) && res.Status == 0 {
+			switch {
+			case errors.Is(err, ErrLoop):
+				res.Refused = RefusedLoop
+			case re.status == http.StatusBadRequest:
+				res.Refused = RefusedMalformed
+			}
 			s.answer(ctx, conn, &res, re.status, nil)
 		}
 		return res
@@ -227,7 +352,7 @@ func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, r
 	target := req.URL.Host
 	res.Target = target
 	if host, port, err := net.SplitHostPort(target); err != nil || host == "" || port == "" {
-		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("CONNECT target %q is not host:port", req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("CONNECT target %q is not host:port", redactedURI(req))}
 	}
 
 	upstream, err := s.dial(ctx, target, res)
@@ -257,13 +382,13 @@ func (s *Server) connect(ctx context.Context, conn net.Conn, br *bufio.Reader, r
 func (s *Server) forward(ctx context.Context, conn net.Conn, req *http.Request, res *Result) (net.Conn, error) {
 	res.Target = requestTarget(req)
 	if !req.URL.IsAbs() {
-		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: a proxy request needs an absolute URI", req.Method, req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: a proxy request needs an absolute URI", req.Method, redactedURI(req))}
 	}
 	if req.URL.Scheme != "http" {
-		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: scheme %q is not proxied, use CONNECT", req.Method, req.RequestURI, req.URL.Scheme)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: scheme %q is not proxied, use CONNECT", req.Method, redactedURI(req), req.URL.Scheme)}
 	}
 	if req.URL.Host == "" {
-		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: no host", req.Method, req.RequestURI)}
+		return nil, &requestError{status: http.StatusBadRequest, msg: fmt.Sprintf("%s %q: no host", req.Method, redactedURI(req))}
 	}
 	target := req.URL.Host
 	if req.URL.Port() == "" {
@@ -331,17 +456,127 @@ func (s *Server) dial(ctx context.Context, target string, res *Result) (net.Conn
 		var d net.Dialer
 		dial = d.DialContext
 	}
+	if ap, err := netip.ParseAddrPort(target); err == nil && s.isSelf(ap) {
+		return nil, loopError(target, ap)
+	}
 	start := time.Now()
 	upstream, err := dial(dialCtx, "tcp", target)
 	res.Dial = time.Since(start)
 	if err != nil {
+		// A name that does not resolve is a 502 as soon as the resolver
+		// says so; only a dial that ran out of time is a 504.
 		status := http.StatusBadGateway
 		if isTimeout(err) {
 			status = http.StatusGatewayTimeout
 		}
 		return nil, &requestError{status: status, msg: fmt.Sprintf("dial %s: %v", target, err), err: err}
 	}
+	// A name may resolve to one of ebpfwd's own addresses: the address
+	// reached tells.
+	if ta, ok := upstream.RemoteAddr().(*net.TCPAddr); ok && s.isSelf(ta.AddrPort()) {
+		upstream.Close()
+		return nil, loopError(target, ta.AddrPort())
+	}
 	return upstream, nil
+}
+
+func (s *Server) isSelf(ap netip.AddrPort) bool {
+	return s.Self != nil && s.Self(netip.AddrPortFrom(ap.Addr().Unmap(), ap.Port()))
+}
+
+func loopError(target string, reached netip.AddrPort) error {
+	return &requestError{status: http.StatusLoopDetected,
+		msg: fmt.Sprintf("dial %s: %s is ebpfwd's own listener", target, reached), err: ErrLoop}
+}
+
+// checkFraming applies the rules of RFC 9112 that net/http's ReadRequest
+// relaxes, to the header as the client sent it: a proxy forwards the
+// request to a server that may frame it differently, so ambiguity is
+// refused (request smuggling, RFC 9112 11.2). It returns the status to
+// answer and why.
+func checkFraming(raw []byte) (int, error) {
+	tp := textproto.NewReader(bufio.NewReader(bytes.NewReader(raw)))
+	line, err := tp.ReadLine()
+	if err != nil {
+		return http.StatusBadRequest, fmt.Errorf("re-read request line: %w", err)
+	}
+	if len(line) > maxRequestLineBytes {
+		return http.StatusRequestURITooLong, fmt.Errorf("request line is %d bytes; at most %d", len(line), maxRequestLineBytes)
+	}
+	header, err := tp.ReadMIMEHeader()
+	if err != nil {
+		return http.StatusBadRequest, fmt.Errorf("re-read request header: %w", redact(err))
+	}
+	for name := range header {
+		// RFC 9112 5.1: whitespace between a field name and its colon
+		// MUST be refused with 400.
+		if strings.ContainsAny(name, " \t") {
+			return http.StatusBadRequest, fmt.Errorf("header field %q has whitespace before its colon", name)
+		}
+	}
+	cl, te := header.Values("Content-Length"), header.Values("Transfer-Encoding")
+	switch {
+	case len(te) > 0 && strings.HasSuffix(line, " HTTP/1.0"):
+		// RFC 9112 6.1: Transfer-Encoding in HTTP/1.0 is faulty framing
+		// (net/http would ignore it and read the body some other way).
+		return http.StatusBadRequest, errors.New("HTTP/1.0 request has Transfer-Encoding")
+	case len(cl) > 0 && len(te) > 0:
+		// RFC 9112 6.1: "ought to be handled as an error"; the
+		// connection is closed after the 400, as 6.3 requires.
+		return http.StatusBadRequest, errors.New("request has both Content-Length and Transfer-Encoding")
+	case len(cl) > 1:
+		return http.StatusBadRequest, fmt.Errorf("request has %d Content-Length fields", len(cl))
+	}
+	return 0, nil
+}
+
+// recorder keeps a copy of what is read through it until stop.
+type recorder struct {
+	r   io.Reader
+	buf []byte
+	off bool
+}
+
+func (r *recorder) Read(p []byte) (int, error) {
+	n, err := r.r.Read(p)
+	if !r.off {
+		r.buf = append(r.buf, p[:n]...)
+	}
+	return n, err
+}
+
+// stop ends the recording and returns what was consumed: what was read
+// less the buffered bytes the reader on top has not handed out.
+func (r *recorder) stop(buffered int) []byte {
+	r.off = true
+	raw := r.buf[:max(len(r.buf)-buffered, 0)]
+	r.buf = nil
+	return raw
+}
+
+// redactedErr replaces the message of an error that quotes a header line
+// carrying credentials (net/textproto quotes a malformed line whole).
+type redactedErr struct{ err error }
+
+func (e redactedErr) Error() string {
+	return "malformed header line carrying credentials (not logged)"
+}
+
+func (e redactedErr) Unwrap() error { return e.err }
+
+func redact(err error) error {
+	if strings.Contains(strings.ToLower(err.Error()), "authorization") {
+		return redactedErr{err}
+	}
+	return err
+}
+
+// redactedURI is the request target for messages, without userinfo.
+func redactedURI(req *http.Request) string {
+	if req.URL != nil && req.URL.User != nil {
+		return req.URL.Redacted()
+	}
+	return req.RequestURI
 }
 
 // authorize checks Basic Proxy-Authorization against s.Auth.
@@ -362,7 +597,9 @@ func (s *Server) authorize(req *http.Request) error {
 	userOK := subtle.ConstantTimeCompare([]byte(user), []byte(s.Auth.Username))
 	passOK := subtle.ConstantTimeCompare([]byte(pass), []byte(s.Auth.Password))
 	if userOK&passOK != 1 {
-		return fmt.Errorf("proxy authorization rejected for user %q", user)
+		// Neither part is logged: a password typed as the user name
+		// would be.
+		return errors.New("proxy authorization rejected: wrong user name or password")
 	}
 	return nil
 }
@@ -532,6 +769,19 @@ func orDefault(d, def time.Duration) time.Duration {
 		return d
 	}
 	return def
+}
+
+// lingerClose ends a connection after an error reply the way RFC 9112 9.6
+// asks: half-close, then read and discard what the client still sends for
+// a moment. Closing with unread input makes the kernel send a reset, which
+// can destroy the reply before the client reads it.
+func lingerClose(ctx context.Context, conn net.Conn) {
+	cw, ok := conn.(interface{ CloseWrite() error })
+	if !ok || cw.CloseWrite() != nil || ctx.Err() != nil {
+		return
+	}
+	_ = conn.SetReadDeadline(time.Now().Add(lingerTimeout))
+	_, _ = io.CopyN(io.Discard, conn, lingerBytes)
 }
 
 // writeWithin writes b to conn with a write deadline, then clears it.
