@@ -80,7 +80,7 @@ func newDockerHost(t *testing.T) dockerHost {
 		must(t, c.ns.AddRoute("default", bridgeIP))
 	}
 	must(t, d.host.EnableForwarding())
-	iptables(t, d.host, dockerRules...)
+	iptables(t, ipv4, d.host, dockerRules...)
 	d.web = e2e.EchoIn(t, d.ns1, published+":80")
 	e2e.UDPEchoIn(t, d.ns1, published+":80")
 	d.lanEcho = e2e.EchoIn(t, d.lan, otherLAN+":7000")
