@@ -1,6 +1,7 @@
 package test
 
 import (
+	"net"
 	"os/exec"
 	"slices"
 	"strings"
@@ -9,6 +10,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 // TestSeed000CommandLine runs the examples of GOST's netns page in their
@@ -23,8 +25,19 @@ func TestSeed000CommandLine(t *testing.T) {
 	ns2 := testutil.NewNS(t, "e2e-cli-ns2")
 	testutil.Veth(t, host, "veth0", "10.0.0.11/24", ns1, "veth1", "10.0.0.1/24")
 	testutil.Veth(t, host, "veth2", "10.0.1.11/24", ns2, "veth3", "10.0.1.1/24")
+	v6 := seedFamilies[1]
+	for _, a := range []struct {
+		ns      *topo.NS
+		dev, ip string
+	}{{host, "veth0", v6.veth0}, {ns1, "veth1", v6.ns1}, {host, "veth2", v6.veth2}, {ns2, "veth3", v6.ns2}} {
+		if err := a.ns.AddAddr(a.dev, a.ip+"/"+v6.bits); err != nil {
+			t.Fatal(err)
+		}
+	}
+	// Go listens on 0.0.0.0 dual stack: these take IPv6 too.
 	inHost := e2e.EchoIn(t, host, "0.0.0.0:8000") // also 10.0.1.11:8000
 	inNS2 := e2e.EchoIn(t, ns2, "0.0.0.0:8000")
+	ns1v6, hostv6 := net.JoinHostPort(v6.ns1, "8000"), net.JoinHostPort(v6.veth2, "8000")
 	e2e.Start(t, "cli-hop", e2e.Config(seedHopProxy, map[string]string{"NS2": ns2.Name}), e2e.Options{})
 	// The page's examples as written, but for the namespace names; they
 	// run one after the other, so they share port 8000 as on the page.
@@ -44,6 +57,18 @@ func TestSeed000CommandLine(t *testing.T) {
 		{"a chain through the HTTP proxy in ns2",
 			[]string{"-L", "tcp://10.0.0.1:8000/10.0.1.11:8000?netns=" + ns1.Name, "-F", "http://10.0.1.1:8080?netns=" + ns2.Name},
 			host.Name, "10.0.0.1:8000", inHost, "10.0.1.1"},
+		// The same over IPv6, with the addresses written out (a
+		// wildcard listener and ":8000" would be IPv4's loopback): the
+		// first two are direct forwards to an address of netns.out, so
+		// auto runs them on tc, over a splice link.
+		{"IPv6: listen in ns1, forward in the default namespace",
+			[]string{"-L", "tcp://" + ns1v6 + "/" + hostv6 + "?netns=" + ns1.Name}, host.Name, ns1v6, inHost, spliceListenAddr6},
+		{"IPv6: netns.out: ns1:8000 to ns2:8000",
+			[]string{"-L", "tcp://" + ns1v6 + "/" + net.JoinHostPort(v6.ns2, "8000") + "?netns=" + ns1.Name + "&netns.out=" + ns2.Name},
+			host.Name, ns1v6, inNS2, spliceListenAddr6},
+		{"IPv6: a chain through the HTTP proxy in ns2",
+			[]string{"-L", "tcp://" + ns1v6 + "/" + hostv6 + "?netns=" + ns1.Name, "-F", "http://" + net.JoinHostPort(v6.ns2, "8080") + "?netns=" + ns2.Name},
+			host.Name, ns1v6, inHost, v6.ns2},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {

@@ -485,6 +485,9 @@ func TestDatagramSizesCoverRange(t *testing.T) {
 		}
 		seen[n] = true
 	}
+	if n := len(datagram(salt, 0, 50)); n != 50 {
+		t.Errorf("the first datagram has %d bytes, want the full size 50", n)
+	}
 	if len(seen) != 50 {
 		t.Errorf("200 datagrams covered %d of 50 sizes", len(seen))
 	}

@@ -57,8 +57,9 @@ func ServeUDPEcho(pc net.PacketConn) (stop func()) {
 
 // UDPExchange sends count datagrams on the connected socket c, one at a
 // time, and checks that each reply is byte-for-byte the datagram sent.
-// Sizes cycle through 1..size so that both tiny and large datagrams cross
-// the forwarder. Each datagram's content is derived from a per-exchange
+// Sizes cycle through 1..size, the first datagram exactly size bytes, so
+// that both tiny datagrams and the largest asked for cross the forwarder
+// (a path that drops datagrams too big for it fails at once). Each datagram's content is derived from a per-exchange
 // random salt and its sequence number, so replies meant for another client
 // or a stale reply to an earlier datagram are recognised. A datagram that
 // gets no reply is resent a few times before the exchange fails. Bounded by
@@ -126,12 +127,13 @@ func udpRoundTrip(ctx context.Context, c net.Conn, salt [32]byte, seq uint32, si
 	return fmt.Errorf("no reply after %d attempts of %v each", udpAttempts, udpAttemptTimeout)
 }
 
-// datagram returns the payload for seq: 1 + seq*7919 mod size bytes (7919
-// is prime, so lengths spread over the whole range), starting with the
+// datagram returns the payload for seq: size - seq*7919 mod size bytes
+// (7919 is prime, so lengths spread over the whole range, and seq 0 is the
+// full size), starting with the
 // sequence number when there is room, followed by ChaCha8 output keyed by
 // the salt and the sequence number.
 func datagram(salt [32]byte, seq uint32, size int) []byte {
-	n := 1 + int(uint64(seq)*7919%uint64(size))
+	n := size - int(uint64(seq)*7919%uint64(size))
 	b := make([]byte, n)
 	key := salt
 	binary.BigEndian.PutUint32(key[:4], binary.BigEndian.Uint32(key[:4])^seq)

@@ -121,18 +121,8 @@ func Veth(a *NS, aName, aCIDR string, b *NS, bName, bCIDR string) error {
 
 func (n *NS) configureLink(dev, cidr string) error {
 	if cidr != "" {
-		prefix, err := netip.ParsePrefix(cidr)
-		if err != nil {
-			return fmt.Errorf("address %q for %s in namespace %s: %w", cidr, dev, n.Name, err)
-		}
-		args := []string{"addr", "add", cidr, "dev", dev}
-		if prefix.Addr().Is6() {
-			// Without nodad the address stays "tentative" for a second or
-			// two and binds to it fail with EADDRNOTAVAIL.
-			args = append(args, "nodad")
-		}
-		if err := n.IP(args...); err != nil {
-			return fmt.Errorf("assign %s to %s in namespace %s: %w", cidr, dev, n.Name, err)
+		if err := n.AddAddr(dev, cidr); err != nil {
+			return err
 		}
 	}
 	if err := n.IP("link", "set", "dev", dev, "up"); err != nil {
@@ -141,9 +131,34 @@ func (n *NS) configureLink(dev, cidr string) error {
 	return nil
 }
 
-// AddRoute runs `ip -n NAME route add DST via VIA`.
+// AddAddr assigns cidr to dev inside the namespace (`ip -n NAME addr add
+// CIDR dev DEV`), a second address or family beside what Veth or Bridge
+// gave it. IPv6 addresses skip duplicate address detection, as Veth's do.
+func (n *NS) AddAddr(dev, cidr string) error {
+	prefix, err := netip.ParsePrefix(cidr)
+	if err != nil {
+		return fmt.Errorf("address %q for %s in namespace %s: %w", cidr, dev, n.Name, err)
+	}
+	args := []string{"addr", "add", cidr, "dev", dev}
+	if prefix.Addr().Is6() {
+		// Without nodad the address stays "tentative" for a second or
+		// two and binds to it fail with EADDRNOTAVAIL.
+		args = append(args, "nodad")
+	}
+	if err := n.IP(args...); err != nil {
+		return fmt.Errorf("assign %s to %s in namespace %s: %w", cidr, dev, n.Name, err)
+	}
+	return nil
+}
+
+// AddRoute runs `ip -n NAME route add DST via VIA`, in IPv6's table (ip -6)
+// when VIA is an IPv6 address, so "default" means the family of VIA.
 func (n *NS) AddRoute(dst, via string) error {
-	if err := n.IP("route", "add", dst, "via", via); err != nil {
+	args := []string{"route", "add", dst, "via", via}
+	if a, err := netip.ParseAddr(via); err == nil && a.Is6() {
+		args = append([]string{"-6"}, args...)
+	}
+	if err := n.IP(args...); err != nil {
 		return fmt.Errorf("add route %s via %s in namespace %s: %w", dst, via, n.Name, err)
 	}
 	return nil

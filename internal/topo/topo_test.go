@@ -229,6 +229,25 @@ func TestRouting(t *testing.T) {
 	if err := roundTrip(t, srv, cli, "10.78.2.2:0"); err != nil {
 		t.Fatalf("routed TCP: %v", err)
 	}
+	// The same over IPv6, added beside the IPv4 addresses: "default" via
+	// an IPv6 gateway is IPv6's default route.
+	for _, a := range []struct {
+		ns        *topo.NS
+		dev, cidr string
+	}{{cli, "rc" + sfx, "fd78:1::2/64"}, {rtr, "rr1" + sfx, "fd78:1::1/64"}, {srv, "rs" + sfx, "fd78:2::2/64"}, {rtr, "rr2" + sfx, "fd78:2::1/64"}} {
+		if err := a.ns.AddAddr(a.dev, a.cidr); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if err := cli.AddRoute("default", "fd78:1::1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := srv.AddRoute("default", "fd78:2::1"); err != nil {
+		t.Fatal(err)
+	}
+	if err := roundTrip(t, srv, cli, "[fd78:2::2]:0"); err != nil {
+		t.Fatalf("routed TCP over IPv6: %v", err)
+	}
 	if err := cli.AddRoute("10.78.3.0/24", "10.99.99.99"); err == nil {
 		t.Error("AddRoute via an unreachable gateway succeeded")
 	}

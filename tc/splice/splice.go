@@ -134,6 +134,10 @@ func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 	}
 	l, err := s.adopt(listen, out, name)
 	if err == nil {
+		// A link a run without permanent neighbours made gets them.
+		err = l.setNeighbours()
+	}
+	if err == nil {
 		s.live[name] = l
 		s.log.Info("splice link of a previous run adopted", "link", name, "listen_netns", listen.String(),
 			"out_netns", out.String(), "listen_addr", l.Listen.Addr4, "out_addr", l.Out.Addr4)
@@ -189,6 +193,10 @@ func (s *Links) Create(listen, out netns.NS) (*Link, error) {
 		s.remove(l)
 		return nil, err
 	}
+	if err := l.setNeighbours(); err != nil {
+		s.remove(l)
+		return nil, err
+	}
 	s.live[name] = l
 	s.log.Info("splice link created", "link", name, "listen_netns", listen.String(), "out_netns", out.String(),
 		"listen_addr", l.Listen.Addr4, "out_addr", l.Out.Addr4, "listen_addr6", l.Listen.Addr6, "out_addr6", l.Out.Addr6)
@@ -234,6 +242,41 @@ func (s *Links) configure(e *End, name string, addr4, addr6 netip.Prefix) error 
 	})
 	if err != nil {
 		return fmt.Errorf("configure splice link end in netns %s: %w", e.NS, err)
+	}
+	return nil
+}
+
+// setNeighbours gives each end a permanent neighbour entry for the other
+// end's addresses, so neither ever resolves its peer (ARP, IPv6 neighbour
+// discovery): the link has only these two ends, and the tc program sends
+// over it with fixed MACs anyway. The stack's packets over it are the
+// node's replies in netns.out, which must not wait on a resolution: over
+// IPv6 on a link that had just come up, resolving the listen end held the
+// node's first SYN-ACK for about two seconds (seed 000's forms on tc,
+// test/seed_test.go). Setting an entry that exists is no error, so an
+// adopted link gets them too.
+func (l *Link) setNeighbours() error {
+	for _, e := range []struct{ at, peer *End }{{&l.Listen, &l.Out}, {&l.Out, &l.Listen}} {
+		err := e.at.NS.Do(func() error {
+			for _, addr := range []netip.Addr{e.peer.Addr4, e.peer.Addr6} {
+				if !addr.IsValid() {
+					continue
+				}
+				family := netlink.FAMILY_V4
+				if addr.Is6() {
+					family = netlink.FAMILY_V6
+				}
+				n := &netlink.Neigh{LinkIndex: e.at.Ifindex, Family: family, State: netlink.NUD_PERMANENT,
+					IP: net.IP(addr.AsSlice()), HardwareAddr: e.peer.MAC}
+				if err := netlink.NeighSet(n); err != nil {
+					return fmt.Errorf("neighbour %s (%s) on %s: %w", addr, e.peer.MAC, l.Name, err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return fmt.Errorf("splice link end in netns %s: %w", e.at.NS, err)
+		}
 	}
 	return nil
 }

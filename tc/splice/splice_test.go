@@ -3,6 +3,7 @@ package splice
 import (
 	"bytes"
 	"context"
+	"fmt"
 	"io"
 	"net"
 	"net/netip"
@@ -92,6 +93,9 @@ func TestCreateAndDelete(t *testing.T) {
 			t.Errorf("%s in %s: addresses %v, want %v", l.Name, tt.ns, addrs, tt.wantAddrs)
 		}
 	}
+	// Each end knows the other's MAC for good: nothing on the link waits
+	// on ARP or neighbour discovery.
+	requirePermanentNeighbours(t, l)
 	if got, err := l.Addr(netip.MustParseAddr("10.0.1.11")); err != nil || got != netip.MustParseAddr("169.254.200.1") {
 		t.Errorf("Addr(IPv4 node) = %s, %v", got, err)
 	}
@@ -115,6 +119,37 @@ func TestCreateAndDelete(t *testing.T) {
 	// Deleting what is gone is fine (the namespace may have taken it).
 	if err := s.Delete(l); err != nil {
 		t.Errorf("second Delete: %v", err)
+	}
+}
+
+// requirePermanentNeighbours checks that each end of l has a permanent
+// neighbour entry for each of the other end's addresses, with its MAC.
+func requirePermanentNeighbours(t *testing.T, l *Link) {
+	t.Helper()
+	for _, e := range []struct{ at, peer End }{{l.Listen, l.Out}, {l.Out, l.Listen}} {
+		var neighs []netlink.Neigh
+		err := e.at.NS.Do(func() (err error) {
+			neighs, err = netlink.NeighList(e.at.Ifindex, netlink.FAMILY_ALL)
+			return err
+		})
+		if err != nil {
+			t.Fatalf("neighbours of %s in %s: %v", l.Name, e.at.NS, err)
+		}
+		for _, want := range []netip.Addr{e.peer.Addr4, e.peer.Addr6} {
+			found := false
+			for _, n := range neighs {
+				if ip, _ := netip.AddrFromSlice(n.IP); ip.Unmap() == want {
+					found = n.State == netlink.NUD_PERMANENT && bytes.Equal(n.HardwareAddr, e.peer.MAC)
+					if !found {
+						t.Errorf("%s in %s: neighbour %s is %s state %#x, want %s permanent", l.Name, e.at.NS, want, n.HardwareAddr, n.State, e.peer.MAC)
+					}
+					break
+				}
+			}
+			if !found {
+				t.Errorf("%s in %s: no permanent neighbour entry for the peer's %s (entries %v)", l.Name, e.at.NS, want, neighs)
+			}
+		}
 	}
 }
 
@@ -217,12 +252,29 @@ func TestRestartAdoptsAndRemovesUnused(t *testing.T) {
 		t.Fatal(err)
 	}
 
+	// A run before links had permanent neighbours left none: the
+	// adopting run adds them.
+	for _, e := range []struct{ at, peer End }{{stale.Listen, stale.Out}, {stale.Out, stale.Listen}} {
+		err := e.at.NS.Do(func() error {
+			for _, addr := range []netip.Addr{e.peer.Addr4, e.peer.Addr6} {
+				if err := netlink.NeighDel(&netlink.Neigh{LinkIndex: e.at.Ifindex, IP: net.IP(addr.AsSlice())}); err != nil {
+					return fmt.Errorf("delete neighbour %s: %w", addr, err)
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+
 	// The next run of the same instance knows nothing of the old links.
 	restarted := newLinks(t, crashed.instance)
 	adopted, err := restarted.Create(a, b)
 	if err != nil {
 		t.Fatalf("Create over a previous run's link: %v", err)
 	}
+	requirePermanentNeighbours(t, adopted)
 	if adopted.Name != stale.Name || adopted.Listen.Ifindex != stale.Listen.Ifindex || adopted.Out.Ifindex != stale.Out.Ifindex ||
 		adopted.Listen.Addr4 != stale.Listen.Addr4 || adopted.Out.Addr4 != stale.Out.Addr4 ||
 		adopted.Listen.Addr6 != stale.Listen.Addr6 || adopted.Out.Addr6 != stale.Out.Addr6 ||

@@ -53,7 +53,7 @@ func newBridgeHost(t *testing.T, withDNAT bool) bridgeHost {
 	if withDNAT {
 		// A DNATed flow is routed by the host.
 		must(t, b.host.EnableForwarding())
-		iptables(t, b.host, dnatRules...)
+		iptables(t, ipv4, b.host, dnatRules...)
 	}
 	b.web = e2e.EchoIn(t, b.ns1, mapNS1IP+":80")
 	e2e.UDPEchoIn(t, b.ns1, mapNS1IP+":80")

@@ -88,15 +88,28 @@ func must(t *testing.T, err error) {
 	}
 }
 
+// family is an IP address family a topology is built in: the name of its
+// subtests and the iptables command that writes its rules.
+type family struct {
+	name     string
+	iptables string
+}
+
+var (
+	ipv4 = family{name: "IPv4", iptables: "iptables"}
+	ipv6 = family{name: "IPv6", iptables: "ip6tables"}
+)
+
 // iptables applies rules, each one iptables command line ("-t nat -A
-// ..."), inside ns, and never anywhere else.
-func iptables(t *testing.T, ns *topo.NS, rules ...string) {
+// ..."), with fam's command (iptables or ip6tables) inside ns, and never
+// anywhere else.
+func iptables(t *testing.T, fam family, ns *topo.NS, rules ...string) {
 	t.Helper()
-	if _, err := exec.LookPath("iptables"); err != nil {
-		t.Fatalf("this topology needs iptables inside its namespaces: apt-get install iptables (.ci/run does): %v", err)
+	if _, err := exec.LookPath(fam.iptables); err != nil {
+		t.Fatalf("this topology needs %s inside its namespaces: apt-get install iptables (.ci/run does): %v", fam.iptables, err)
 	}
 	for _, r := range rules {
-		must(t, ns.Exec("iptables", append([]string{"-w"}, strings.Fields(r)...)...))
+		must(t, ns.Exec(fam.iptables, append([]string{"-w"}, strings.Fields(r)...)...))
 	}
 }
 
@@ -206,6 +219,11 @@ func checkUDP(t *testing.T, ns *topo.NS, addr string, size int) {
 func newNS(t *testing.T, role string) *topo.NS {
 	t.Helper()
 	return testutil.NewNS(t, "topo-"+role)
+}
+
+// hostPort joins an address and a port, bracketing IPv6 addresses.
+func hostPort(addr, port string) string {
+	return net.JoinHostPort(addr, port)
 }
 
 // hostOf is the host part of "host:port".
