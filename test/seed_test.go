@@ -71,6 +71,7 @@ const seedHopProxy = `services:
   addr: "[fd10:0:1::1]:8080"
   handler:
     type: http
+    metadata: {allowOpenProxy: true}
   listener:
     type: tcp
   metadata:
@@ -120,7 +121,9 @@ const seedForward = `- name: $NAME-tcp
 - name: $NAME-udp
   addr: "$ADDR"
   handler: {type: udp}
-  listener: {type: udp}
+  # Sessions kept after a reply, so tc can carry them (GOST's default
+  # ends a session with its first reply, which tc cannot do).
+  listener: {type: udp, metadata: {keepAlive: true}}
   forwarder:
     nodes:
     - {name: target-0, addr: "$NODE"}
