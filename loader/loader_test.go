@@ -136,7 +136,7 @@ func TestForwardBetweenNamespaces(t *testing.T) {
 			}
 			var udpBytes uint64
 			for seq := range uint64(datagrams) {
-				udpBytes += 1 + seq*7919%maxSize // peer.UDPExchange's sizes
+				udpBytes += uint64(peer.DatagramSize(uint32(seq), maxSize))
 			}
 			uc2, err := l.Counters(udpID)
 			if err != nil {

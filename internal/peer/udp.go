@@ -133,8 +133,8 @@ func udpRoundTrip(ctx context.Context, c net.Conn, salt [32]byte, seq uint32, si
 // sequence number when there is room, followed by ChaCha8 output keyed by
 // the salt and the sequence number.
 func datagram(salt [32]byte, seq uint32, size int) []byte {
-	n := size - int(uint64(seq)*7919%uint64(size))
-	b := make([]byte, n)
+	b := make([]byte, DatagramSize(seq, size))
+	n := len(b)
 	key := salt
 	binary.BigEndian.PutUint32(key[:4], binary.BigEndian.Uint32(key[:4])^seq)
 	_, _ = mrand.NewChaCha8(key).Read(b)
@@ -142,6 +142,12 @@ func datagram(salt [32]byte, seq uint32, size int) []byte {
 		binary.BigEndian.PutUint32(b, seq)
 	}
 	return b
+}
+
+// DatagramSize is the length of UDPExchange's datagram seq when it sends
+// datagrams of at most size bytes, for tests that count bytes.
+func DatagramSize(seq uint32, size int) int {
+	return size - int(uint64(seq)*7919%uint64(size))
 }
 
 // lookBack bounds how far back a late reply is searched for.
