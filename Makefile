@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # panic on every change, short enough for CI.
 FUZZTIME ?= 10s
 
-.PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench
+.PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench soak
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
@@ -21,7 +21,7 @@ need-root:
 test: need-root lint build unit e2e fuzz
 
 unit:
-	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v -e /test$$ -e /test/topologies$$)
+	$(GO) test -race -count=1 $$($(GO) list ./... | grep -v -e /test$$ -e /test/topologies$$ -e /test/soak$$)
 
 # End-to-end tests: ./test/ (features) and ./test/topologies/ (the seeds'
 # network layouts, docs/TOPOLOGIES.md).
@@ -55,6 +55,14 @@ bench: need-root build
 	  { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq haproxy; } || \
 	  echo "make bench: haproxy could not be installed; the report leaves the HAProxy columns out"
 	$(GO) run ./test/bench -ebpfwd $(BIN) $(if $(filter 1,$(BENCH_QUICK)),-quick) $(if $(filter 1,$(BENCH_WRITE)),-write docs/BENCHMARKS.md)
+
+# Long mixed traffic on every datapath with reloads, upgrades and crashes in
+# turn (docs/RELIABILITY.md keeps the latest result); not part of make test.
+# SOAK sets the length, SOAK_EVERY the time between events.
+SOAK ?= 30m
+SOAK_EVERY ?= 3m
+soak: need-root build
+	$(GO) test -count=1 -v -timeout 2h -run '^TestSoak$$' ./test/soak -soak.duration=$(SOAK) -soak.every=$(SOAK_EVERY) -soak.report=$(CURDIR)/docs/RELIABILITY.md
 
 # BPF objects and bindings are committed; this regenerates them. It needs
 # clang-19 and llvm-19 (llvm-strip-19) from Debian bookworm; the compiler is
