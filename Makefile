@@ -8,7 +8,7 @@ VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
 # panic on every change, short enough for CI.
 FUZZTIME ?= 10s
 
-.PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench soak
+.PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench soak image
 
 build:
 	$(GO) build -ldflags "-X main.version=$(VERSION)" -o $(BIN) ./cmd/ebpfwd
@@ -84,6 +84,18 @@ lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' 2>/dev/null || find . -name '*.go')); \
 	 [ -z "$$out" ] || { echo "gofmt would change:"; echo "$$out"; exit 1; }
 	$(GO) vet ./...
+
+# The container image (Containerfile) for deploy/kubernetes, with the first
+# builder found; IMAGE names it. The build pulls golang and debian images,
+# so it needs a registry.
+IMAGE ?= ebpfwd:$(VERSION)
+image:
+	@if command -v podman >/dev/null; then b="podman build"; \
+	 elif command -v buildah >/dev/null; then b="buildah bud"; \
+	 elif command -v docker >/dev/null; then b="docker build"; \
+	 else echo "make image needs a container builder: podman, buildah or docker (none is installed)"; exit 1; fi; \
+	 echo "$$b -f Containerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) ."; \
+	 $$b -f Containerfile --build-arg VERSION=$(VERSION) -t $(IMAGE) .
 
 clean:
 	rm -rf bin

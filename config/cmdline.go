@@ -127,7 +127,14 @@ func (c CommandLine) YAML() ([]byte, error) {
 	if err := enc.Encode(doc); err != nil {
 		return nil, fmt.Errorf("command line: %w", err)
 	}
-	return out.Bytes(), enc.Close()
+	if err := enc.Close(); err != nil {
+		return nil, fmt.Errorf("command line: %w", err)
+	}
+	// A ${ in a URL is text, not a variable (the shell expanded the
+	// command line already): escaped, it parses back to what was given.
+	// Every run of $ before { gains one, which expansion takes away
+	// (env.go), so "$${" in a URL stays "$${" too.
+	return bytes.ReplaceAll(out.Bytes(), []byte("${"), []byte("$${")), nil
 }
 
 func cliURL(flag, raw string) (*url.URL, error) {

@@ -249,25 +249,36 @@ func Load(path string) (*Config, []Diagnostic, error) {
 	return Parse(path, data)
 }
 
-// Parse decodes and validates a GOST v3 YAML configuration. path is only
-// used to label diagnostics and Config.Path.
-//
-// Warnings (things that are ignored but probably meant something) are
-// returned in every case. When the configuration is invalid, the config is
-// nil and the error is an *Errors listing every problem found.
-func Parse(path string, data []byte) (*Config, []Diagnostic, error) {
-	cfg, warns, err := parse(path, data)
+// ParseEnv is Parse with the environment variables that ${NAME} expands
+// to (see env.go) taken from env instead of the process's environment.
+func ParseEnv(path string, data []byte, env Env) (*Config, []Diagnostic, error) {
+	cfg, warns, err := parse(path, data, env)
 	if err != nil {
 		return nil, warns, err
 	}
 	return cfg, warns, nil
 }
 
+// Parse decodes and validates a GOST v3 YAML configuration. path is only
+// used to label diagnostics and Config.Path.
+//
+// ${NAME} in a value expands to the process's environment variable NAME
+// (env.go; ParseEnv takes the variables from elsewhere).
+//
+// Warnings (things that are ignored but probably meant something) are
+// returned in every case. When the configuration is invalid, the config is
+// nil and the error is an *Errors listing every problem found.
+func Parse(path string, data []byte) (*Config, []Diagnostic, error) {
+	return ParseEnv(path, data, os.LookupEnv)
+}
+
 // parse decodes and validates data. When the configuration is invalid it
 // returns what could be decoded along with the *Errors (see Inspect).
-func parse(path string, data []byte) (*Config, []Diagnostic, error) {
-	d := &decoder{file: path}
-	cfg := d.config(d.document(data))
+func parse(path string, data []byte, env Env) (*Config, []Diagnostic, error) {
+	d := &decoder{file: path, env: env}
+	root := d.document(data)
+	d.expandEnv(root, data)
+	cfg := d.config(root)
 	cfg.Path = path
 	sortDiagnostics(d.warns)
 	if len(d.errs) > 0 {

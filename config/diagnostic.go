@@ -57,9 +57,13 @@ func (e *Errors) Error() string {
 // decoder walks the yaml.Node tree of one file, building the model and
 // collecting every problem instead of stopping at the first.
 type decoder struct {
-	file  string
-	errs  []Diagnostic
-	warns []Diagnostic
+	file string
+	env  Env // what ${NAME} expands to; nil: no expansion
+	// unexpanded are the values whose ${NAME} failed: the failure is
+	// reported, and whatever else their raw text would provoke is not.
+	unexpanded map[*yaml.Node]bool
+	errs       []Diagnostic
+	warns      []Diagnostic
 	// elements counts mapping and list entries visited; see maxElements.
 	elements int
 }
@@ -75,9 +79,15 @@ func (d *decoder) at(n *yaml.Node, field, msg string) Diagnostic {
 }
 
 func (d *decoder) errorf(n *yaml.Node, field, format string, args ...any) {
+	if d.unexpanded[n] {
+		return
+	}
 	d.errs = append(d.errs, d.at(n, field, fmt.Sprintf(format, args...)))
 }
 
 func (d *decoder) warnf(n *yaml.Node, field, format string, args ...any) {
+	if d.unexpanded[n] {
+		return
+	}
 	d.warns = append(d.warns, d.at(n, field, fmt.Sprintf(format, args...)))
 }

@@ -15,5 +15,5 @@ func Inspect(path string) (*Config, []Diagnostic, error) {
 	if err != nil {
 		return nil, nil, fmt.Errorf("read config %s: %w", path, err)
 	}
-	return parse(path, data)
+	return parse(path, data, os.LookupEnv)
 }

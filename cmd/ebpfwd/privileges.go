@@ -15,7 +15,9 @@ import (
 // Capability numbers from linux/capability.h.
 const (
 	capNetBindService = 10
-	capSysAdmin       = 21 // setns(2) into a network namespace
+	capNetAdmin       = 12 // veth links, addresses, tcx attachments, sysctls of a namespace
+	capSysAdmin       = 21 // setns(2) into a network namespace; implies CAP_BPF and CAP_PERFMON
+	capBPF            = 39 // bpf(2): maps and programs
 )
 
 // effectiveCaps reads the effective capability set from /proc/self/status.
@@ -45,10 +47,26 @@ func missingPrivileges(cfg *config.Config) error {
 	if err != nil {
 		return fmt.Errorf("read capabilities: %w", err)
 	}
+	return missingPrivilegesOf(cfg, caps)
+}
+
+// missingPrivilegesOf is missingPrivileges for the effective set caps.
+// A service configured for tc needs what the tc datapath does; one on
+// auto falls back to the userspace relay without it, and says why.
+func missingPrivilegesOf(cfg *config.Config, caps uint64) error {
 	has := func(c uint) bool { return caps&(1<<c) != 0 }
 	var missing []string
 	if usesNamespaces(cfg) && !has(capSysAdmin) {
 		missing = append(missing, "CAP_SYS_ADMIN (to enter the network namespaces the config names)")
+	}
+	if tc := tcService(cfg); tc != "" {
+		if !has(capNetAdmin) {
+			missing = append(missing, fmt.Sprintf("CAP_NET_ADMIN (for the tc datapath of service %s: splice links, tcx attachments)", tc))
+		}
+		// The kernel's bpf_capable(): CAP_SYS_ADMIN does as well.
+		if !has(capBPF) && !has(capSysAdmin) {
+			missing = append(missing, fmt.Sprintf("CAP_BPF (to load the eBPF programs of the tc datapath of service %s)", tc))
+		}
 	}
 	if low := lowPort(cfg); low != "" && !has(capNetBindService) {
 		missing = append(missing, fmt.Sprintf("CAP_NET_BIND_SERVICE (to listen on %s)", low))
@@ -78,6 +96,17 @@ func usesNamespaces(cfg *config.Config) bool {
 		}
 	}
 	return false
+}
+
+// tcService returns the name of the first service configured for the tc
+// datapath, if any.
+func tcService(cfg *config.Config) string {
+	for _, s := range cfg.Services {
+		if s.Datapath == "tc" {
+			return s.Name
+		}
+	}
+	return ""
 }
 
 // lowPort returns the first listen address below port 1024, if any.

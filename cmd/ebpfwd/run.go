@@ -36,6 +36,7 @@ func runDaemon(e env, args []string, exe string, exeErr error) int {
 	instance := fs.String("instance", "", "name of this daemon's control socket (default: the config file's name without extension)")
 	readyFile := fs.String("ready-file", "", "write this file (the daemon's pid) once every service listens")
 	drain := fs.Duration("drain-timeout", 10*time.Second, "how long in-flight connections may finish after SIGINT/SIGTERM/SIGUSR2")
+	watchEvery := fs.Duration("watch-config", 0, "reload when the config file's content changed, checked this often (0: only on SIGHUP or `ebpfwd reload`)")
 	var pool splice.Pool
 	fs.Func("splice-pool4", "IPv4 prefix the tc datapath's splice links take their /30s from (default "+splice.DefaultPool4.String()+")",
 		prefixFlag(&pool.V4))
@@ -53,12 +54,27 @@ func runDaemon(e env, args []string, exe string, exeErr error) int {
 		fmt.Fprintln(e.stderr, "ebpfwd run: --drain-timeout must not be negative")
 		return 2
 	}
+	if *watchEvery < 0 {
+		fmt.Fprintln(e.stderr, "ebpfwd run: --watch-config must not be negative")
+		return 2
+	}
 	if *instance == "" {
 		*instance = instanceOf(path)
 	}
 	if err := daemon.ValidateInstance(*instance); err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd run: --instance: %v\n", err)
 		return 2
+	}
+	// The watch starts from the content before the load: a change in
+	// between is then seen (and reloaded) at the first check.
+	var watch *configWatch
+	if *watchEvery > 0 {
+		w, err := newConfigWatch(path)
+		if err != nil {
+			fmt.Fprintf(e.stderr, "ebpfwd run: %v\n", err)
+			return 1
+		}
+		watch = w
 	}
 	cfg, ok := loadConfig(e, path)
 	if !ok {
@@ -109,6 +125,9 @@ func runDaemon(e env, args []string, exe string, exeErr error) int {
 		return 1
 	}
 	go reloadOnHangup(ctx, hup, d, logger)
+	if watch != nil {
+		go watchConfig(ctx, watch, *watchEvery, func() error { _, err := d.ReloadFile(); return err }, logger)
+	}
 	var srv *metrics.Server
 	if cfg.Metrics.Addr != "" {
 		if srv, err = serveMetrics(cfg, d, rec, inheritedMetrics, logger); err != nil {

@@ -119,6 +119,9 @@ type Options struct {
 	FDLimit int
 	// Env is added to the daemon's environment (NAME=value).
 	Env []string
+	// Wrap is a command that execs the daemon in place, such as
+	// setpriv with the capabilities to run it with; it runs inside In.
+	Wrap []string
 }
 
 // Start writes yaml to a temp file, runs `ebpfwd run --ready-file` on it
@@ -141,7 +144,7 @@ func Start(t testing.TB, name, yaml string, opts Options) *Daemon {
 	if opts.CommandLine != nil {
 		args = append(append(slices.Clone(opts.CommandLine), "--instance", instance, "--ready-file", ready), opts.Args...)
 	}
-	argv := append([]string{Bin}, args...)
+	argv := append(slices.Clone(opts.Wrap), append([]string{Bin}, args...)...)
 	if opts.In != nil {
 		// nsenter execs ebpfwd in place, so Cmd.Process.Pid is the daemon.
 		argv = append([]string{"nsenter", "--net=" + opts.In.Path()}, argv...)
