@@ -249,7 +249,9 @@ func (s *service) admit(conn net.Conn) (release func(), ok bool) {
 		s.limit.LogRefusal(s.log, "connection")
 		return nil, false
 	}
-	if s.limits.admission == nil {
+	if s.limits.admission == nil || s.cfg.ProxyProtocol > 0 {
+		// A PROXY header names the real client: such a service asks its
+		// limiters once handle has read it.
 		return s.limit.Release, true
 	}
 	admitted, ok := s.limits.admit(peerOf(conn).Addr(), "connection")
@@ -292,6 +294,14 @@ func (s *service) handle(conn net.Conn, release func()) {
 			return
 		}
 		conn = pc
+		if s.limits.admission != nil {
+			admitted, ok := s.limits.admit(peerOf(conn).Addr(), "connection")
+			if !ok {
+				resetClose(conn)
+				return
+			}
+			defer admitted()
+		}
 	}
 	ctx := withClient(s.conns, conn)
 	if s.proxy != nil {

@@ -52,6 +52,12 @@ const limitsTopology = `services:
   climiter: two
   forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9053"}]}
   metadata: {netns.out: $T}
+- name: proxied
+  addr: 127.0.0.1:8003
+  handler: {type: tcp}
+  climiter: one-each
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns.out: $T, proxyProtocol: 1}
 limiters:
 - name: ten-mb
   limits: ['$ 10MB 10MB']
@@ -60,6 +66,8 @@ climiters:
   limits: ['$ 10']
 - name: two
   limits: ['$ 2']
+- name: one-each
+  limits: ['$$ 1']
 metrics:
   addr: 127.0.0.1:9100
 `
@@ -208,6 +216,41 @@ func TestLimiters(t *testing.T) {
 		}
 		if v := errorsOf("sessions", "conn_limit"); v < 1 {
 			t.Errorf("conn_limit errors = %v, want the third client's datagrams counted", v)
+		}
+	})
+
+	t.Run("climiter counts the client a PROXY header names", func(t *testing.T) {
+		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+		defer cancel()
+		open := func(src string) (net.Conn, error) {
+			conn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8003")
+			if err != nil {
+				return nil, err
+			}
+			if _, err := conn.Write([]byte("PROXY TCP4 " + src + " 127.0.0.1 40000 8003\r\n")); err != nil {
+				conn.Close()
+				return nil, err
+			}
+			return conn, echoOnce(conn, "proxied")
+		}
+		// One connection each for two real clients behind one proxy...
+		a, err := open("192.0.2.1")
+		if err != nil {
+			t.Fatalf("first client: %v", err)
+		}
+		defer a.Close()
+		b, err := open("192.0.2.2")
+		if err != nil {
+			t.Fatalf("second client, same proxy address: %v", err)
+		}
+		defer b.Close()
+		// ...and the first client's second one is refused.
+		if again, err := open("192.0.2.1"); err == nil {
+			again.Close()
+			t.Fatal("a second connection of 192.0.2.1 was admitted under '$$ 1'")
+		}
+		if v := errorsOf("proxied", "conn_limit"); v != 1 {
+			t.Errorf("conn_limit errors = %v, want 1", v)
 		}
 	})
 
