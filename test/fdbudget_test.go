@@ -226,8 +226,11 @@ func TestFDBudget(t *testing.T) {
 	if stormRefused != float64(reset) {
 		t.Errorf("storm fd_budget errors = %v, want the %d reset", stormRefused, reset)
 	}
-	if udpRefused < float64(floodPorts-udpMax) || udpRefused > udpDropped {
-		t.Errorf("udp-flood fd_budget errors = %v, want at least %d (a datagram of every port beyond the most it can hold) and at most the %v dropped",
+	// The refusal is counted as Admit says no, the drop just after it:
+	// a scrape between the two sees a few more refusals than drops.
+	const inFlight = 64
+	if udpRefused < float64(floodPorts-udpMax) || udpRefused > udpDropped+inFlight {
+		t.Errorf("udp-flood fd_budget errors = %v, want at least %d (a datagram of every port beyond the most it can hold) and about the %v dropped",
 			udpRefused, floodPorts-udpMax, udpDropped)
 	}
 	// What the two borrowed beyond their guarantees fits the shared part:
