@@ -192,8 +192,9 @@ func TestIdleConnections(t *testing.T) {
 		want  int
 	}{
 		{1 << 20, 10000},
-		{budgetFDsPerStream*10000 + budgetReserve, 10000},
-		{20000, (20000 - budgetReserve) / budgetFDsPerStream},
+		{1 << 20, 10000},
+		// 4 services: (2244 + 8976) / 2 streams of 17952 pooled fds.
+		{20000, 5610},
 		{100, 0},
 	}
 	for _, tt := range tests {
@@ -211,7 +212,7 @@ func TestDaemonCapacity(t *testing.T) {
 	}{
 		{-1, 6, "RLIMIT_NOFILE unlimited"},
 		{20000, 0, "not measured"},
-		{20000, 2, "RLIMIT_NOFILE 20000 less its reserve / 2 fds per stream ≈ 8976 flows (2.0 held per idle flow)"},
+		{20000, 2, "RLIMIT_NOFILE 20000 less its reserve, 2 fds per stream ≈ 5610 flows (2.0 held per idle flow)"},
 	}
 	for _, tt := range tests {
 		if got := daemonCapacity(tt.limit, tt.fds); !strings.Contains(got, tt.want) {

@@ -314,17 +314,21 @@ func daemonCapacity(limit int64, fdsPerFlow float64) string {
 	case limit < 0:
 		return "no limit configured; RLIMIT_NOFILE unlimited"
 	case fdsPerFlow <= 0:
-		return fmt.Sprintf("fd budget: RLIMIT_NOFILE %d less its reserve / %d fds per stream ≈ %d flows (descriptors per idle flow not measured)",
+		return fmt.Sprintf("fd budget: one service's guarantee and the shared half of RLIMIT_NOFILE %d less its reserve, %d fds per stream ≈ %d flows (descriptors per idle flow not measured)",
 			limit, budgetFDsPerStream, budgetFlows(limit))
 	default:
-		return fmt.Sprintf("fd budget: RLIMIT_NOFILE %d less its reserve / %d fds per stream ≈ %d flows (%.1f held per idle flow)",
+		return fmt.Sprintf("fd budget: one service's guarantee and the shared half of RLIMIT_NOFILE %d less its reserve, %d fds per stream ≈ %d flows (%.1f held per idle flow)",
 			limit, budgetFDsPerStream, budgetFlows(limit), fdsPerFlow)
 	}
 }
 
-// budgetFlows is about how many streams one service of a daemon can hold
-// under limit: its guarantee and the whole shared part, that is the
-// budget's pool, which the reserve bounds from below.
+// budgetFlows is at least how many streams the idle service of a daemon
+// can hold under limit (daemon/budget.go): its guarantee, an even part of
+// half the pool between the daemon's len(allPorts) services, and the whole
+// shared half, when the other services hold nothing. The reserve bounds
+// the pool from below.
 func budgetFlows(limit int64) int64 {
-	return max(limit-budgetReserve, 0) / budgetFDsPerStream
+	pool := max(limit-budgetReserve, 0)
+	half := pool / 2
+	return (half/int64(len(allPorts)) + half) / budgetFDsPerStream
 }

@@ -238,15 +238,11 @@ const budgetFDsPerStream = 2
 const budgetReserve = 2048
 
 // idleConnections is how many idle connections the memory workload opens:
-// 10,000, unless the open-file limit cannot give each daemon
-// budgetFDsPerStream descriptors per connection beyond its fd budget's
-// reserve.
+// 10,000, unless one service of a daemon cannot hold that many under the
+// open-file limit (budgetFlows).
 func idleConnections(limit uint64) int {
 	const want = 10000
-	if limit < budgetFDsPerStream*want+budgetReserve {
-		return int((limit - min(limit, budgetReserve)) / budgetFDsPerStream)
-	}
-	return want
+	return int(min(budgetFlows(int64(limit)), want))
 }
 
 // machineInfo describes what the figures were measured on.

@@ -446,7 +446,7 @@ const docMeasured = `
   memory and are not measured here.
 - **Flow capacity**: what bounds the number of concurrent flows. For iptables it is ` + "`nf_conntrack_max`" + ` as
   read in the gateway namespace (the count in use after the workloads is shown too); for ebpfwd it is the
-  daemon's fd budget: its open-file limit less a reserve (the descriptors open at start, 64 of headroom
-  and the relays' splice pipe allowance), two descriptors per relayed stream (its sockets); the benchmark raises
-  RLIMIT_NOFILE and the daemon inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
+  daemon's fd budget: of its open-file limit less a reserve (the descriptors open at start, 64 of headroom
+  and the relays' splice pipe allowance), one service holds its guarantee (an even part of half) and the shared half,
+  two descriptors per relayed stream (its sockets); the benchmark raises RLIMIT_NOFILE where it can and the daemon inherits it. For HAProxy it is its configured ` + "`maxconn`" + `. Direct routing keeps no per-flow state.
 `
