@@ -37,8 +37,7 @@ func TestSplicePipeAllowance(t *testing.T) {
 		}
 	}
 
-	held := getPipe()
-	if held == nil {
+	if !takePipe() {
 		t.Fatal("the only pipe of a fresh allowance is taken")
 	}
 	_, _, before := SplicePipes()
@@ -50,7 +49,7 @@ func TestSplicePipeAllowance(t *testing.T) {
 	if inUse != 1 {
 		t.Errorf("%d pipes in use during a buffered transfer, want only the test's 1", inUse)
 	}
-	putPipe(held, false)
+	givePipe()
 
 	// A pipe for each direction: nothing is copied.
 	SetSplicePipes(2)

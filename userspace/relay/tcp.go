@@ -173,27 +173,17 @@ func TCPWith(ctx context.Context, client, upstream net.Conn, o Options) error {
 	})
 	defer stop()
 
-	// One direction runs on the caller's goroutine: an idle stream then
-	// costs one goroutine and its stack less (most of what it holds).
-	// Whichever direction fails first aborts the relay, which unblocks the
-	// other.
-	go func() {
-		err := r.run(r.dirs[1])
-		r.failed(err)
-		r.done <- err
-	}()
-	r.failed(r.run(r.dirs[0]))
-	<-r.done
+	for _, d := range r.dirs {
+		go func() { r.done <- r.run(d) }()
+	}
+	for range r.dirs {
+		if err := <-r.done; err != nil {
+			reset := !errors.Is(err, ErrIdleTimeout)
+			r.abort(err, reset)
+		}
+	}
 	r.abort(nil, false) // both directions finished: plain close
 	return r.reason
-}
-
-// failed aborts the relay when a direction ended with an error: a reset
-// for both peers, except after an idle timeout, which closes them.
-func (r *tcpRelay) failed(err error) {
-	if err != nil {
-		r.abort(err, !errors.Is(err, ErrIdleTimeout))
-	}
 }
 
 // tcpRelay is the state shared by the two directions of one TCP relay.
@@ -246,7 +236,6 @@ type direction struct {
 	buckets  []Bucket        // rate limits: waited on after every chunk
 	buf      []byte          // nil when dst splices from src in the kernel
 	srcRaw   syscall.RawConn // src's socket, when splicing
-	dstRaw   syscall.RawConn // dst's socket, when splicing
 	// quietUntil is the latest time (ns since start) up to which this
 	// direction is known to have moved nothing since its last activity: set
 	// whenever a read window expires empty, and to MaxInt64 once the
@@ -263,13 +252,9 @@ func newDirection(name string, src, dst net.Conn, pending []byte, counter counte
 	// *net.TCPConn.ReadFrom splices from a TCP or Unix stream socket; any
 	// other pair gets one reusable buffer instead of io.Copy's per-call
 	// allocation.
-	sc, srcOK := src.(syscall.Conn)
-	dc, dstOK := dst.(syscall.Conn)
-	if srcOK && dstOK && splices(src, dst) {
-		sraw, serr := sc.SyscallConn()
-		draw, derr := dc.SyscallConn()
-		if serr == nil && derr == nil {
-			d.srcRaw, d.dstRaw = sraw, draw
+	if sc, ok := src.(syscall.Conn); ok && splices(src, dst) {
+		if raw, err := sc.SyscallConn(); err == nil {
+			d.srcRaw = raw
 		}
 	}
 	if d.srcRaw == nil {
@@ -345,18 +330,18 @@ func (r *tcpRelay) run(d *direction) error {
 		if err := d.src.SetReadDeadline(time.Now().Add(r.window)); err != nil {
 			return fmt.Errorf("relay %s: arm read deadline: %w", d.name, err)
 		}
-		n, eof, err := d.copyChunk()
+		n, err := d.copyChunk()
 		if n > 0 {
 			d.counter.Add(uint64(n))
 			r.lastActive.Store(r.now())
 		}
 		switch {
-		case err == nil && !eof:
+		case err == nil && n == d.chunk:
 			if err := d.charge(r.ctx, n); err != nil {
 				return fmt.Errorf("relay %s: rate limit: %w", d.name, err)
 			}
 			continue
-		case err == nil: // src reached EOF
+		case err == nil: // short chunk without error: src reached EOF
 			if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
 				// ENOTCONN: the destination's peer already closed the whole
 				// connection, so there is no one left to tell; the other
@@ -408,28 +393,25 @@ func (d *direction) charge(ctx context.Context, n int64) error {
 	return nil
 }
 
-// copyChunk moves up to d.chunk bytes: what src has once it is readable,
-// through a pipe of the relay's own (or a pooled buffer when every pipe of
-// the allowance is in use), or, for a pair that cannot splice, through the
-// direction's buffer until the chunk is full. eof: src reached its end.
-func (d *direction) copyChunk() (n int64, eof bool, err error) {
-	if d.buf != nil {
-		d.limited.N = d.chunk
-		n, err = io.CopyBuffer(writerOnly{d.dst}, &d.limited, d.buf)
-		return n, err == nil && n < d.chunk, err
+// copyChunk moves up to d.chunk bytes. It returns a nil error with fewer
+// than chunkSize bytes only at EOF, like io.CopyN without the io.EOF.
+func (d *direction) copyChunk() (int64, error) {
+	d.limited.N = d.chunk
+	if d.buf == nil {
+		// Splice borrows a pipe (two fds) for as long as its call waits
+		// for data, so wait first: an idle connection then holds only its
+		// two sockets, not two pipes as well.
+		if err := waitReadable(d.srcRaw); err != nil {
+			return 0, err
+		}
+		if !takePipe() {
+			return copyThroughBuffer(d.dst, &d.limited)
+		}
+		defer givePipe()
+		// *net.TCPConn.ReadFrom accepts *io.LimitedReader and splices.
+		return d.dst.(io.ReaderFrom).ReadFrom(&d.limited)
 	}
-	// Wait without a pipe: an idle connection holds only its two sockets.
-	if err := waitReadable(d.srcRaw); err != nil {
-		return 0, false, err
-	}
-	p := getPipe()
-	if p == nil {
-		return copyAvailable(d.src, writerOnly{d.dst}, d.chunk)
-	}
-	n, eof, err = spliceAvailable(d.srcRaw, d.dstRaw, p, d.chunk)
-	var left *pipeLeftError
-	putPipe(p, errors.As(err, &left) && left.dirty)
-	return n, eof, err
+	return io.CopyBuffer(writerOnly{d.dst}, &d.limited, d.buf)
 }
 
 // waitReadable returns once c has data, EOF or an error to report, or its
