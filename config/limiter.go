@@ -1,6 +1,7 @@
 package config
 
 import (
+	"cmp"
 	"fmt"
 	"maps"
 	"math"
@@ -34,6 +35,12 @@ const (
 	ConnLimiter                       // concurrent connections: climiters
 	RateLimiter                       // new connections per second: rlimiters
 )
+
+// Key is the service key that refers to a limiter of the kind (and the
+// singular of its section).
+func (k LimiterKind) Key() string {
+	return [...]string{"limiter", "climiter", "rlimiter"}[k]
+}
 
 // Section names the top-level section a kind is written in.
 func (k LimiterKind) Section() string {
@@ -86,6 +93,18 @@ type Limits struct {
 	Traffic, Conns, Rate *Limiter
 }
 
+// set makes l the service's limiter of kind.
+func (ls *Limits) set(kind LimiterKind, l *Limiter) {
+	switch kind {
+	case TrafficLimiter:
+		ls.Traffic = l
+	case ConnLimiter:
+		ls.Conns = l
+	case RateLimiter:
+		ls.Rate = l
+	}
+}
+
 // Any reports whether the service has any limiter.
 func (l Limits) Any() bool { return l.Traffic != nil || l.Conns != nil || l.Rate != nil }
 
@@ -94,7 +113,7 @@ func (l Limits) Names() []string {
 	var out []string
 	for _, lim := range []*Limiter{l.Traffic, l.Conns, l.Rate} {
 		if lim != nil {
-			out = append(out, fmt.Sprintf("%s %s (%s)", strings.TrimSuffix(lim.Kind.Section(), "s"), lim.Name, lim.Kind.Describe()))
+			out = append(out, fmt.Sprintf("%s %s (%s)", lim.Kind.Key(), lim.Name, lim.Kind.Describe()))
 		}
 	}
 	return out
@@ -110,7 +129,7 @@ var limiterSection = section{
 // limiters decodes one of the three top-level limiter sections.
 func (d *decoder) limiters(f field, kind LimiterKind) map[string]*Limiter {
 	byName := map[string]*Limiter{}
-	list := decodeUnique(d, f, strings.TrimSuffix(kind.Section(), "s"), func(item field, i int) (*Limiter, string) {
+	list := decodeUnique(d, f, kind.Key(), func(item field, i int) (*Limiter, string) {
 		fs, ok := d.fieldMapping(item, &limiterSection)
 		if !ok {
 			return nil, ""
@@ -242,47 +261,39 @@ var limiterMetadataKeys = []string{"limiter.in", "limiter.out", "limiter.conn.in
 // metadataLimits builds the limiters a service's metadata asks for and
 // sets them on svc, unless a named limiter of the same kind is set too.
 func (d *decoder) metadataLimits(svc *Service, known fields) {
-	str := func(key string) (string, *field) {
-		f, ok := known[key]
-		if !ok {
-			return "", nil
-		}
-		s, _ := d.str(f)
-		return s, &f
-	}
 	var traffic []string
-	var first *field
-	if in, out := pick(str("limiter.in")), pick(str("limiter.out")); in.s != "" || out.s != "" {
-		traffic = append(traffic, strings.TrimSpace("$ "+orZero(in.s)+" "+out.s))
-		first = firstOf(in.f, out.f)
-	}
-	if in, out := pick(str("limiter.conn.in")), pick(str("limiter.conn.out")); in.s != "" || out.s != "" {
-		traffic = append(traffic, strings.TrimSpace("$$ "+orZero(in.s)+" "+out.s))
-		first = firstOf(first, firstOf(in.f, out.f))
+	var at *field // where the bandwidth limit was asked for
+	for _, p := range []struct{ scope, in, out string }{
+		{"$", "limiter.in", "limiter.out"}, {"$$", "limiter.conn.in", "limiter.conn.out"},
+	} {
+		in, inAt := d.metadataString(known, p.in)
+		out, outAt := d.metadataString(known, p.out)
+		if in == "" && out == "" {
+			continue
+		}
+		traffic = append(traffic, strings.TrimSpace(p.scope+" "+orZero(in)+" "+out))
+		at = cmp.Or(at, inAt, outAt)
 	}
 	if len(traffic) > 0 {
-		svc.Limits.Traffic = d.metadataLimiter(svc, first, TrafficLimiter, traffic, svc.Limits.Traffic)
+		svc.Limits.Traffic = d.metadataLimiter(svc, at, TrafficLimiter, traffic, svc.Limits.Traffic)
 	}
-	if n, f := str("climiter"); f != nil && n != "" {
+	if n, f := d.metadataString(known, "climiter"); n != "" {
 		svc.Limits.Conns = d.metadataLimiter(svc, f, ConnLimiter, []string{"$ " + n}, svc.Limits.Conns)
 	}
-	if n, f := str("rlimiter"); f != nil && n != "" {
+	if n, f := d.metadataString(known, "rlimiter"); n != "" {
 		svc.Limits.Rate = d.metadataLimiter(svc, f, RateLimiter, []string{"$ " + n}, svc.Limits.Rate)
 	}
 }
 
-type strField struct {
-	s string
-	f *field
-}
-
-func pick(s string, f *field) strField { return strField{s, f} }
-
-func firstOf(a, b *field) *field {
-	if a != nil {
-		return a
+// metadataString is known[key] as a string, and the field ("", nil when
+// absent).
+func (d *decoder) metadataString(known fields, key string) (string, *field) {
+	f, ok := known[key]
+	if !ok {
+		return "", nil
 	}
-	return b
+	s, _ := d.str(f)
+	return s, &f
 }
 
 // orZero writes an unset rate as 0 (unlimited) so the line keeps its shape.
@@ -296,10 +307,10 @@ func orZero(s string) string {
 // metadataLimiter makes the limiter of one metadata form, reported at f.
 func (d *decoder) metadataLimiter(svc *Service, f *field, kind LimiterKind, lines []string, named *Limiter) *Limiter {
 	if named != nil {
-		d.errorf(f.pos(), f.path, "conflicts with the service's %s %q; set the limit once", strings.TrimSuffix(kind.Section(), "s"), named.Name)
+		d.errorf(f.pos(), f.path, "conflicts with the service's %s %q; set the limit once", kind.Key(), named.Name)
 		return named
 	}
-	l := &Limiter{Name: svc.Name + "-" + strings.TrimSuffix(kind.Section(), "s"), Kind: kind, Pos: posOf(f.value)}
+	l := &Limiter{Name: svc.Name + "-" + kind.Key(), Kind: kind, Pos: posOf(f.value)}
 	for _, s := range lines {
 		r, err := parseLimitLine(s, kind)
 		if err != nil {

@@ -90,17 +90,9 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]
 		svc.Forwarder, ffs = d.forwarder(ff)
 	}
 
-	for key, kind := range map[string]LimiterKind{"limiter": TrafficLimiter, "climiter": ConnLimiter, "rlimiter": RateLimiter} {
-		if lf, ok := fs[key]; ok {
-			l := d.serviceLimiter(lf, kind, limiters[kind])
-			switch kind {
-			case TrafficLimiter:
-				svc.Limits.Traffic = l
-			case ConnLimiter:
-				svc.Limits.Conns = l
-			case RateLimiter:
-				svc.Limits.Rate = l
-			}
+	for _, kind := range []LimiterKind{TrafficLimiter, ConnLimiter, RateLimiter} {
+		if lf, ok := fs[kind.Key()]; ok {
+			svc.Limits.set(kind, d.serviceLimiter(lf, kind, limiters[kind]))
 		}
 	}
 

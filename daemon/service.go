@@ -540,10 +540,7 @@ func (s *service) close() {
 	if s.cancelConns != nil {
 		s.cancelConns()
 	}
-	if s.stopHealth != nil {
-		s.stopHealth()
-		<-s.healthDone
-	}
+	s.stopProbing()
 	if s.att != nil {
 		if err := s.att.Close(); err != nil {
 			s.log.Error("detach datapath", "err", err)

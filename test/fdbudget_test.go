@@ -121,13 +121,6 @@ func TestFDBudget(t *testing.T) {
 		}
 		return parseExposition(body)
 	}
-	value := func(samples model.Vector, selector string) float64 {
-		v, ok := sumMatching(samples, selector)
-		if !ok {
-			t.Fatalf("no series %s", selector)
-		}
-		return v
-	}
 	udpSession := func() error {
 		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
 		defer cancel()
@@ -217,10 +210,10 @@ func TestFDBudget(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	stormRefused := value(samples, `ebpfwd_errors_total{service="storm",reason="fd_budget"}`)
-	udpRefused := value(samples, `ebpfwd_errors_total{service="udp-flood",reason="fd_budget"}`)
-	udpDropped := value(samples, `ebpfwd_dropped_datagrams_total{service="udp-flood"}`)
-	sessions := int(value(samples, `ebpfwd_flow_table_entries{service="udp-flood",table="udp_sessions"}`))
+	stormRefused := value(t, samples, `ebpfwd_errors_total{service="storm",reason="fd_budget"}`)
+	udpRefused := value(t, samples, `ebpfwd_errors_total{service="udp-flood",reason="fd_budget"}`)
+	udpDropped := value(t, samples, `ebpfwd_dropped_datagrams_total{service="udp-flood"}`)
+	sessions := int(value(t, samples, `ebpfwd_flow_table_entries{service="udp-flood",table="udp_sessions"}`))
 	t.Logf("storm %d admitted; udp-flood %d sessions; refused: storm %v connections, udp-flood %v datagrams (%v dropped)",
 		admitted, sessions, stormRefused, udpRefused, udpDropped)
 	if stormRefused != float64(reset) {
@@ -239,10 +232,10 @@ func TestFDBudget(t *testing.T) {
 		t.Errorf("storm %d streams (guaranteed %d) and udp-flood %d sessions (guaranteed %d) borrow %d descriptors, more than the %d shared, or the flood got less than its guarantee",
 			admitted, stormG, sessions, udpG, borrowed, shared)
 	}
-	if v := value(samples, `ebpfwd_fd_budget_descriptors{part="shared"}`); v != float64(shared) {
+	if v := value(t, samples, `ebpfwd_fd_budget_descriptors{part="shared"}`); v != float64(shared) {
 		t.Errorf("fd_budget_descriptors{part=shared} = %v, want %d", v, shared)
 	}
-	if v := value(samples, `ebpfwd_fd_budget_descriptors{part="borrowed"}`); v < 1 || v > float64(shared) {
+	if v := value(t, samples, `ebpfwd_fd_budget_descriptors{part="borrowed"}`); v < 1 || v > float64(shared) {
 		t.Errorf("fd_budget_descriptors{part=borrowed} = %v during the flood, want between 1 and the %d shared", v, shared)
 	}
 	for _, sel := range []string{
@@ -252,14 +245,14 @@ func TestFDBudget(t *testing.T) {
 		`ebpfwd_errors_total{reason="local_resources"}`,
 		`ebpfwd_errors_total{reason="accept"}`,
 	} {
-		if v := value(samples, sel); v != 0 {
+		if v := value(t, samples, sel); v != 0 {
 			t.Errorf("%s = %v, want 0", sel, v)
 		}
 	}
-	if v := value(samples, `ebpfwd_connections_active{service="storm"}`); v != float64(admitted) {
+	if v := value(t, samples, `ebpfwd_connections_active{service="storm"}`); v != float64(admitted) {
 		t.Errorf("storm active connections = %v, want the %d admitted", v, admitted)
 	}
-	if v := value(samples, `ebpfwd_flow_table_capacity{service="udp-flood",table="udp_sessions"}`); v != float64(udpMax) {
+	if v := value(t, samples, `ebpfwd_flow_table_capacity{service="udp-flood",table="udp_sessions"}`); v != float64(udpMax) {
 		t.Errorf("udp-flood session table capacity = %v, want its guarantee and the shared part, %d", v, udpMax)
 	}
 
@@ -319,8 +312,21 @@ func openAll[T io.Closer](t *testing.T, ns netns.NS, n int, open func() (T, bool
 // "max_sessions"...) from the daemon's "fd budget share" log line.
 func budgetShare(t *testing.T, d *e2e.Daemon, service, key string) int {
 	t.Helper()
-	line := d.WaitLog(t, 10*time.Second, "fd budget share", "service="+service+" ")
-	m := regexp.MustCompile(`\b` + key + `=(\d+)`).FindStringSubmatch(line)
+	return logFigure(t, d, key, "fd budget share", "service="+service+" ")
+}
+
+// budgetFigure reads a figure of the whole budget ("pool", "shared") from
+// the daemon's "fd budget" log line.
+func budgetFigure(t *testing.T, d *e2e.Daemon, key string) int {
+	t.Helper()
+	return logFigure(t, d, key, `fd budget"`, "shared=")
+}
+
+// logFigure reads key=N from the daemon's first log line holding parts.
+func logFigure(t *testing.T, d *e2e.Daemon, key string, parts ...string) int {
+	t.Helper()
+	line := d.WaitLog(t, 10*time.Second, parts...)
+	m := regexp.MustCompile(`\b` + regexp.QuoteMeta(key) + `=(\d+)`).FindStringSubmatch(line)
 	if m == nil {
 		t.Fatalf("no %s in %q", key, line)
 	}
@@ -383,17 +389,4 @@ func stormOutcomes(t *testing.T, conns []net.Conn, wait time.Duration) (admitted
 		t.Errorf("storm connections: %v", errors.Join(other...))
 	}
 	return admitted, reset
-}
-
-// budgetFigure reads a figure of the whole budget ("pool", "shared") from
-// the daemon's "fd budget" log line.
-func budgetFigure(t *testing.T, d *e2e.Daemon, key string) int {
-	t.Helper()
-	line := d.WaitLog(t, 10*time.Second, `fd budget"`, "shared=")
-	m := regexp.MustCompile(`\b` + key + `=(\d+)`).FindStringSubmatch(line)
-	if m == nil {
-		t.Fatalf("no %s in %q", key, line)
-	}
-	n, _ := strconv.Atoi(m[1])
-	return n
 }
