@@ -2,12 +2,15 @@ package netns
 
 import (
 	"context"
+	"encoding/binary"
 	"errors"
 	"net"
 	"net/netip"
 	"os"
 	"strconv"
+	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 )
@@ -19,6 +22,8 @@ import (
 // documentation).
 func (n NS) dialOne(ctx context.Context, network, addr string) (net.Conn, error) {
 	if n.IsOwn() {
+		// The net package's dialer makes fewer syscalls than connect's
+		// socket-then-FileConn, which has to duplicate the descriptor.
 		var d net.Dialer // zero KeepAlive: the net package's default keep-alive
 		return d.DialContext(ctx, network, addr)
 	}
@@ -175,7 +180,7 @@ func connectFD(ctx context.Context, fd int, t target) (net.Conn, error) {
 		}
 	}
 	pending := false
-	switch err := unix.Connect(fd, t.sa); err {
+	switch err := rawConnect(fd, t.sa); err {
 	case nil, unix.EISCONN:
 	case unix.EINPROGRESS, unix.EALREADY, unix.EINTR:
 		pending = true
@@ -199,6 +204,39 @@ func connectFD(ctx context.Context, fd int, t target) (net.Conn, error) {
 	// kernel, and for TCP it sets what a dialer sets: no Nagle delay and
 	// the default keep-alive.
 	return net.FileConn(f)
+}
+
+// rawConnect is connect(2) without telling the Go scheduler, which for a
+// call longer than 20 µs hands the goroutine's P to another thread: on a
+// non-blocking socket connect does not wait for the peer, but it runs the
+// network stack inline (over a veth the peer's whole handshake), which
+// often takes longer than that.
+func rawConnect(fd int, sa unix.Sockaddr) error {
+	var (
+		ptr  unsafe.Pointer
+		size uintptr
+	)
+	switch sa := sa.(type) {
+	case *unix.SockaddrInet4:
+		rsa := &unix.RawSockaddrInet4{Family: unix.AF_INET, Addr: sa.Addr}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&rsa.Port))[:], uint16(sa.Port))
+		ptr, size = unsafe.Pointer(rsa), unix.SizeofSockaddrInet4
+	case *unix.SockaddrInet6:
+		rsa := &unix.RawSockaddrInet6{Family: unix.AF_INET6, Addr: sa.Addr, Scope_id: sa.ZoneId}
+		binary.BigEndian.PutUint16((*[2]byte)(unsafe.Pointer(&rsa.Port))[:], uint16(sa.Port))
+		ptr, size = unsafe.Pointer(rsa), unix.SizeofSockaddrInet6
+	default:
+		return unix.Connect(fd, sa)
+	}
+	for {
+		_, _, e := syscall.RawSyscall(syscall.SYS_CONNECT, uintptr(fd), uintptr(ptr), size)
+		if e != unix.EINTR {
+			if e == 0 {
+				return nil
+			}
+			return e
+		}
+	}
 }
 
 // aLongTimeAgo is a deadline in the past: setting it makes a pending wait on

@@ -586,3 +586,54 @@ func TestIdentityOverSpelling(t *testing.T) {
 		}
 	}
 }
+
+// Accepted connections keep the net package's default keep-alive although
+// the listener, not every accept, sets it.
+func TestAcceptedConnectionsKeepAlive(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		ns   func(t *testing.T) NS
+	}{
+		{"own namespace", func(*testing.T) NS { return NS{} }},
+		{"other namespace", func(t *testing.T) NS { return newTestNS(t) }},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			ns := tc.ns(t)
+			ctx := testContext(t)
+			ln, err := ns.Listen(ctx, "tcp", "127.0.0.1:0")
+			if err != nil {
+				t.Fatalf("listen: %v", err)
+			}
+			defer ln.Close()
+			client, err := ns.Dial(ctx, "tcp", ln.Addr().String())
+			if err != nil {
+				t.Fatalf("dial: %v", err)
+			}
+			defer client.Close()
+			conn, err := ln.Accept()
+			if err != nil {
+				t.Fatalf("accept: %v", err)
+			}
+			defer conn.Close()
+			raw, err := conn.(*net.TCPConn).SyscallConn()
+			if err != nil {
+				t.Fatal(err)
+			}
+			want := map[string]struct{ level, opt, value int }{
+				"SO_KEEPALIVE":  {unix.SOL_SOCKET, unix.SO_KEEPALIVE, 1},
+				"TCP_KEEPIDLE":  {unix.IPPROTO_TCP, unix.TCP_KEEPIDLE, keepAliveIdle},
+				"TCP_KEEPINTVL": {unix.IPPROTO_TCP, unix.TCP_KEEPINTVL, keepAliveInterval},
+				"TCP_KEEPCNT":   {unix.IPPROTO_TCP, unix.TCP_KEEPCNT, keepAliveCount},
+				"TCP_NODELAY":   {unix.IPPROTO_TCP, unix.TCP_NODELAY, 1},
+			}
+			for name, o := range want {
+				var got int
+				var gerr error
+				raw.Control(func(fd uintptr) { got, gerr = unix.GetsockoptInt(int(fd), o.level, o.opt) })
+				if gerr != nil || got != o.value {
+					t.Errorf("%s of the accepted socket = %d (%v), want %d", name, got, gerr, o.value)
+				}
+			}
+		})
+	}
+}

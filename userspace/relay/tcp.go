@@ -19,6 +19,7 @@ import (
 	"sync/atomic"
 	"syscall"
 	"time"
+	"unsafe"
 
 	"golang.org/x/sys/unix"
 
@@ -236,6 +237,18 @@ type direction struct {
 	buckets  []Bucket        // rate limits: waited on after every chunk
 	buf      []byte          // nil when dst splices from src in the kernel
 	srcRaw   syscall.RawConn // src's socket, when splicing
+	dstRaw   syscall.RawConn // dst's socket, when splicing
+	// bulk: the direction splices. It starts false: a direction first
+	// reads what the socket holds into a pooled buffer and writes it, which
+	// costs two syscalls for a small message where splicing costs a peek,
+	// two or three splice calls and a pipe; a read that fills the buffer
+	// means a bulk transfer, and the direction splices until a read window
+	// ends with less than a buffer moved.
+	bulk bool
+	// deadline is the read deadline armed on src: re-armed only once half
+	// a window has passed, not before every chunk, so a chatty stream does
+	// not reset a runtime timer per message.
+	deadline time.Time
 	// quietUntil is the latest time (ns since start) up to which this
 	// direction is known to have moved nothing since its last activity: set
 	// whenever a read window expires empty, and to MaxInt64 once the
@@ -253,8 +266,10 @@ func newDirection(name string, src, dst net.Conn, pending []byte, counter counte
 	// other pair gets one reusable buffer instead of io.Copy's per-call
 	// allocation.
 	if sc, ok := src.(syscall.Conn); ok && splices(src, dst) {
-		if raw, err := sc.SyscallConn(); err == nil {
-			d.srcRaw = raw
+		raw, err := sc.SyscallConn()
+		draw, derr := dst.(syscall.Conn).SyscallConn()
+		if err == nil && derr == nil {
+			d.srcRaw, d.dstRaw = raw, draw
 		}
 	}
 	if d.srcRaw == nil {
@@ -327,8 +342,11 @@ func (r *tcpRelay) run(d *direction) error {
 		}
 	}
 	for {
-		if err := d.src.SetReadDeadline(time.Now().Add(r.window)); err != nil {
-			return fmt.Errorf("relay %s: arm read deadline: %w", d.name, err)
+		if now := time.Now(); now.After(d.deadline.Add(-r.window / 2)) {
+			d.deadline = now.Add(r.window)
+			if err := d.src.SetReadDeadline(d.deadline); err != nil {
+				return fmt.Errorf("relay %s: arm read deadline: %w", d.name, err)
+			}
 		}
 		n, err := d.copyChunk()
 		if n > 0 {
@@ -336,13 +354,22 @@ func (r *tcpRelay) run(d *direction) error {
 			r.lastActive.Store(r.now())
 		}
 		switch {
+		case errors.Is(err, errMore): // a read-mode chunk: the stream goes on
+			if err := d.charge(r.ctx, n); err != nil {
+				return fmt.Errorf("relay %s: rate limit: %w", d.name, err)
+			}
+			continue
 		case err == nil && n == d.chunk:
 			if err := d.charge(r.ctx, n); err != nil {
 				return fmt.Errorf("relay %s: rate limit: %w", d.name, err)
 			}
 			continue
 		case err == nil: // short chunk without error: src reached EOF
-			if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
+			if d.dstRaw != nil {
+				if err := shutdownWrite(d.dstRaw); err != nil && !errors.Is(err, syscall.ENOTCONN) {
+					return fmt.Errorf("relay %s: propagate half-close: %w", d.name, err)
+				}
+			} else if cw, ok := d.dst.(interface{ CloseWrite() error }); ok {
 				// ENOTCONN: the destination's peer already closed the whole
 				// connection, so there is no one left to tell; the other
 				// direction sees that end for itself.
@@ -352,6 +379,11 @@ func (r *tcpRelay) run(d *direction) error {
 			}
 			return nil
 		case errors.Is(err, os.ErrDeadlineExceeded):
+			// The window expired: re-arm before the next chunk.
+			d.deadline = time.Time{}
+			if n < bufferSize {
+				d.bulk = false // no longer a bulk transfer: read first again
+			}
 			if n == 0 {
 				d.quietUntil.Store(r.now())
 			} else if err := d.charge(r.ctx, n); err != nil {
@@ -397,6 +429,9 @@ func (d *direction) charge(ctx context.Context, n int64) error {
 // than chunkSize bytes only at EOF, like io.CopyN without the io.EOF.
 func (d *direction) copyChunk() (int64, error) {
 	d.limited.N = d.chunk
+	if d.buf == nil && !d.bulk {
+		return d.readWrite()
+	}
 	if d.buf == nil {
 		// Splice borrows a pipe (two fds) for as long as its call waits
 		// for data, so wait first: an idle connection then holds only its
@@ -412,6 +447,114 @@ func (d *direction) copyChunk() (int64, error) {
 		return d.dst.(io.ReaderFrom).ReadFrom(&d.limited)
 	}
 	return io.CopyBuffer(writerOnly{d.dst}, &d.limited, d.buf)
+}
+
+// errMore is what readWrite returns with the bytes it moved when the stream
+// goes on: unlike a splice chunk, a short read is not the end.
+var errMore = errors.New("more to come")
+
+// readWrite moves what src holds, up to one buffer, with one read(2) into a
+// pooled buffer and a write to dst. The buffer is taken only once the read
+// has data, so a waiting direction holds none. A read that fills the buffer
+// switches the direction to splicing. It returns errMore with the bytes
+// moved, a nil error at EOF.
+func (d *direction) readWrite() (int64, error) {
+	var (
+		b       *[]byte
+		n       int
+		readErr error
+	)
+	want := int(min(int64(bufferSize), d.chunk))
+	err := d.srcRaw.Read(func(fd uintptr) bool {
+		b = copyBuffers.Get().(*[]byte)
+		n, readErr = rawIO(unix.SYS_READ, fd, (*b)[:want])
+		if readErr == unix.EAGAIN {
+			copyBuffers.Put(b)
+			b = nil
+			return false // nothing yet: wait for the poller
+		}
+		return true
+	})
+	if b != nil {
+		defer copyBuffers.Put(b)
+	}
+	switch {
+	case err != nil:
+		return 0, err
+	case readErr != nil:
+		return 0, os.NewSyscallError("read", readErr)
+	case n <= 0:
+		return 0, nil // EOF
+	}
+	if n == want {
+		d.bulk = true
+	}
+	w, err := writeAll(d.dstRaw, (*b)[:n])
+	if err != nil {
+		return int64(w), err
+	}
+	return int64(w), errMore
+}
+
+// rawIO is read(2) or write(2) on a non-blocking socket, without telling
+// the Go scheduler: the call never blocks, and a scheduler told of a
+// syscall that takes more than 20 µs (one that runs the network stack
+// inline, as a write to a veth peer does) hands the goroutine's P to
+// another thread, a futex wake and two context switches per message.
+func rawIO(trap, fd uintptr, p []byte) (int, error) {
+	for {
+		r, _, e := syscall.RawSyscall(trap, fd, uintptr(unsafe.Pointer(unsafe.SliceData(p))), uintptr(len(p)))
+		if e == unix.EINTR {
+			continue
+		}
+		if e != 0 {
+			return 0, e
+		}
+		return int(r), nil
+	}
+}
+
+// shutdownWrite is CloseWrite with rawIO's reason: the FIN it sends runs
+// the peer's stack inline.
+func shutdownWrite(c syscall.RawConn) error {
+	var shutErr error
+	err := c.Control(func(fd uintptr) {
+		_, _, e := syscall.RawSyscall(syscall.SYS_SHUTDOWN, fd, syscall.SHUT_WR, 0)
+		if e != 0 {
+			shutErr = os.NewSyscallError("shutdown", e)
+		}
+	})
+	if err != nil {
+		return err
+	}
+	return shutErr
+}
+
+// writeAll writes p to the socket, waiting on the poller while its send
+// buffer is full.
+func writeAll(c syscall.RawConn, p []byte) (int, error) {
+	var (
+		written  int
+		writeErr error
+	)
+	err := c.Write(func(fd uintptr) bool {
+		for written < len(p) {
+			n, err := rawIO(unix.SYS_WRITE, fd, p[written:])
+			if err == unix.EAGAIN {
+				return false
+			}
+			if err != nil {
+				writeErr = os.NewSyscallError("write", err)
+				return true
+			}
+			written += n
+		}
+		return true
+	})
+	if err == nil {
+		err = writeErr
+	}
+	return written, err
 }
 
 // waitReadable returns once c has data, EOF or an error to report, or its

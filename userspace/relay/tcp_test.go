@@ -112,6 +112,12 @@ func randomBytes(t testing.TB, n int) []byte {
 // exchange writes out then half-closes c while reading c to EOF, and returns
 // the SHA-256 of what it read.
 func exchange(c *net.TCPConn, out []byte) ([32]byte, error) {
+	return exchangeMessages(c, [][]byte{out}, 0)
+}
+
+// exchangeMessages is exchange with out written as separate messages, with
+// a pause after each.
+func exchangeMessages(c *net.TCPConn, msgs [][]byte, pause time.Duration) ([32]byte, error) {
 	var (
 		wg       sync.WaitGroup
 		writeErr error
@@ -119,9 +125,13 @@ func exchange(c *net.TCPConn, out []byte) ([32]byte, error) {
 	wg.Add(1)
 	go func() {
 		defer wg.Done()
-		if _, writeErr = c.Write(out); writeErr == nil {
-			writeErr = c.CloseWrite()
+		for _, m := range msgs {
+			if _, writeErr = c.Write(m); writeErr != nil {
+				return
+			}
+			time.Sleep(pause)
 		}
+		writeErr = c.CloseWrite()
 	}()
 	h := sha256.New()
 	_, readErr := io.Copy(h, c)
@@ -409,6 +419,55 @@ func TestTCPPendingBytesGoFirst(t *testing.T) {
 	}
 }
 
+// TestTCPMixedMessageSizes: a direction reads small messages into a buffer
+// and splices bulk transfers, switching between the two as the traffic
+// changes; every byte arrives, in order, both ways at once.
+func TestTCPMixedMessageSizes(t *testing.T) {
+	sizes := []int{1, 64, bufferSize - 1, bufferSize, bufferSize + 1, 3 << 20, 10, 100_000, 1, 5 << 20, 64, 3}
+	rig := startRelay(t, t.Context(), 0, nil)
+	type result struct {
+		sum [32]byte
+		err error
+	}
+	send := func(c *net.TCPConn) ([32]byte, chan result) {
+		var all bytes.Buffer
+		msgs := make([][]byte, len(sizes))
+		for i, n := range sizes {
+			msgs[i] = randomBytes(t, n)
+			all.Write(msgs[i])
+		}
+		got := make(chan result, 1)
+		go func() {
+			// A pause lets the relay see each message on its own.
+			sum, err := exchangeMessages(c, msgs, 2*time.Millisecond)
+			got <- result{sum, err}
+		}()
+		return sha256.Sum256(all.Bytes()), got
+	}
+	upSum, appRead := send(rig.app) // the app sends up and reads what comes down
+	downSum, serverRead := send(rig.server)
+	app, server := <-appRead, <-serverRead
+	if app.err != nil || server.err != nil {
+		t.Fatalf("exchange: app %v, server %v", app.err, server.err)
+	}
+	if app.sum != downSum {
+		t.Error("upstream→client bytes differ from what the server sent")
+	}
+	if server.sum != upSum {
+		t.Error("client→upstream bytes differ from what the app sent")
+	}
+	if err := rig.wait(t); err != nil {
+		t.Fatalf("relay: %v", err)
+	}
+	total := 0
+	for _, n := range sizes {
+		total += n
+	}
+	if up, down := rig.counts.Up.Load(), rig.counts.Down.Load(); up != uint64(total) || down != uint64(total) {
+		t.Errorf("counted %d up, %d down; want %d each", up, down, total)
+	}
+}
+
 func TestSplices(t *testing.T) {
 	a, b := tcpPair(t)
 	p1, p2 := net.Pipe()
@@ -507,13 +566,14 @@ func TestIdleRelayHoldsNoPipes(t *testing.T) {
 	before := countFDs()
 	for range relays {
 		rig := startRelay(t, t.Context(), 0, nil)
-		// One byte each way, so both directions have spliced once.
+		// More than a read buffer each way, so both directions splice.
+		burst := make([]byte, 4*bufferSize)
 		for _, p := range [][2]*net.TCPConn{{rig.app, rig.server}, {rig.server, rig.app}} {
-			if _, err := p[0].Write([]byte{1}); err != nil {
+			if _, err := p[0].Write(burst); err != nil {
 				t.Fatal(err)
 			}
 			p[1].SetReadDeadline(time.Now().Add(5 * time.Second))
-			if _, err := io.ReadFull(p[1], make([]byte, 1)); err != nil {
+			if _, err := io.ReadFull(p[1], make([]byte, len(burst))); err != nil {
 				t.Fatal(err)
 			}
 		}
