@@ -113,6 +113,7 @@ func (d *Daemon) serveControl(ctx context.Context, l net.Listener) {
 			d.log.Debug("control: write reload answer", "err", err)
 		}
 	})
+	serveProfiles(mux)
 	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 5 * time.Second}
 	stop := context.AfterFunc(ctx, func() { srv.Close() })
 	defer stop()
