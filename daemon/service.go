@@ -278,12 +278,33 @@ func resetClose(conn net.Conn) {
 const proxyHeaderTimeout = 10 * time.Second
 
 // handle serves one accepted connection; begin counted it in and admit
-// gave it a slot, which release gives back. A service with proxyProtocol
-// reads the client's PROXY header first: from then on the connection's
-// addresses are the header's.
+// gave it a slot, which release gives back.
+//
+// A forwarded stream is relayed on a goroutine started once the upstream
+// is dialed, and this one ends: its stack grew deep while it dialed (the
+// net package's dialer, a chain's handshakes), and Go shrinks a stack only
+// once less than a quarter of it is in use, so relaying here would keep
+// 8 KiB per connection for as long as the stream lives.
 func (s *service) handle(conn net.Conn, release func()) {
-	defer s.wg.Done()
-	defer release()
+	relay := s.prepare(conn)
+	if relay == nil {
+		release()
+		s.wg.Done()
+		return
+	}
+	go func() {
+		defer s.wg.Done()
+		defer release()
+		relay()
+	}()
+}
+
+// prepare does what comes before a stream is relayed: a service with
+// proxyProtocol reads the client's PROXY header first (from then on the
+// connection's addresses are the header's), and a tcp handler dials. It
+// returns the relay still to run, or nil when the connection is done.
+func (s *service) prepare(conn net.Conn) (relay func()) {
+	admitted := func() {}
 	if s.cfg.ProxyProtocol > 0 {
 		pc, err := proxyproto.Read(conn, proxyHeaderTimeout)
 		if err != nil {
@@ -291,24 +312,32 @@ func (s *service) handle(conn net.Conn, release func()) {
 			reason := reasonOf(err)
 			s.errs.Add(reason)
 			s.log.Warn("connection closed: no valid PROXY protocol header", "client", peerOf(conn), "reason", reason, "err", err)
-			return
+			return nil
 		}
 		conn = pc
 		if s.limits.admission != nil {
-			admitted, ok := s.limits.admit(peerOf(conn).Addr(), "connection")
-			if !ok {
+			var ok bool
+			if admitted, ok = s.limits.admit(peerOf(conn).Addr(), "connection"); !ok {
 				resetClose(conn)
-				return
+				return nil
 			}
-			defer admitted()
 		}
 	}
 	ctx := withClient(s.conns, conn)
 	if s.proxy != nil {
 		s.proxy.ServeConn(ctx, conn)
-		return
+		admitted()
+		return nil
 	}
-	s.forward(ctx, conn)
+	forward := s.forward(ctx, conn)
+	if forward == nil {
+		admitted()
+		return nil
+	}
+	return func() {
+		defer admitted()
+		forward()
+	}
 }
 
 // clientKey carries a connection's client and the address it reached
@@ -366,21 +395,24 @@ func addrPortOf(a net.Addr) netip.AddrPort {
 	return ap
 }
 
-// forward serves one accepted TCP connection of a tcp handler.
-func (s *service) forward(ctx context.Context, client net.Conn) {
+// forward dials for one accepted TCP connection of a tcp handler and
+// returns the relay of the stream, or nil when no node answered.
+func (s *service) forward(ctx context.Context, client net.Conn) (relay func()) {
 	peer := peerOf(client)
 	upstream, node, err := s.dialNode(ctx, peer.Addr().String())
 	if err != nil {
 		client.Close()
 		s.log.Warn("connection dropped: no node reachable", "client", peer, "err", err)
-		return
+		return nil
 	}
-	// The datapath logs how the stream ended; the daemon counts why.
-	up, down, released := s.limits.traffic.Stream(peer.Addr())
-	defer released()
-	err = s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node, Up: up, Down: down})
-	if err != nil && !errors.Is(err, context.Canceled) {
-		s.errs.Add(reasonOf(err))
+	return func() {
+		// The datapath logs how the stream ended; the daemon counts why.
+		up, down, released := s.limits.traffic.Stream(peer.Addr())
+		defer released()
+		err := s.splicer.Splice(ctx, datapath.Stream{Client: client, Upstream: upstream, Peer: peer, Node: node, Up: up, Down: down})
+		if err != nil && !errors.Is(err, context.Canceled) {
+			s.errs.Add(reasonOf(err))
+		}
 	}
 }
 

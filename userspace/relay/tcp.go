@@ -138,7 +138,13 @@ func TCPWith(ctx context.Context, client, upstream net.Conn, o Options) error {
 	if c == nil {
 		c = new(Counts)
 	}
-	ctx, cancel := context.WithCancel(ctx)
+	// A direction waiting on a bucket must stop once the relay aborted;
+	// without buckets nothing waits on the context, and a stream spares
+	// its own (a context and its children's map per connection).
+	parent, cancel := ctx, context.CancelFunc(func() {})
+	if len(o.Up)+len(o.Down) > 0 {
+		ctx, cancel = context.WithCancel(ctx)
+	}
 	defer cancel()
 	r := &tcpRelay{
 		ctx:    ctx,
@@ -169,8 +175,8 @@ func TCPWith(ctx context.Context, client, upstream net.Conn, o Options) error {
 		r.window = min(max(idle/4, time.Millisecond), liveCountWindow)
 	}
 
-	stop := context.AfterFunc(ctx, func() {
-		r.abort(fmt.Errorf("relay aborted: %w", context.Cause(ctx)), true)
+	stop := context.AfterFunc(parent, func() {
+		r.abort(fmt.Errorf("relay aborted: %w", context.Cause(parent)), true)
 	})
 	defer stop()
 
