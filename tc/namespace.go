@@ -26,7 +26,7 @@ type nsLoader struct {
 	stopGC  context.CancelFunc
 	gcDone  chan struct{}
 	watch   *ifaceWatcher           // attaches to interfaces as they come and go
-	ports   *portReservation        // nil when the SNAT ports could not be reserved
+	ports   *portReservation        // nil when the SNAT ports needed no reservation (see snatPorts)
 	splices map[netns.ID]*spliceRef // by netns.out's identity
 	// services counts the attachments of each service ID in the maps:
 	// FinishSetup prunes every other service a previous run left.
@@ -94,22 +94,27 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 		nl.refs++
 		return nl, nil
 	}
-	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: ns, Logger: d.logger()})
+	// The SNAT range first: it is a constant of the program.
+	snat, ports, err := d.snatPorts(ns, id)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("tc datapath in netns %s: %w", ns, err)
 	}
-	ports, err := reservePorts(d.Instance, ns, id)
-	if err != nil {
-		d.logger().Warn("could not keep the SNAT ports from the namespace's own connections", "netns", ns.String(), "err", err)
-		d.warnPortOverlap(ns)
-	}
-	undo := func() {
-		l.Close()
+	restorePorts := func() {
 		if ports != nil {
 			if err := ports.restore(); err != nil {
 				d.logger().Error("restore reserved ports", "netns", ns.String(), "err", err)
 			}
 		}
+	}
+	l, err := loader.Load(loader.Config{Instance: d.Instance, Netns: ns, Logger: d.logger(),
+		SNATPortMin: snat.min, SNATPortMax: snat.max})
+	if err != nil {
+		restorePorts()
+		return nil, err
+	}
+	undo := func() {
+		l.Close()
+		restorePorts()
 	}
 	// The watcher attaches to the interfaces there now before start
 	// returns, and to those that come later.
@@ -132,27 +137,6 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 	}
 	d.loaders[id] = nl
 	return nl, nil
-}
-
-// warnPortOverlap warns, when the SNAT ports could not be reserved, if the
-// namespace's ip_local_port_range reaches into the SNAT range: a connection the namespace's own sockets open to a
-// node (the listener's dials, node probes) could then get a source port a
-// translated flow holds, and their packets would cross.
-func (d *Datapath) warnPortOverlap(ns netns.NS) {
-	var lo, hi int
-	value, err := readSysctl(ns, "/proc/sys/net/ipv4/ip_local_port_range")
-	if err == nil {
-		_, err = fmt.Sscan(value, &lo, &hi)
-	}
-	if err != nil {
-		d.logger().Debug("read ip_local_port_range", "netns", ns.String(), "err", err)
-		return
-	}
-	if lo <= loader.DefaultSNATPortMax && hi >= loader.DefaultSNATPortMin {
-		d.logger().Warn("ip_local_port_range overlaps the tc datapath's SNAT ports: the namespace's own connections to nodes may collide with translated flows",
-			"netns", ns.String(), "ip_local_port_range", fmt.Sprintf("%d-%d", lo, hi),
-			"snat_ports", fmt.Sprintf("%d-%d", loader.DefaultSNATPortMin, loader.DefaultSNATPortMax))
-	}
 }
 
 func (d *Datapath) release(nl *nsLoader) {

@@ -68,7 +68,7 @@ func (d *Datapath) FinishSetup() error {
 		errs = append(errs, err)
 	}
 	for _, ns := range pruned {
-		if err := restoreLeftPorts(d.Instance, ns); err != nil {
+		if err := restoreLeftPorts(d.sys(), d.Instance, ns); err != nil {
 			errs = append(errs, err)
 		}
 	}

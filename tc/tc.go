@@ -54,6 +54,8 @@ type Datapath struct {
 	links   *splice.Links // created on first use
 	// keep is set by KeepForRestart: closing leaves the kernel's state.
 	keep bool
+	// sysctls reads and writes the namespaces' sysctls; nil is /proc/sys.
+	sysctls sysctls
 }
 
 var (

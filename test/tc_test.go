@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"regexp"
@@ -21,6 +22,8 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/e2e"
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/netns"
 )
 
 // tcGateway is client ns -> gateway ns (the service, datapath tc) -> server
@@ -256,72 +259,148 @@ func TestTCDatapath(t *testing.T) {
 	}
 }
 
-// TestTCWideLocalPortRange: a gateway tuned with ip_local_port_range
-// 1024-65000 (its own connections may take any of those ports) still
-// serves: the SNAT ports are reserved in the namespace while the daemon
-// runs, so the listener's own dials to the node and the node probes never
-// collide with translated flows; the node stays healthy; and the
-// namespace's sysctls are as they were once the daemon is gone.
-func TestTCWideLocalPortRange(t *testing.T) {
-	testutil.RequireRoot(t)
-	t.Parallel()
-	client := testutil.NewNS(t, "e2e-tcpr-c")
-	gw := testutil.NewNS(t, "e2e-tcpr-g")
-	server := testutil.NewNS(t, "e2e-tcpr-s")
-	testutil.Veth(t, client, "c0", "10.37.1.2/24", gw, "g0", "10.37.1.1/24")
-	testutil.Veth(t, gw, "g1", "10.37.2.1/24", server, "s0", "10.37.2.2/24")
-	gwNS := e2e.Handle(t, gw)
-	sysctl := func(path string) string {
-		var value string
-		if err := gwNS.Do(func() error {
-			b, err := os.ReadFile(path)
-			value = strings.Join(strings.Fields(string(b)), " ")
-			return err
-		}); err != nil {
-			t.Fatalf("read %s in %s: %v", path, gw.Name, err)
-		}
-		return value
+// portTopo is the topology of the port-range tests: client -> gateway ->
+// server (an echo node at 10.N.2.2:9000), and a tc service at
+// 10.N.1.1:8000 in the gateway whose netns.out is the gateway, so that the
+// listener's own dials to the node leave from the address tc translates to.
+type portTopo struct {
+	client, gw, server *topo.NS
+	gwNS               netns.NS
+	node               *e2e.AcceptLog
+	addr, yaml         string
+}
+
+const portRangeSysctl, reservedPortsSysctl = "/proc/sys/net/ipv4/ip_local_port_range", "/proc/sys/net/ipv4/ip_local_reserved_ports"
+
+func newPortTopo(t *testing.T, name string, subnet int) *portTopo {
+	p := &portTopo{
+		client: testutil.NewNS(t, "e2e-"+name+"-c"),
+		gw:     testutil.NewNS(t, "e2e-"+name+"-g"),
+		server: testutil.NewNS(t, "e2e-"+name+"-s"),
+		addr:   fmt.Sprintf("10.%d.1.1:8000", subnet),
 	}
-	const portRange, reserved = "/proc/sys/net/ipv4/ip_local_port_range", "/proc/sys/net/ipv4/ip_local_reserved_ports"
-	if err := gwNS.Do(func() error { return os.WriteFile(portRange, []byte("1024 65000\n"), 0o644) }); err != nil {
-		t.Fatalf("set the port range: %v", err)
-	}
-	e2e.EchoIn(t, server, "10.37.2.2:9000")
-	yaml := e2e.Config(`services:
-- name: tc-wide
-  addr: "10.37.1.1:8000"
+	testutil.Veth(t, p.client, "c0", fmt.Sprintf("10.%d.1.2/24", subnet), p.gw, "g0", fmt.Sprintf("10.%d.1.1/24", subnet))
+	testutil.Veth(t, p.gw, "g1", fmt.Sprintf("10.%d.2.1/24", subnet), p.server, "s0", fmt.Sprintf("10.%d.2.2/24", subnet))
+	p.gwNS = e2e.Handle(t, p.gw)
+	p.node = e2e.EchoIn(t, p.server, fmt.Sprintf("10.%d.2.2:9000", subnet))
+	p.yaml = e2e.Config(`services:
+- name: $NAME
+  addr: "$ADDR"
   handler: {type: tcp}
   forwarder:
     nodes:
-    - {name: server-0, addr: "10.37.2.2:9000"}
+    - {name: server-0, addr: "$NODE"}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
-`, map[string]string{"GW": gw.Name})
-	d := e2e.Start(t, "tc-wide", yaml, e2e.Options{})
-	if got := sysctl(reserved); !strings.Contains(got, "1024-32767") {
-		t.Fatalf("reserved ports while serving: %q, want the SNAT range 1024-32767", got)
+`, map[string]string{"NAME": name, "ADDR": p.addr, "NODE": fmt.Sprintf("10.%d.2.2:9000", subnet), "GW": p.gw.Name})
+	return p
+}
+
+// sysctl reads one of the gateway's sysctls, blanks collapsed.
+func (p *portTopo) sysctl(t *testing.T, path string) string {
+	t.Helper()
+	var value string
+	if err := p.gwNS.Do(func() error {
+		b, err := os.ReadFile(path)
+		value = strings.Join(strings.Fields(string(b)), " ")
+		return err
+	}); err != nil {
+		t.Fatalf("read %s in %s: %v", path, p.gw.Name, err)
 	}
+	return value
+}
+
+func (p *portTopo) setSysctl(t *testing.T, path, value string) {
+	t.Helper()
+	if err := p.gwNS.Do(func() error { return os.WriteFile(path, []byte(value+"\n"), 0o644) }); err != nil {
+		t.Fatalf("set %s in %s: %v", path, p.gw.Name, err)
+	}
+}
+
+// nodePorts counts the connections the node saw from source ports lo-hi
+// and from others.
+func (p *portTopo) nodePorts(lo, hi uint16) (in, out int) {
+	for _, r := range p.node.Remotes() {
+		if port := netip.MustParseAddrPort(r).Port(); port >= lo && port <= hi {
+			in++
+		} else {
+			out++
+		}
+	}
+	return in, out
+}
+
+// TestTCWideLocalPortRange: a gateway tuned with ip_local_port_range
+// 1024-65000 (its own connections may take any of those ports) still
+// serves: the SNAT ports are reserved in the namespace while the daemon
+// runs, next to the operator's own, so the listener's own dials to the
+// node and the node probes never collide with translated flows. A burst
+// of 2000 short connections, a tenth of them dialed inside the gateway
+// (the listener's relay), all complete, byte-exact; the node sees every
+// translated flow on a SNAT port and every local dial above them; the node
+// stays healthy; and the namespace's sysctls are as they were once the
+// daemon is gone, after SIGTERM and after SIGKILL, a restart and a stop.
+func TestTCWideLocalPortRange(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	p := newPortTopo(t, "tcpr", 37)
+	// A busy gateway's tuning, and a port the operator reserved.
+	p.setSysctl(t, portRangeSysctl, "1024 65000")
+	p.setSysctl(t, reservedPortsSysctl, "40000")
+	wantAsSet := func(when string) {
+		t.Helper()
+		if got := p.sysctl(t, reservedPortsSysctl); got != "40000" {
+			t.Fatalf("reserved ports %s: %q, want the operator's 40000", when, got)
+		}
+		if got := p.sysctl(t, portRangeSysctl); got != "1024 65000" {
+			t.Fatalf("port range %s: %q, want 1024 65000 as set", when, got)
+		}
+	}
+	wantReserved := func(when string) {
+		t.Helper()
+		if got := p.sysctl(t, reservedPortsSysctl); got != "1024-32767,40000" {
+			t.Fatalf("reserved ports %s: %q, want the SNAT range 1024-32767 and the operator's 40000", when, got)
+		}
+	}
+	instance, opts := fixedInstance("tc-wide")
+	d := e2e.Start(t, "tc-wide", p.yaml, opts)
+	d.Instance = instance
+	wantReserved("while serving")
+
 	// Translated flows from outside, and the listener's own dials (a
 	// client inside the gateway namespace), at the same time.
+	const conns, concurrent, localEvery = 2000, 50, 10
 	var wg sync.WaitGroup
-	errs := make(chan error, 400)
-	for i := range 400 {
-		from := client
-		if i%4 == 0 {
-			from = gw
+	errs := make(chan error, conns)
+	for i := range conns {
+		from := p.client
+		if i%localEvery == 0 {
+			from = p.gw
 		}
 		wg.Go(func() {
-			if err := e2e.Exchange(t, from, "10.37.1.1:8000", 8<<10, 30*time.Second); err != nil {
+			if err := e2e.Exchange(t, from, p.addr, 1<<10, 30*time.Second); err != nil {
 				errs <- fmt.Errorf("connection %d from %s: %w", i, from.Name, err)
 			}
 		})
-		if i%20 == 19 {
-			wg.Wait() // 20 at a time
+		if i%concurrent == concurrent-1 {
+			wg.Wait()
 		}
 	}
 	wg.Wait()
 	close(errs)
+	failed := 0
 	for err := range errs {
-		t.Error(err)
+		if failed++; failed <= 5 {
+			t.Error(err)
+		}
+	}
+	if failed > 0 {
+		t.Fatalf("%d of %d connections failed", failed, conns)
+	}
+	// The node saw the translated flows on SNAT ports and the relay's own
+	// dials on the namespace's ports above them: none crossed.
+	if snat, local := p.nodePorts(1024, 32767); snat != conns-conns/localEvery || local != conns/localEvery {
+		t.Errorf("the node saw %d connections from SNAT ports and %d from others; want %d translated by tc and %d dialed by the listener",
+			snat, local, conns-conns/localEvery, conns/localEvery)
 	}
 	time.Sleep(2500 * time.Millisecond) // a probe round after the load
 	if out := d.Output.String(); strings.Contains(out, "node probe failed") || strings.Contains(out, "no node reachable") {
@@ -330,10 +409,62 @@ func TestTCWideLocalPortRange(t *testing.T) {
 	if code, err := d.Stop(); err != nil || code != 0 {
 		t.Fatalf("stop: %d, %v", code, err)
 	}
-	if got := sysctl(reserved); got != "" {
-		t.Fatalf("reserved ports after the daemon stopped: %q, want the namespace's own (none)", got)
+	wantAsSet("after the daemon stopped")
+
+	// A crash leaves the reservation (flows keep going without the
+	// daemon); the next start keeps it, and its stop restores the
+	// namespace's own value, not the crashed run's.
+	killed := e2e.Start(t, "tc-wide-killed", p.yaml, opts)
+	killed.Instance = instance
+	wantReserved("while serving again")
+	killed.Crash(t)
+	wantReserved("after SIGKILL")
+	restarted := e2e.Start(t, "tc-wide-restarted", p.yaml, opts)
+	restarted.Instance = instance
+	wantReserved("after the restart")
+	if err := e2e.Exchange(t, p.client, p.addr, 64<<10, 20*time.Second); err != nil {
+		t.Fatalf("after the restart: %v", err)
 	}
-	if got := sysctl(portRange); got != "1024 65000" {
-		t.Fatalf("port range after the daemon stopped: %q, want 1024 65000 as set", got)
+	if code, err := restarted.Stop(); err != nil || code != 0 {
+		t.Fatalf("stop after the restart: %d, %v", code, err)
+	}
+	wantAsSet("after SIGKILL, a restart and a stop")
+}
+
+// TestTCReadOnlySysctls: where /proc/sys is read-only (a container's), the
+// SNAT ports cannot be reserved; the daemon says so and translates to
+// ports outside the namespace's ip_local_port_range instead (here
+// 1024-60999 leaves 61000-65535), so translated flows and the listener's
+// own dials still never share a port, and the sysctls stay untouched.
+func TestTCReadOnlySysctls(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	p := newPortTopo(t, "tcro", 38)
+	p.setSysctl(t, portRangeSysctl, "1024 60999")
+	// A mount namespace of its own whose /proc/sys is a read-only bind
+	// mount, as a container runtime makes it; unshare and sh exec the
+	// daemon in place.
+	d := e2e.Start(t, "tc-ro", p.yaml, e2e.Options{Wrap: []string{"unshare", "--mount", "--propagation", "private", "sh", "-c",
+		`mount --bind /proc/sys /proc/sys && mount -o remount,bind,ro /proc/sys && exec "$0" "$@"`}})
+	d.WaitLog(t, 5*time.Second, "SNAT ports narrowed", "snat_ports=61000-65535")
+	const conns, localEvery = 40, 4
+	for i := range conns {
+		from := p.client
+		if i%localEvery == 0 {
+			from = p.gw
+		}
+		if err := e2e.Exchange(t, from, p.addr, 4<<10, 20*time.Second); err != nil {
+			t.Fatalf("connection %d from %s: %v", i, from.Name, err)
+		}
+	}
+	if snat, local := p.nodePorts(61000, 65535); snat != conns-conns/localEvery || local != conns/localEvery {
+		t.Errorf("the node saw %d connections from ports 61000-65535 and %d from others; want %d translated by tc and %d dialed by the listener",
+			snat, local, conns-conns/localEvery, conns/localEvery)
+	}
+	if code, err := d.Stop(); err != nil || code != 0 {
+		t.Fatalf("stop: %d, %v", code, err)
+	}
+	if got := p.sysctl(t, reservedPortsSysctl); got != "" {
+		t.Fatalf("reserved ports after a run that could not write them: %q, want none", got)
 	}
 }

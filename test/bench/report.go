@@ -52,6 +52,7 @@ type target struct {
 
 var targets = []target{
 	{datapath.TC, "tc throughput ≥ 0.95× direct", []metricKey{tputUp, tputDown, tputP8}, directName, false, true, 0.95},
+	{datapath.TC, "tc connection rate ≥ 0.95× direct", []metricKey{connRateK}, directName, false, true, 0.95},
 	{datapath.TC, "tc connection rate ≥ 1.5× iptables DNAT", []metricKey{connRateK}, iptablesName, false, true, 1.5},
 	{datapath.TC, "tc p99 latency ≤ 1.1× direct", []metricKey{latP99}, directName, false, false, 1.1},
 	{datapath.Userspace, "userspace throughput ≥ 0.75× direct", []metricKey{tputUp, tputDown, tputP8}, directName, false, true, 0.75},
@@ -401,7 +402,9 @@ rewrites this file.
   the server, SNAT to the gateway) with conntrack. The **ebpfwd** columns run the daemon in the gateway namespace
   (listen on the gateway, dial the server); **cross-ns** runs it in a fourth namespace, listening in the gateway and
   dialing from "out"; **+ HTTP hop** sends the service through a one-hop chain (Basic auth on the hop, as an exposed proxy needs) whose hop is a second ebpfwd running
-  the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted).
+  the ` + "`http`" + ` proxy handler (both daemons' CPU and memory are counted). **ebpfwd tc (gw ports 1024-65000)** is
+  the tc column with the gateway namespace's ` + "`ip_local_port_range`" + ` at 1024-65000, as busy gateways tune it (the
+  others keep 32768-65535 there): it overlaps tc's SNAT ports, which ebpfwd then reserves in the namespace.
 - **HAProxy** (Debian's package, ` + "`mode tcp`" + `) is the userspace forwarder the relay is read against, and its
   columns sit next to the ebpfwd userspace column of the same form: **HAProxy** runs in the gateway namespace like
   **ebpfwd userspace**; **HAProxy cross-ns** runs in the control namespace like **ebpfwd userspace cross-ns** and
