@@ -273,6 +273,7 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 		.last_seen_ns = now,
 		.created_ns = now,
 		.bytes_up = p->payload_len,
+		.packets_up = p->segs,
 		.idle_timeout_ns = svc->idle_timeout_ns,
 		.service_id = svc->id,
 		.client_ifindex = skb->ifindex,
@@ -348,7 +349,7 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct packe
 		return new_flow(skb, p, svc, now);
 	}
 	ct_update(ct, p->tcp_flags, 1, now);
-	ct_add_bytes(ct, 1, p->payload_len);
+	ct_account(ct, 1, p->segs, p->payload_len);
 	learn_path(skb, &ct->to_client);
 	struct tuple out = {};
 	forward_tuple(ct, &out);
@@ -375,7 +376,7 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 		return TC_ACT_SHOT;
 	}
 	ct_update(ct, p->tcp_flags, 0, now);
-	ct_add_bytes(ct, 0, p->payload_len);
+	ct_account(ct, 0, p->segs, p->payload_len);
 	// A fixed path stays what userspace set, whatever the replies show.
 	if (!(ct->flags & CT_F_NODE_EGRESS_FIXED))
 		learn_path(skb, &ct->to_node);

@@ -52,6 +52,8 @@ type NATCtEntry struct {
 	CreatedNs     uint64
 	BytesUp       uint64
 	BytesDown     uint64
+	PacketsUp     uint64
+	PacketsDown   uint64
 }
 
 type NATCtState uint32

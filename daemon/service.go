@@ -442,7 +442,7 @@ func (s *service) dial(ctx context.Context, network, addr, key string) (net.Conn
 }
 
 // dialPacket opens the upstream socket of a new UDP session.
-func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, error) {
+func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, string, error) {
 	key := client.String()
 	if ua, ok := client.(*net.UDPAddr); ok {
 		key = ua.IP.String()
@@ -452,7 +452,7 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 		conn, err := s.dial(ctx, "udp", n.Value, key)
 		if err == nil {
 			s.nodes.MarkOK(n)
-			return conn, nil
+			return conn, n.Name, nil
 		}
 		if nodesFault(err) {
 			s.nodes.MarkFailed(n)
@@ -460,7 +460,7 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 		s.errs.Add(reasonOf(err))
 		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
 	}
-	return nil, errors.Join(errs...)
+	return nil, "", errors.Join(errs...)
 }
 
 // declareDials creates the service's dial latency series up front.

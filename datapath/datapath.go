@@ -172,8 +172,9 @@ type Bucket interface {
 }
 
 // PacketDialer opens the upstream socket of a new datagram session for the
-// client at addr: it picks the node and dials it in the right namespace.
-type PacketDialer func(ctx context.Context, client net.Addr) (net.Conn, error)
+// client at addr: it picks the node and dials it in the right namespace,
+// and returns the node's name with the socket (for listing the session).
+type PacketDialer func(ctx context.Context, client net.Addr) (conn net.Conn, node string, err error)
 
 // PacketForwarder is implemented by attachments that forward datagrams of a
 // UDP service from its listening socket themselves.
@@ -193,8 +194,12 @@ type Flow struct {
 	Upstream  string    `json:"upstream,omitempty"` // address the datapath reaches the node at
 	State     string    `json:"state,omitempty"`    // e.g. "established"; datapath-specific
 	Started   time.Time `json:"started"`
-	BytesUp   uint64    `json:"bytes_up"`
-	BytesDown uint64    `json:"bytes_down"`
+	BytesUp   uint64    `json:"bytes_up"`   // L4 payload client -> node
+	BytesDown uint64    `json:"bytes_down"` // L4 payload node -> client
+	// Packets each way where the datapath counts them: tc flows (GSO
+	// segments) and UDP sessions (datagrams); absent for relayed streams.
+	PacketsUp   uint64 `json:"packets_up,omitempty"`
+	PacketsDown uint64 `json:"packets_down,omitempty"`
 }
 
 // FlowLister is implemented by attachments that can list their flows.

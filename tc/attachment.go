@@ -107,13 +107,13 @@ func (a *attachment) Flows() []datapath.Flow {
 		return nil
 	}
 	var out []datapath.Flow
-	now := time.Now()
 	for _, c := range conns {
 		out = append(out, datapath.Flow{
 			Service: a.svc.Name, Datapath: datapath.TC, Network: c.Network,
 			Client: c.Client.String(), Node: a.nodeName(c.Node), Upstream: c.Node.String(),
 			State:   fmt.Sprintf("%s idle %s via %s", c.State, c.Idle.Round(time.Millisecond), c.SNAT),
-			Started: now.Add(-c.Age), BytesUp: c.BytesUp, BytesDown: c.BytesDown,
+			Started: c.Started, BytesUp: c.BytesUp, BytesDown: c.BytesDown,
+			PacketsUp: c.PacketsUp, PacketsDown: c.PacketsDown,
 		})
 	}
 	return out

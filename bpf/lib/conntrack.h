@@ -66,11 +66,15 @@ struct ct_entry {
 	struct l2_path to_client;
 	struct l2_path to_node;
 	// For `ebpfwd conns`: when the flow began (bpf_ktime_get_ns) and the
-	// L4 payload moved each way. One flow's packets of both directions
-	// may be handled on two CPUs at once: ct_add_bytes adds atomically.
+	// L4 payload and packets (GSO segments) moved each way. One flow's
+	// packets of both directions may be handled on two CPUs at once, and
+	// so may two packets of one direction (a client multiplexed over two
+	// queues): ct_account adds atomically.
 	__u64 created_ns;
 	__u64 bytes_up;
 	__u64 bytes_down;
+	__u64 packets_up;
+	__u64 packets_down;
 };
 
 // Puts enum ct_state in BTF for bpf2go (see btf_counter in counters.h).
@@ -140,9 +144,16 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 	if (tcp_flags & TCPHDR_SYN && !(tcp_flags & TCPHDR_ACK) && from_client &&
 	    ct->state >= CT_TCP_CLOSING) {
 		// The client reuses the tuple of a finished flow: start over on
-		// the same node and SNAT port.
+		// the same node and SNAT port. It is a new connection, so its
+		// age and counts start over too (the caller counts this SYN
+		// after the reset).
 		ct->state = CT_TCP_SYN_SENT;
 		ct->fin = 0;
+		ct->created_ns = now;
+		ct->bytes_up = 0;
+		ct->bytes_down = 0;
+		ct->packets_up = 0;
+		ct->packets_down = 0;
 		return;
 	}
 	if (ct->state == CT_TCP_SYN_SENT && !from_client)
@@ -153,16 +164,20 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 		ct->state = CT_TCP_CLOSING;
 }
 
-// forget_flow removes a flow from both maps.
-// ct_add_bytes counts a packet's payload in its flow.
-static __always_inline void ct_add_bytes(struct ct_entry *ct, int from_client, __u32 payload_len)
+// ct_account counts a packet (segs GSO segments, payload_len L4 payload
+// bytes) in its flow.
+static __always_inline void ct_account(struct ct_entry *ct, int from_client, __u32 segs, __u32 payload_len)
 {
-	if (from_client)
+	if (from_client) {
+		__sync_fetch_and_add(&ct->packets_up, segs);
 		__sync_fetch_and_add(&ct->bytes_up, payload_len);
-	else
+	} else {
+		__sync_fetch_and_add(&ct->packets_down, segs);
 		__sync_fetch_and_add(&ct->bytes_down, payload_len);
+	}
 }
 
+// forget_flow removes a flow from both maps.
 static __always_inline void forget_flow(const struct tuple *orig, const struct ct_entry *ct)
 {
 	struct tuple reply = ct->reply;
