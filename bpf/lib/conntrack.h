@@ -48,6 +48,8 @@ enum ct_state {
 // Flags of ct_entry.flags. NODE_EGRESS_FIXED: to_node is the node's fixed
 // egress (struct node.egress), not learned, and replaces the FIB lookup.
 #define CT_F_NODE_EGRESS_FIXED 0x01
+// NODE_JUDGED: the flow has counted for or against its node (health.h).
+#define CT_F_NODE_JUDGED 0x02
 
 // The conntrack entry, keyed by the tuple as the client sends it.
 struct ct_entry {
@@ -60,7 +62,7 @@ struct ct_entry {
 	__u8 state;           // enum ct_state
 	__u8 fin;             // CT_FIN_*
 	__u8 flags;           // CT_F_*
-	__u8 pad;
+	__u8 node_index;      // the node's index in its service (< MAX_NODES), for health.h
 	// Where the last packet of each side came from. With forwarding off
 	// bpf_fib_lookup refuses, and these take its place.
 	struct l2_path to_client;
@@ -76,6 +78,8 @@ struct ct_entry {
 	__u64 packets_up;
 	__u64 packets_down;
 };
+
+_Static_assert(MAX_NODES <= 256, "ct_entry.node_index holds a node index in a byte");
 
 // Puts enum ct_state in BTF for bpf2go (see btf_counter in counters.h).
 volatile const enum ct_state btf_ct_state;
@@ -149,6 +153,7 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 		// after the reset).
 		ct->state = CT_TCP_SYN_SENT;
 		ct->fin = 0;
+		ct->flags &= ~CT_F_NODE_JUDGED;
 		ct->created_ns = now;
 		ct->bytes_up = 0;
 		ct->bytes_down = 0;
