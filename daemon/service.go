@@ -126,6 +126,9 @@ func (s *service) spec() datapath.Service {
 	}
 	if s.cfg.Forwarder != nil && !svc.Proxy {
 		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
+		if s.nodes != nil {
+			svc.MaxFails = s.nodes.MaxFails()
+		}
 		for _, n := range s.cfg.Forwarder.Nodes {
 			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr, IP: n.IP})
 		}
@@ -171,13 +174,14 @@ func (s *service) setup(ctx context.Context) error {
 		s.stopHealth, s.healthDone = stop, make(chan struct{})
 		go func() {
 			defer close(s.healthDone)
-			// The kernel's flows never report a dead node, so a
-			// service that picks nodes in the kernel also probes them.
+			// The kernel picks the nodes, so no dial of the daemon's
+			// marks them: the datapath's verdicts on their flows do
+			// (passive), and probes too when the service asks.
 			var probes sync.WaitGroup
-			if network := s.cfg.Listener.Type; network == "tcp" || network == "udp" {
+			if network := s.cfg.Listener.Type; s.cfg.HealthCheck == config.HealthProbe && (network == "tcp" || network == "udp") {
 				probes.Go(func() { s.probeNodes(hctx, network) })
 			}
-			s.syncNodeHealth(hctx, hs)
+			s.syncNodeHealth(hctx, hs, datapath.NodeJudge(att))
 			probes.Wait()
 		}()
 	}

@@ -12,11 +12,11 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
-// TestTCDeadNodeGetsNoFlows: with one of two nodes down, the kernel must
-// stop sending new flows to it once a probe has marked it, so every
-// connection (TCP) or session (UDP) succeeds. Without probes, round robin
-// would send every other flow to the dead node: those connections would be
-// refused, those datagrams lost.
+// TestTCDeadNodeGetsNoFlows: with probes on (healthCheck: probe) and one
+// of two nodes down, the kernel must stop sending new flows to it once a
+// probe has marked it, so every connection (TCP) or session (UDP)
+// succeeds, the first included. Without probes, round robin would send
+// flows to the dead node until they failed there.
 func TestTCDeadNodeGetsNoFlows(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
@@ -37,7 +37,7 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
     nodes:
     - {name: dead, addr: "10.35.2.2:9001"}
     - {name: live, addr: "10.35.2.2:9000"}
-  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc, healthCheck: probe}
 - name: tc-two-udp-nodes
   addr: "10.35.1.1:8010"
   handler: {type: udp}
@@ -47,7 +47,7 @@ func TestTCDeadNodeGetsNoFlows(t *testing.T) {
     nodes:
     - {name: dead-udp, addr: "10.35.2.2:9011"}
     - {name: live-udp, addr: "10.35.2.2:9010"}
-  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc, healthCheck: probe}
 `, map[string]string{"GW": gw.Name})
 	d := e2e.Start(t, "tc-health", yaml, e2e.Options{})
 
