@@ -6,7 +6,9 @@
 // the flow, or when the client sends its SYN again with no SYN-ACK after
 // tcp_syn_answer_bound_ns; it answers a flow with a SYN-ACK, or with the
 // first reply of a UDP flow. A flow is judged once, whichever comes first
-// (CT_F_NODE_JUDGED).
+// (CT_F_NODE_JUDGED), except that every ICMP unreachable of a UDP flow
+// counts: UDP has no handshake, and a port that closes under a live
+// session shows no other way.
 //
 // Two records of it: per-CPU counters of every outcome per node, which
 // userspace reads into its maxFails/failTimeout marking (and metrics), and

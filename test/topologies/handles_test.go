@@ -247,8 +247,12 @@ func TestSeed004Deleted(t *testing.T) {
 			if err := e2e.Exchange(t, client, "10.4.4.1:8000", streamBytes, exchangeTimeout); err != nil {
 				t.Fatalf("into the doomed namespace before its deletion: %v", err)
 			}
-			// A connection of the kept service open across the deletion.
-			held, err := e2e.DialFrom(ctx, t, client, "tcp", "10.4.4.1:8001")
+			// A connection of the kept service open across the deletion
+			// (its own bound: starting the daemon may take longer than
+			// the listen's under load).
+			hctx, hcancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer hcancel()
+			held, err := e2e.DialFrom(hctx, t, client, "tcp", "10.4.4.1:8001")
 			if err != nil {
 				t.Fatal(err)
 			}
