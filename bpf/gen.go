@@ -14,4 +14,4 @@ package bpf
 // the output does not depend on its packages; no vmlinux.h is needed. The
 // paths are relative (go generate runs here) and bpf2go maps this directory
 // to "." in the debug info, so the checkout's location is not recorded.
-//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target amd64 -type tuple -type service_key -type service -type node_key -type node -type ct_entry -type l2_path NAT nat.c -- -nostdinc -isystem headers
+//go:generate go tool bpf2go -cc clang-19 -cflags "-O2 -g -Wall -Werror -mcpu=v3" -target amd64 -type tuple -type service_key -type service -type node_key -type node -type ct_entry -type l2_path -type node_events NAT nat.c -- -nostdinc -isystem headers

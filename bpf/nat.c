@@ -28,6 +28,7 @@
 //   lib/l2.h         layer-2 paths and learning them
 //   lib/service.h    services, nodes and their maps
 //   lib/conntrack.h  conntrack entries, TCP states, timeouts, maps
+//   lib/health.h     passive node health: what flows tell of their nodes
 //   lib/snat.h       SNAT port allocation
 //   lib/csum.h       checksum-preserving header rewrites
 
@@ -40,6 +41,7 @@
 #include "lib/conntrack.h"
 #include "lib/counters.h"
 #include "lib/csum.h"
+#include "lib/health.h"
 #include "lib/l2.h"
 #include "lib/maps.h"
 #include "lib/parse.h"
@@ -67,7 +69,8 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ebpfwd_ifaces SEC(".maps");
 
-static __always_inline struct node *select_node(struct service *svc, const struct tuple *t)
+// select_node picks the node of a new flow and sets *index to its index.
+static __always_inline struct node *select_node(struct service *svc, const struct tuple *t, __u32 *index)
 {
 	__u32 n = svc->node_count;
 	if (n == 0 || n > MAX_NODES)
@@ -86,15 +89,17 @@ static __always_inline struct node *select_node(struct service *svc, const struc
 		break;
 	}
 
-	// From the chosen index, take the first healthy node.
+	// From the chosen index, take the first selectable node.
 	struct node_key key = {.service_id = svc->id};
 	for (__u32 i = 0; i < MAX_NODES; i++) {
 		if (i >= n)
 			break;
 		key.index = (start + i) % n;
 		struct node *node = bpf_map_lookup_elem(&ebpfwd_nodes, &key);
-		if (node && node->healthy)
+		if (node && node_selectable(svc, node)) {
+			*index = key.index;
 			return node;
+		}
 	}
 	return 0;
 }
@@ -263,7 +268,8 @@ static __always_inline void forward_tuple(const struct ct_entry *ct, struct tupl
 
 static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *p, struct service *svc, __u64 now)
 {
-	struct node *node = select_node(svc, &p->t);
+	__u32 node_index = 0;
+	struct node *node = select_node(svc, &p->t, &node_index);
 	if (!node) {
 		count(svc->id, COUNTER_PASS_NO_NODE, 1);
 		return TC_ACT_UNSPEC;
@@ -273,11 +279,13 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 		.last_seen_ns = now,
 		.created_ns = now,
 		.bytes_up = p->payload_len,
+		.packets_up = p->segs,
 		.idle_timeout_ns = svc->idle_timeout_ns,
 		.service_id = svc->id,
 		.client_ifindex = skb->ifindex,
 		.node_ifindex = node->ifindex,
 		.state = p->t.proto == IPPROTO_TCP ? CT_TCP_SYN_SENT : CT_UDP,
+		.node_index = node_index,
 	};
 	learn_path(skb, &ct.to_client);
 	if (node->egress.ifindex) {
@@ -327,12 +335,33 @@ static __always_inline int new_flow(struct __sk_buff *skb, const struct packet *
 	return deliver(skb, &r, svc->id);
 }
 
+// syn_goes_elsewhere is asked of a client's SYN for a flow still waiting
+// for its node's SYN-ACK. Past tcp_syn_answer_bound_ns it is a
+// retransmission the node left unanswered, which counts against the node;
+// when the node is out of the choice now (this failure or an earlier one,
+// an ICMP unreachable, took it out), the flow had better start over on
+// another node than wait on this one for the client's next retransmission.
+static __always_inline int syn_goes_elsewhere(struct ct_entry *ct, const struct service *svc, __u64 now)
+{
+	__u64 created = ct->created_ns;
+	if (!(now > created && now - created > tcp_syn_answer_bound_ns))
+		return 0;
+	node_judge(ct, NODE_FAIL_SYN_TIMEOUT);
+	struct node *node = flow_node(ct);
+	return !node || !node_selectable(svc, node);
+}
+
 // from_client handles a packet addressed to a service.
 static __always_inline int from_client(struct __sk_buff *skb, const struct packet *p, struct service *svc)
 {
 	__u64 now = bpf_ktime_get_ns();
 	struct ct_entry *ct = bpf_map_lookup_elem(&ebpfwd_conntrack, &p->t);
 	if (ct && ct_expired(ct, now)) {
+		forget_flow(&p->t, ct);
+		ct = 0;
+	}
+	if (ct && ct->state == CT_TCP_SYN_SENT && (p->tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == TCPHDR_SYN &&
+	    syn_goes_elsewhere(ct, svc, now)) {
 		forget_flow(&p->t, ct);
 		ct = 0;
 	}
@@ -348,7 +377,7 @@ static __always_inline int from_client(struct __sk_buff *skb, const struct packe
 		return new_flow(skb, p, svc, now);
 	}
 	ct_update(ct, p->tcp_flags, 1, now);
-	ct_add_bytes(ct, 1, p->payload_len);
+	ct_account(ct, 1, p->segs, p->payload_len);
 	learn_path(skb, &ct->to_client);
 	struct tuple out = {};
 	forward_tuple(ct, &out);
@@ -374,8 +403,15 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 		count(ct->service_id, COUNTER_DROP_TTL, 1);
 		return TC_ACT_SHOT;
 	}
+	// The node's first word on a new flow says whether it took it.
+	if (ct->state == CT_UDP)
+		node_judge(ct, NODE_ANSWERED);
+	else if (ct->state == CT_TCP_SYN_SENT && p->tcp_flags & TCPHDR_RST)
+		node_judge(ct, NODE_FAIL_REFUSED);
+	else if (ct->state == CT_TCP_SYN_SENT && (p->tcp_flags & (TCPHDR_SYN | TCPHDR_ACK)) == (TCPHDR_SYN | TCPHDR_ACK))
+		node_judge(ct, NODE_ANSWERED);
 	ct_update(ct, p->tcp_flags, 0, now);
-	ct_add_bytes(ct, 0, p->payload_len);
+	ct_account(ct, 0, p->segs, p->payload_len);
 	// A fixed path stays what userspace set, whatever the replies show.
 	if (!(ct->flags & CT_F_NODE_EGRESS_FIXED))
 		learn_path(skb, &ct->to_node);
@@ -392,12 +428,48 @@ static __always_inline int from_node(struct __sk_buff *skb, const struct packet 
 	return translate_and_deliver(skb, p, &out, ct->client_ifindex, &to_client, 0, ct->service_id, 0);
 }
 
+// node_unreachable judges the flow an ICMP destination unreachable is
+// about: a new TCP flow's node failed it; a UDP flow's node failed it
+// whenever it comes (UDP has no handshake: a node that stops, or a port
+// that closes, shows only this way). A UDP flow whose node is out of the
+// choice then is forgotten, so the client's next datagram starts a new flow
+// on another node. The message itself goes on to the stack, as before.
+static __always_inline int node_unreachable(struct __sk_buff *skb)
+{
+	struct tuple reply = {};
+	if (!parse_unreachable(skb, &reply))
+		return TC_ACT_UNSPEC;
+	__u16 port = bpf_ntohs(reply.dport);
+	if (port < snat_port_min || port > snat_port_max)
+		return TC_ACT_UNSPEC;
+	struct tuple *orig_p = bpf_map_lookup_elem(&ebpfwd_reverse, &reply);
+	if (!orig_p)
+		return TC_ACT_UNSPEC;
+	struct tuple orig = *orig_p;
+	struct ct_entry *ct = bpf_map_lookup_elem(&ebpfwd_conntrack, &orig);
+	if (!ct || !tuple_equal(&ct->reply, &reply))
+		return TC_ACT_UNSPEC;
+	if (ct->state == CT_TCP_SYN_SENT) {
+		node_judge(ct, NODE_FAIL_UNREACHABLE);
+		return TC_ACT_UNSPEC;
+	}
+	if (ct->state != CT_UDP)
+		return TC_ACT_UNSPEC; // a TCP node that answered: its flow's own packets tell the rest
+	struct node *node = node_count(ct, NODE_FAIL_UNREACHABLE);
+	struct service_key key = {.port = orig.dport, .proto = orig.proto, .family = orig.family};
+	__builtin_memcpy(key.addr, orig.dst, 16);
+	struct service *svc = bpf_map_lookup_elem(&ebpfwd_services, &key);
+	if (!node || !svc || !node_selectable(svc, node))
+		forget_flow(&orig, ct);
+	return TC_ACT_UNSPEC;
+}
+
 SEC("tcx/ingress")
 int ebpfwd_nat(struct __sk_buff *skb)
 {
 	struct packet p = {};
 	if (parse(skb, &p) != PARSE_OK)
-		return TC_ACT_UNSPEC;
+		return node_unreachable(skb);
 
 	if (p.fragment == 2) {
 		count(0, COUNTER_PASS_FRAGMENT, 1);

@@ -81,6 +81,8 @@ type netOptions struct {
 	snatMin, snatMax uint16
 	// closedReuse sets tcp_closed_reuse_ns; 0 keeps the default.
 	closedReuse time.Duration
+	// synAnswerBound sets tcp_syn_answer_bound_ns; 0 keeps the default.
+	synAnswerBound time.Duration
 }
 
 func newTestNet(t testing.TB, opts netOptions) *testNet {
@@ -146,6 +148,11 @@ func newTestNet(t testing.TB, opts netOptions) *testNet {
 	}
 	if opts.closedReuse != 0 {
 		if err := spec.Variables["tcp_closed_reuse_ns"].Set(uint64(opts.closedReuse)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	if opts.synAnswerBound != 0 {
+		if err := spec.Variables["tcp_syn_answer_bound_ns"].Set(uint64(opts.synAnswerBound)); err != nil {
 			t.Fatal(err)
 		}
 	}

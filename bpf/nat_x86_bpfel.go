@@ -46,12 +46,14 @@ type NATCtEntry struct {
 	State         uint8
 	Fin           uint8
 	Flags         uint8
-	Pad           uint8
+	NodeIndex     uint8
 	ToClient      NATL2Path
 	ToNode        NATL2Path
 	CreatedNs     uint64
 	BytesUp       uint64
 	BytesDown     uint64
+	PacketsUp     uint64
+	PacketsDown   uint64
 }
 
 type NATCtState uint32
@@ -95,6 +97,23 @@ type NATNode struct {
 	Pad      uint8
 	Ifindex  uint32
 	Egress   NATL2Path
+	Fails    uint32
+	Pad2     uint32
+}
+
+type NATNodeEvent uint32
+
+const (
+	NATNodeEventNODE_FAIL_REFUSED     NATNodeEvent = 0
+	NATNodeEventNODE_FAIL_UNREACHABLE NATNodeEvent = 1
+	NATNodeEventNODE_FAIL_SYN_TIMEOUT NATNodeEvent = 2
+	NATNodeEventNODE_ANSWERED         NATNodeEvent = 3
+	NATNodeEventNODE_EVENT_MAX        NATNodeEvent = 4
+)
+
+type NATNodeEvents struct {
+	_ structs.HostLayout
+	N [4]uint64
 }
 
 type NATNodeKey struct {
@@ -110,6 +129,8 @@ type NATService struct {
 	Strategy      uint32
 	RrNext        uint32
 	IdleTimeoutNs uint64
+	MaxFails      uint32
+	Pad           uint32
 }
 
 type NATServiceKey struct {
@@ -146,6 +167,7 @@ const (
 	NATMapEbpfwdConntrack     = "ebpfwd_conntrack"
 	NATMapEbpfwdCounters      = "ebpfwd_counters"
 	NATMapEbpfwdIfaces        = "ebpfwd_ifaces"
+	NATMapEbpfwdNodeEvents    = "ebpfwd_node_events"
 	NATMapEbpfwdNodes         = "ebpfwd_nodes"
 	NATMapEbpfwdReverse       = "ebpfwd_reverse"
 	NATMapEbpfwdServices      = "ebpfwd_services"
@@ -154,12 +176,14 @@ const (
 	NATVarBtfCtState          = "btf_ct_state"
 	NATVarBtfIfaceFlags       = "btf_iface_flags"
 	NATVarBtfLimits           = "btf_limits"
+	NATVarBtfNodeEvent        = "btf_node_event"
 	NATVarBtfStrategy         = "btf_strategy"
 	NATVarSnatPortMax         = "snat_port_max"
 	NATVarSnatPortMin         = "snat_port_min"
 	NATVarTcpClosedReuseNs    = "tcp_closed_reuse_ns"
 	NATVarTcpClosingTimeoutNs = "tcp_closing_timeout_ns"
 	NATVarTcpResetTimeoutNs   = "tcp_reset_timeout_ns"
+	NATVarTcpSynAnswerBoundNs = "tcp_syn_answer_bound_ns"
 	NATVarTcpSynTimeoutNs     = "tcp_syn_timeout_ns"
 )
 
@@ -212,12 +236,13 @@ type NATProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type NATMapSpecs struct {
-	EbpfwdConntrack *ebpf.MapSpec `ebpf:"ebpfwd_conntrack"`
-	EbpfwdCounters  *ebpf.MapSpec `ebpf:"ebpfwd_counters"`
-	EbpfwdIfaces    *ebpf.MapSpec `ebpf:"ebpfwd_ifaces"`
-	EbpfwdNodes     *ebpf.MapSpec `ebpf:"ebpfwd_nodes"`
-	EbpfwdReverse   *ebpf.MapSpec `ebpf:"ebpfwd_reverse"`
-	EbpfwdServices  *ebpf.MapSpec `ebpf:"ebpfwd_services"`
+	EbpfwdConntrack  *ebpf.MapSpec `ebpf:"ebpfwd_conntrack"`
+	EbpfwdCounters   *ebpf.MapSpec `ebpf:"ebpfwd_counters"`
+	EbpfwdIfaces     *ebpf.MapSpec `ebpf:"ebpfwd_ifaces"`
+	EbpfwdNodeEvents *ebpf.MapSpec `ebpf:"ebpfwd_node_events"`
+	EbpfwdNodes      *ebpf.MapSpec `ebpf:"ebpfwd_nodes"`
+	EbpfwdReverse    *ebpf.MapSpec `ebpf:"ebpfwd_reverse"`
+	EbpfwdServices   *ebpf.MapSpec `ebpf:"ebpfwd_services"`
 }
 
 // NATVariableSpecs contains global variables before they are loaded into the kernel.
@@ -228,12 +253,14 @@ type NATVariableSpecs struct {
 	BtfCtState          *ebpf.VariableSpec `ebpf:"btf_ct_state"`
 	BtfIfaceFlags       *ebpf.VariableSpec `ebpf:"btf_iface_flags"`
 	BtfLimits           *ebpf.VariableSpec `ebpf:"btf_limits"`
+	BtfNodeEvent        *ebpf.VariableSpec `ebpf:"btf_node_event"`
 	BtfStrategy         *ebpf.VariableSpec `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.VariableSpec `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.VariableSpec `ebpf:"snat_port_min"`
 	TcpClosedReuseNs    *ebpf.VariableSpec `ebpf:"tcp_closed_reuse_ns"`
 	TcpClosingTimeoutNs *ebpf.VariableSpec `ebpf:"tcp_closing_timeout_ns"`
 	TcpResetTimeoutNs   *ebpf.VariableSpec `ebpf:"tcp_reset_timeout_ns"`
+	TcpSynAnswerBoundNs *ebpf.VariableSpec `ebpf:"tcp_syn_answer_bound_ns"`
 	TcpSynTimeoutNs     *ebpf.VariableSpec `ebpf:"tcp_syn_timeout_ns"`
 }
 
@@ -257,12 +284,13 @@ func (o *NATObjects) Close() error {
 //
 // It can be passed to LoadNATObjects or ebpf.CollectionSpec.LoadAndAssign.
 type NATMaps struct {
-	EbpfwdConntrack *ebpf.Map `ebpf:"ebpfwd_conntrack"`
-	EbpfwdCounters  *ebpf.Map `ebpf:"ebpfwd_counters"`
-	EbpfwdIfaces    *ebpf.Map `ebpf:"ebpfwd_ifaces"`
-	EbpfwdNodes     *ebpf.Map `ebpf:"ebpfwd_nodes"`
-	EbpfwdReverse   *ebpf.Map `ebpf:"ebpfwd_reverse"`
-	EbpfwdServices  *ebpf.Map `ebpf:"ebpfwd_services"`
+	EbpfwdConntrack  *ebpf.Map `ebpf:"ebpfwd_conntrack"`
+	EbpfwdCounters   *ebpf.Map `ebpf:"ebpfwd_counters"`
+	EbpfwdIfaces     *ebpf.Map `ebpf:"ebpfwd_ifaces"`
+	EbpfwdNodeEvents *ebpf.Map `ebpf:"ebpfwd_node_events"`
+	EbpfwdNodes      *ebpf.Map `ebpf:"ebpfwd_nodes"`
+	EbpfwdReverse    *ebpf.Map `ebpf:"ebpfwd_reverse"`
+	EbpfwdServices   *ebpf.Map `ebpf:"ebpfwd_services"`
 }
 
 func (m *NATMaps) Close() error {
@@ -270,6 +298,7 @@ func (m *NATMaps) Close() error {
 		m.EbpfwdConntrack,
 		m.EbpfwdCounters,
 		m.EbpfwdIfaces,
+		m.EbpfwdNodeEvents,
 		m.EbpfwdNodes,
 		m.EbpfwdReverse,
 		m.EbpfwdServices,
@@ -284,12 +313,14 @@ type NATVariables struct {
 	BtfCtState          *ebpf.Variable `ebpf:"btf_ct_state"`
 	BtfIfaceFlags       *ebpf.Variable `ebpf:"btf_iface_flags"`
 	BtfLimits           *ebpf.Variable `ebpf:"btf_limits"`
+	BtfNodeEvent        *ebpf.Variable `ebpf:"btf_node_event"`
 	BtfStrategy         *ebpf.Variable `ebpf:"btf_strategy"`
 	SnatPortMax         *ebpf.Variable `ebpf:"snat_port_max"`
 	SnatPortMin         *ebpf.Variable `ebpf:"snat_port_min"`
 	TcpClosedReuseNs    *ebpf.Variable `ebpf:"tcp_closed_reuse_ns"`
 	TcpClosingTimeoutNs *ebpf.Variable `ebpf:"tcp_closing_timeout_ns"`
 	TcpResetTimeoutNs   *ebpf.Variable `ebpf:"tcp_reset_timeout_ns"`
+	TcpSynAnswerBoundNs *ebpf.Variable `ebpf:"tcp_syn_answer_bound_ns"`
 	TcpSynTimeoutNs     *ebpf.Variable `ebpf:"tcp_syn_timeout_ns"`
 }
 

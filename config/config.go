@@ -79,6 +79,11 @@ type Service struct {
 	// relay) or forgotten (a kernel flow); 0, the default, means never, on
 	// every datapath.
 	IdleTimeout time.Duration
+	// HealthCheck is ebpfwd's own metadata key "healthCheck": how a
+	// datapath that picks nodes in the kernel (tc) learns that a node is
+	// down: HealthPassive (the default) from the service's own flows,
+	// HealthProbe from active probes as well.
+	HealthCheck string
 	// MaxStreams is ebpfwd's own metadata key "maxStreams": the most TCP
 	// streams (tcp, http handlers) or UDP sessions (udp) the service
 	// holds at once; 0, the default, means its whole share of the
@@ -229,6 +234,18 @@ type Metrics struct {
 	Path string // default /metrics
 	Auth *Auth
 }
+
+// Values of a service's healthCheck metadata (ebpfwd's own key).
+const (
+	// HealthPassive judges nodes only by the service's own flows: a
+	// kernel datapath counts each node's refused, unreachable and
+	// unanswered new flows; nothing is sent to a node that no client sent.
+	HealthPassive = "passive"
+	// HealthProbe adds active probes: a connect (TCP) or an empty
+	// datagram (UDP) to every node every 2s, for nodes that fail in ways
+	// flows do not show.
+	HealthProbe = "probe"
+)
 
 // Defaults that GOST applies when a key is absent.
 const (

@@ -269,6 +269,35 @@ func TestKeysAreCaseInsensitive(t *testing.T) {
 	}
 }
 
+// healthCheck is passive unless a service asks for probes, in any case.
+func TestHealthCheck(t *testing.T) {
+	const yaml = `services:
+- name: web
+  addr: ":80"
+  handler: {type: tcp}
+  forwarder: {nodes: [{addr: ":81"}]}
+  metadata: {healthCheck: Probe}
+- name: dns
+  addr: ":53"
+  handler: {type: udp}
+  forwarder: {nodes: [{addr: ":54"}]}
+  metadata: {healthcheck: passive}
+- name: plain
+  addr: ":82"
+  handler: {type: tcp}
+  forwarder: {nodes: [{addr: ":81"}]}
+`
+	cfg, warns, err := Parse("health.yaml", []byte(yaml))
+	if err != nil || len(warns) > 0 {
+		t.Fatalf("Parse: %v (warnings %v)", err, warns)
+	}
+	for i, want := range []string{HealthProbe, HealthPassive, HealthPassive} {
+		if got := cfg.Services[i].HealthCheck; got != want {
+			t.Errorf("services[%d].HealthCheck = %q, want %q", i, got, want)
+		}
+	}
+}
+
 // maxStreams caps a service's concurrent streams or sessions; written as a
 // number or a digit string (as GOST's loader converts), any case.
 func TestMaxStreams(t *testing.T) {
@@ -329,7 +358,7 @@ func TestMultipleErrorsSorted(t *testing.T) {
 		t.Errorf("Error() = %q", err.Error())
 	}
 	// Warnings still come back for an invalid file.
-	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, maxStreams, proxyProtocol, limiter.refreshInterval, limiter.scope, limiter.in, limiter.out, limiter.conn.in, limiter.conn.out, climiter, rlimiter)`
+	wantWarn := path + `:15:5: services[1].metadata.so_mark: unknown metadata key "so_mark" is ignored (ebpfwd reads here: netns, netns.out, datapath, idleTimeout, maxStreams, healthCheck, proxyProtocol, limiter.refreshInterval, limiter.scope, limiter.in, limiter.out, limiter.conn.in, limiter.conn.out, climiter, rlimiter)`
 	if len(warns) != 1 || warns[0].String() != wantWarn {
 		t.Errorf("warnings = %v, want [%s]", warns, wantWarn)
 	}

@@ -404,6 +404,11 @@ func TestParseErrors(t *testing.T) {
 			errs: []want{{10, 17, "services[0].metadata.maxStreams", `must be a whole number, not "lots"`}},
 		},
 		{
+			name: "healthCheck unknown",
+			yaml: base + "  metadata:\n    healthCheck: probes\n",
+			errs: []want{{10, 18, "services[0].metadata.healthCheck", `invalid value "probes" (must be one of: passive, probe) (did you mean "probe"?)`}},
+		},
+		{
 			name: "idleTimeout negative",
 			yaml: base + "  metadata:\n    idleTimeout: -1s\n",
 			errs: []want{{10, 18, "services[0].metadata.idleTimeout", "must not be negative"}},

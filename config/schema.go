@@ -118,6 +118,7 @@ var (
 	// datapathKinds lists the datapaths this build has (sockmap joins
 	// when it is built): an error lists only values that work.
 	datapathKinds           = []string{"auto", "tc", "userspace"}
+	healthChecks            = []string{HealthPassive, HealthProbe}
 	logLevels               = []string{"debug", "info", "warn", "error"}
 	logFormats              = []string{"text", "json"}
 	selectorStrategyAliases = map[string]string{"rr": "round", "random": "rand", "ha": "fifo"}
@@ -126,7 +127,7 @@ var (
 // Metadata keys ebpfwd reads, per place. GOST lower-cases metadata keys, so
 // they are matched case-insensitively; the spelling here is the documented one.
 var (
-	serviceMetadataKeys = append([]string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams", "proxyProtocol",
+	serviceMetadataKeys = append([]string{"netns", "netns.out", "datapath", "idleTimeout", "maxStreams", "healthCheck", "proxyProtocol",
 		"limiter.refreshInterval", "limiter.scope"}, limiterMetadataKeys...)
 	// handlerMetadataKeys: GOST's forward handler sends a PROXY header to
 	// the node (proxyProtocol); its readBufferSize (udp.bufferSize) sizes

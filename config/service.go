@@ -53,7 +53,7 @@ func (d *decoder) service(f field, i int, chains map[string]*Chain, limiters [3]
 	if !ok {
 		return nil
 	}
-	svc := &Service{Name: fmt.Sprintf("service-%d", i), Datapath: defaultDatapath, Pos: posOf(f.value)}
+	svc := &Service{Name: fmt.Sprintf("service-%d", i), Datapath: defaultDatapath, HealthCheck: HealthPassive, Pos: posOf(f.value)}
 	if nf, ok := fs["name"]; ok {
 		if name, ok := d.name(nf); ok && name != "" {
 			svc.Name = name
@@ -163,6 +163,15 @@ func (d *decoder) serviceMetadata(svc *Service, known fields, legacyNS field, ha
 	}
 	if tf, ok := known["idleTimeout"]; ok {
 		svc.IdleTimeout, _ = d.duration(tf)
+	}
+	if hf, ok := known["healthCheck"]; ok {
+		if hc, ok := d.str(hf); ok {
+			if hc = strings.ToLower(hc); slices.Contains(healthChecks, hc) {
+				svc.HealthCheck = hc
+			} else {
+				d.errorf(hf.pos(), hf.path, "%s", oneOf(hc, healthChecks))
+			}
+		}
 	}
 	if mf, ok := known["maxStreams"]; ok {
 		if n, ok := d.integer(mf); ok {

@@ -9,6 +9,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/netns"
+	"github.com/ebpfwd/ebpfwd/selector"
 )
 
 // healthSyncInterval is how soon a change of a node's marking (a failure,
@@ -16,19 +17,46 @@ import (
 const healthSyncInterval = 500 * time.Millisecond
 
 // syncNodeHealth mirrors the selector's marking into the attachment until
-// ctx is done. Polling, because failTimeout running out is no event.
-func (s *service) syncNodeHealth(ctx context.Context, hs datapath.NodeHealthSetter) {
+// ctx is done, first feeding it what judge (nil: none) saw of the nodes'
+// flows. Polling, because failTimeout running out is no event.
+func (s *service) syncNodeHealth(ctx context.Context, hs datapath.NodeHealthSetter, judge datapath.PassiveHealthReporter) {
 	nodes := s.nodes.Nodes()
 	pushed := make([]bool, len(nodes))
 	for i := range pushed {
 		pushed[i] = true // Setup puts every node in healthy
 	}
+	var seen []datapath.NodeOutcomes // the judge's counts at the last look
+	if judge != nil {
+		// What the program counted before (a previous form of the
+		// service, a previous run) is not news: it is the baseline.
+		var err error
+		if seen, err = judge.NodeOutcomes(); err != nil {
+			s.log.Warn("read node outcomes from datapath", "err", err)
+		}
+	}
 	t := time.NewTicker(healthSyncInterval)
 	defer t.Stop()
 	for {
+		if judge != nil {
+			if now, err := judge.NodeOutcomes(); err != nil {
+				s.log.Warn("read node outcomes from datapath", "err", err)
+			} else {
+				if len(seen) == len(now) && len(now) == len(nodes) {
+					for i, n := range nodes {
+						s.markPassive(n, seen[i], now[i])
+					}
+				}
+				seen = now
+			}
+		}
 		for i, n := range nodes {
 			healthy := s.nodes.Healthy(n)
-			if healthy == pushed[i] {
+			// The datapath took a node out on its own (a run of
+			// maxFails failures) that the marking holds alive: a
+			// failure it saw slipped past the counts (read between
+			// them). Pushing healthy puts it back one failure short.
+			stale := healthy && pushed[i] && len(seen) == len(nodes) && seen[i].Streak >= uint64(s.nodes.MaxFails())
+			if healthy == pushed[i] && !stale {
 				continue
 			}
 			if err := hs.SetNodeHealthy(i, healthy); err != nil {
@@ -46,10 +74,59 @@ func (s *service) syncNodeHealth(ctx context.Context, hs datapath.NodeHealthSett
 	}
 }
 
-// Active probing of nodes for datapaths that pick nodes themselves (tc):
-// connections the kernel carries never tell the daemon that a node is
-// down, so without probes a dead node would keep getting its share of new
-// flows until a listener connection happened to fail on it.
+// markPassive feeds the selector what a datapath saw of node n's new flows
+// between two looks (was, now): GOST's marking counts failures in a row and
+// clears them on a success. The order of events between two looks is lost;
+// the node's current streak tells how many failures came after the last
+// success, so a node that answered and then failed is marked failed, and
+// one that failed and then answered is clear.
+func (s *service) markPassive(n *selector.Node[string], was, now datapath.NodeOutcomes) {
+	answered := since(was.Answered, now.Answered)
+	failed := make(map[string]uint64, len(now.Failed))
+	var failures uint64
+	for reason, v := range now.Failed {
+		failed[reason] = since(was.Failed[reason], v)
+		failures += failed[reason]
+	}
+	if answered == 0 && failures == 0 {
+		return
+	}
+	trailing := failures
+	if answered > 0 {
+		s.nodes.MarkOK(n)
+		trailing = min(failures, now.Streak)
+	}
+	if trailing == 0 {
+		return
+	}
+	wasHealthy := s.nodes.Healthy(n)
+	// Failures beyond maxFails change nothing the marking keeps.
+	for range min(trailing, uint64(s.nodes.MaxFails())) {
+		s.nodes.MarkFailed(n)
+	}
+	attrs := []any{"node", n.Name, "addr", n.Value, datapath.FailRefused, failed[datapath.FailRefused],
+		datapath.FailUnreachable, failed[datapath.FailUnreachable], datapath.FailSYNTimeout, failed[datapath.FailSYNTimeout],
+		"answered", answered}
+	if wasHealthy && !s.nodes.Healthy(n) {
+		s.log.Warn("node marked failed by its flows", attrs...)
+	} else {
+		s.log.Debug("node failed flows", attrs...)
+	}
+}
+
+// since is how much a counter grew from was to now; a counter that went
+// down started over (its node was replaced at the index), so all of now is
+// new.
+func since(was, now uint64) uint64 {
+	if now < was {
+		return now
+	}
+	return now - was
+}
+
+// Active probing of nodes for datapaths that pick nodes themselves (tc),
+// with healthCheck: probe: for nodes that fail in ways their flows do not
+// show the program (a node that accepts and then hangs).
 const (
 	// probeInterval is how often every node is probed; with maxFails 1 a
 	// dead node stops getting new flows within about this long.

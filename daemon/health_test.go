@@ -9,6 +9,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/selector"
 )
@@ -32,6 +33,19 @@ func (h *healthRecorder) get(i int) (bool, bool) {
 	return v, ok
 }
 
+// wait waits (bounded) until the datapath was told node i is healthy or not.
+func (h *healthRecorder) wait(t *testing.T, i int, want bool) {
+	t.Helper()
+	for deadline := time.Now().Add(5 * time.Second); ; time.Sleep(10 * time.Millisecond) {
+		if v, ok := h.get(i); ok && v == want {
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("node %d: datapath not told healthy=%v", i, want)
+		}
+	}
+}
+
 // TestSyncNodeHealth: a node marked dead reaches the datapath, and so does
 // its return once failTimeout has passed.
 func TestSyncNodeHealth(t *testing.T) {
@@ -44,29 +58,110 @@ func TestSyncNodeHealth(t *testing.T) {
 	rec := &healthRecorder{healthy: map[int]bool{}}
 	ctx, cancel := context.WithCancel(context.Background())
 	done := make(chan struct{})
-	go func() { defer close(done); s.syncNodeHealth(ctx, rec) }()
+	go func() { defer close(done); s.syncNodeHealth(ctx, rec, nil) }()
 	defer func() { cancel(); <-done }()
 
-	wait := func(i int, want bool) {
-		t.Helper()
-		deadline := time.Now().Add(5 * time.Second)
-		for {
-			if v, ok := rec.get(i); ok && v == want {
-				return
-			}
-			if time.Now().After(deadline) {
-				t.Fatalf("node %d: datapath not told healthy=%v", i, want)
-			}
-			time.Sleep(10 * time.Millisecond)
-		}
-	}
 	sel.MarkFailed(nodes[1])
-	wait(1, false)
+	rec.wait(t, 1, false)
 	if _, told := rec.get(0); told {
 		t.Fatal("node 0 never changed, yet the datapath was told about it")
 	}
 	now.Add(int64(11 * time.Second)) // failTimeout has passed
-	wait(1, true)
+	rec.wait(t, 1, true)
+}
+
+func outcomes(refused, unreachable, synTimeout, answered, streak uint64) datapath.NodeOutcomes {
+	return datapath.NodeOutcomes{
+		Failed: map[string]uint64{datapath.FailRefused: refused, datapath.FailUnreachable: unreachable,
+			datapath.FailSYNTimeout: synTimeout},
+		Answered: answered, Streak: streak,
+	}
+}
+
+// TestMarkPassive: the datapath's running counts of a node's flows become
+// GOST's marking (maxFails 2 here): failures in a row mark, a success in
+// between clears, and the streak orders what happened between two looks.
+func TestMarkPassive(t *testing.T) {
+	for _, tt := range []struct {
+		name        string
+		before      int // failures marked before
+		was, now    datapath.NodeOutcomes
+		wantHealthy bool
+	}{
+		{"nothing new", 1, outcomes(1, 0, 0, 0, 1), outcomes(1, 0, 0, 0, 1), true},
+		{"one failure", 0, outcomes(0, 0, 0, 0, 0), outcomes(1, 0, 0, 0, 1), true},
+		{"a second failure in a row", 1, outcomes(1, 0, 0, 0, 1), outcomes(1, 0, 1, 0, 2), false},
+		{"failures of every kind", 0, outcomes(0, 0, 0, 3, 0), outcomes(1, 1, 0, 3, 2), false},
+		{"answered, then failed twice", 0, outcomes(0, 0, 0, 0, 0), outcomes(2, 0, 0, 1, 2), false},
+		{"failed twice, then answered", 1, outcomes(0, 0, 0, 0, 1), outcomes(2, 0, 0, 1, 0), true},
+		{"answered clears earlier failures", 1, outcomes(0, 0, 0, 0, 1), outcomes(0, 0, 0, 1, 0), true},
+		{"counts started over", 0, outcomes(9, 0, 0, 9, 0), outcomes(0, 1, 0, 0, 1), true},
+		{"counts started over, two failures", 0, outcomes(9, 0, 0, 9, 0), outcomes(0, 2, 0, 0, 2), false},
+	} {
+		t.Run(tt.name, func(t *testing.T) {
+			n := &selector.Node[string]{Name: "a", Value: "10.0.0.1:80"}
+			s := &service{nodes: selector.New(selector.Options{MaxFails: 2, FailTimeout: time.Minute}, n), log: slog.New(slog.DiscardHandler)}
+			for range tt.before {
+				s.nodes.MarkFailed(n)
+			}
+			s.markPassive(n, tt.was, tt.now)
+			if got := s.nodes.Healthy(n); got != tt.wantHealthy {
+				t.Errorf("healthy = %v, want %v", got, tt.wantHealthy)
+			}
+		})
+	}
+}
+
+// fakeJudge is a datapath's node verdicts, set by the test.
+type fakeJudge struct {
+	mu    sync.Mutex
+	now   []datapath.NodeOutcomes
+	reads atomic.Int64
+}
+
+func (j *fakeJudge) NodeOutcomes() ([]datapath.NodeOutcomes, error) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.reads.Add(1)
+	return append([]datapath.NodeOutcomes(nil), j.now...), nil
+}
+
+func (j *fakeJudge) set(i int, o datapath.NodeOutcomes) {
+	j.mu.Lock()
+	defer j.mu.Unlock()
+	j.now[i] = o
+}
+
+// TestSyncPassiveHealth: what the datapath counted before the sync began
+// marks nothing; failures it counts later mark the node dead and reach the
+// datapath, and failTimeout brings the node back.
+func TestSyncPassiveHealth(t *testing.T) {
+	var now atomic.Int64
+	now.Store(time.Unix(1000, 0).UnixNano())
+	nodes := []*selector.Node[string]{{Name: "a", Value: "10.0.0.1:80"}, {Name: "b", Value: "10.0.0.2:80"}}
+	sel := selector.New(selector.Options{MaxFails: 2, FailTimeout: 10 * time.Second,
+		Now: func() time.Time { return time.Unix(0, now.Load()) }}, nodes...)
+	s := &service{nodes: sel, log: slog.New(slog.DiscardHandler)}
+	judge := &fakeJudge{now: []datapath.NodeOutcomes{outcomes(5, 0, 0, 0, 0), outcomes(0, 0, 0, 7, 0)}}
+	rec := &healthRecorder{healthy: map[int]bool{}}
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { defer close(done); s.syncNodeHealth(ctx, rec, judge) }()
+	defer func() { cancel(); <-done }()
+
+	for deadline := time.Now().Add(5 * time.Second); judge.reads.Load() == 0; time.Sleep(time.Millisecond) {
+		if time.Now().After(deadline) {
+			t.Fatal("the sync never read the datapath's outcomes")
+		}
+	}
+	judge.set(0, outcomes(6, 0, 0, 0, 1))
+	judge.set(0, outcomes(6, 0, 1, 0, 2))
+	rec.wait(t, 0, false)
+	if !sel.Healthy(nodes[1]) {
+		t.Fatal("node b marked dead by the failures counted before the sync began")
+	}
+	now.Add(int64(11 * time.Second))
+	rec.wait(t, 0, true)
 }
 
 // TestProbeNode: what a probe makes of a node, over loopback in the

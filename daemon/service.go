@@ -126,6 +126,9 @@ func (s *service) spec() datapath.Service {
 	}
 	if s.cfg.Forwarder != nil && !svc.Proxy {
 		svc.Strategy = s.cfg.Forwarder.Selector.Strategy
+		if s.nodes != nil {
+			svc.MaxFails = s.nodes.MaxFails()
+		}
 		for _, n := range s.cfg.Forwarder.Nodes {
 			svc.Nodes = append(svc.Nodes, datapath.Node{Name: n.Name, Addr: n.Addr, IP: n.IP})
 		}
@@ -171,13 +174,14 @@ func (s *service) setup(ctx context.Context) error {
 		s.stopHealth, s.healthDone = stop, make(chan struct{})
 		go func() {
 			defer close(s.healthDone)
-			// The kernel's flows never report a dead node, so a
-			// service that picks nodes in the kernel also probes them.
+			// The kernel picks the nodes, so no dial of the daemon's
+			// marks them: the datapath's verdicts on their flows do
+			// (passive), and probes too when the service asks.
 			var probes sync.WaitGroup
-			if network := s.cfg.Listener.Type; network == "tcp" || network == "udp" {
+			if network := s.cfg.Listener.Type; s.cfg.HealthCheck == config.HealthProbe && (network == "tcp" || network == "udp") {
 				probes.Go(func() { s.probeNodes(hctx, network) })
 			}
-			s.syncNodeHealth(hctx, hs)
+			s.syncNodeHealth(hctx, hs, datapath.NodeJudge(att))
 			probes.Wait()
 		}()
 	}
@@ -474,7 +478,7 @@ func (s *service) dial(ctx context.Context, network, addr, key string) (net.Conn
 }
 
 // dialPacket opens the upstream socket of a new UDP session.
-func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, error) {
+func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, string, error) {
 	key := client.String()
 	if ua, ok := client.(*net.UDPAddr); ok {
 		key = ua.IP.String()
@@ -484,7 +488,7 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 		conn, err := s.dial(ctx, "udp", n.Value, key)
 		if err == nil {
 			s.nodes.MarkOK(n)
-			return conn, nil
+			return conn, n.Name, nil
 		}
 		if nodesFault(err) {
 			s.nodes.MarkFailed(n)
@@ -492,7 +496,7 @@ func (s *service) dialPacket(ctx context.Context, client net.Addr) (net.Conn, er
 		s.errs.Add(reasonOf(err))
 		errs = append(errs, fmt.Errorf("node %s (%s): %w", n.Name, n.Value, err))
 	}
-	return nil, errors.Join(errs...)
+	return nil, "", errors.Join(errs...)
 }
 
 // declareDials creates the service's dial latency series up front.

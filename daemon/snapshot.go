@@ -48,8 +48,19 @@ func (d *Daemon) Snapshot() []metrics.ServiceSnapshot {
 			}
 		}
 		if s.nodes != nil {
-			for _, n := range s.nodes.Nodes() {
-				snap.Nodes = append(snap.Nodes, metrics.NodeState{Node: n.Name, Up: s.nodes.Healthy(n)})
+			var judged []datapath.NodeOutcomes
+			if judge := datapath.NodeJudge(s.att); judge != nil {
+				var err error
+				if judged, err = judge.NodeOutcomes(); err != nil {
+					s.log.Warn("read node outcomes from datapath", "err", err)
+				}
+			}
+			for i, n := range s.nodes.Nodes() {
+				ns := metrics.NodeState{Node: n.Name, Up: s.nodes.Healthy(n)}
+				if i < len(judged) {
+					ns.PassiveFailures = judged[i].Failed
+				}
+				snap.Nodes = append(snap.Nodes, ns)
 			}
 		}
 		if ft, ok := s.att.(datapath.FlowTabler); ok {

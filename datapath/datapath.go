@@ -52,6 +52,11 @@ type Service struct {
 	OutNS    netns.NS // namespace nodes (or the first hop) are dialed from
 	Nodes    []Node   // forward targets (empty for proxy services)
 	Strategy selector.Strategy
+	// MaxFails is the selector's maxFails (at least 1): a datapath that
+	// judges nodes itself (PassiveHealthReporter) may stop choosing a node
+	// that failed this many new flows in a row before the daemon's next
+	// look, so that no more than this many fail.
+	MaxFails int
 	// Chained: traffic leaves through a chain of proxy hops.
 	Chained bool
 	// Proxy: an HTTP proxy service; each client names its own target.
@@ -172,8 +177,9 @@ type Bucket interface {
 }
 
 // PacketDialer opens the upstream socket of a new datagram session for the
-// client at addr: it picks the node and dials it in the right namespace.
-type PacketDialer func(ctx context.Context, client net.Addr) (net.Conn, error)
+// client at addr: it picks the node and dials it in the right namespace,
+// and returns the node's name with the socket (for listing the session).
+type PacketDialer func(ctx context.Context, client net.Addr) (conn net.Conn, node string, err error)
 
 // PacketForwarder is implemented by attachments that forward datagrams of a
 // UDP service from its listening socket themselves.
@@ -193,8 +199,12 @@ type Flow struct {
 	Upstream  string    `json:"upstream,omitempty"` // address the datapath reaches the node at
 	State     string    `json:"state,omitempty"`    // e.g. "established"; datapath-specific
 	Started   time.Time `json:"started"`
-	BytesUp   uint64    `json:"bytes_up"`
-	BytesDown uint64    `json:"bytes_down"`
+	BytesUp   uint64    `json:"bytes_up"`   // L4 payload client -> node
+	BytesDown uint64    `json:"bytes_down"` // L4 payload node -> client
+	// Packets each way where the datapath counts them: tc flows (GSO
+	// segments) and UDP sessions (datagrams); absent for relayed streams.
+	PacketsUp   uint64 `json:"packets_up,omitempty"`
+	PacketsDown uint64 `json:"packets_down,omitempty"`
 }
 
 // FlowLister is implemented by attachments that can list their flows.
@@ -234,6 +244,32 @@ type ProgramReporter interface {
 // in Service.Nodes.
 type NodeHealthSetter interface {
 	SetNodeHealthy(index int, healthy bool) error
+}
+
+// NodeOutcomes are what a datapath that picks nodes itself saw of one
+// node's new flows, counted since the node took its place in the service.
+type NodeOutcomes struct {
+	// Failed counts failed new flows by reason (Fail*, a metric label).
+	Failed map[string]uint64
+	// Answered counts new flows the node took.
+	Answered uint64
+	// Streak is the node's run of failed flows now (0 after an answer).
+	Streak uint64
+}
+
+// Reasons of NodeOutcomes.Failed.
+const (
+	FailRefused     = "refused"     // the node reset the connection's SYN
+	FailUnreachable = "unreachable" // an ICMP destination unreachable came back
+	FailSYNTimeout  = "syn_timeout" // the client sent its SYN again, unanswered
+)
+
+// PassiveHealthReporter is implemented by attachments whose datapath
+// judges nodes by their flows (tc, in BPF), so that the daemon's
+// maxFails/failTimeout marking learns of failures it never dialed. The
+// slice is in Service.Nodes order.
+type PassiveHealthReporter interface {
+	NodeOutcomes() ([]NodeOutcomes, error)
 }
 
 // KernelReasons are a kernel datapath's per-service counts of what went

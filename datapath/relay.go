@@ -127,6 +127,16 @@ func PicksNodes(a Attachment) bool {
 	return ok
 }
 
+// NodeJudge returns the attachment's kernel side when it judges nodes by
+// their flows, nil otherwise.
+func NodeJudge(a Attachment) PassiveHealthReporter {
+	if r, ok := a.(*relayed); ok {
+		a = r.kernel
+	}
+	ph, _ := a.(PassiveHealthReporter)
+	return ph
+}
+
 func (r *relayed) Close() error {
 	return errors.Join(r.CloseKernel(), r.relay.Close())
 }

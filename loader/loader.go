@@ -265,7 +265,7 @@ func (l *Loader) Close() error {
 	_, err := l.finish((*attachment).detach, func() []error {
 		var errs []error
 		for _, m := range []*ebpf.Map{l.objs.EbpfwdServices, l.objs.EbpfwdNodes, l.objs.EbpfwdConntrack,
-			l.objs.EbpfwdReverse, l.objs.EbpfwdIfaces, l.objs.EbpfwdCounters} {
+			l.objs.EbpfwdReverse, l.objs.EbpfwdIfaces, l.objs.EbpfwdCounters, l.objs.EbpfwdNodeEvents} {
 			if err := m.Unpin(); err != nil {
 				errs = append(errs, fmt.Errorf("unpin map %s: %w", m, err))
 			}

@@ -59,6 +59,20 @@ func newGatewayTopology(t *testing.T) gatewayTopology {
 	return gatewayTopology{client: ch, gateway: gh, server: sh, gatewayNS: g}
 }
 
+// attachedGateway is a gateway topology with an instance loaded (cfg) and
+// attached to both of the gateway's interfaces.
+func attachedGateway(t *testing.T, cfg Config) (gatewayTopology, *Loader) {
+	t.Helper()
+	tp := newGatewayTopology(t)
+	l := load(t, cfg)
+	for _, ifname := range []string{"g0", "g1"} {
+		if _, err := l.Attach(tp.gateway, ifname); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return tp, l
+}
+
 func TestForwardBetweenNamespaces(t *testing.T) {
 	testutil.RequireRoot(t)
 	for _, mode := range []struct {
@@ -221,13 +235,7 @@ func TestGarbageCollectionRemovesExpiredFlows(t *testing.T) {
 	testutil.RequireRoot(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 	defer cancel()
-	tp := newGatewayTopology(t)
-	l := load(t, Config{})
-	for _, ifname := range []string{"g0", "g1"} {
-		if _, err := l.Attach(tp.gateway, ifname); err != nil {
-			t.Fatal(err)
-		}
-	}
+	tp, l := attachedGateway(t, Config{})
 	vip := netip.MustParseAddrPort("10.20.1.1:8000")
 	node := netip.MustParseAddrPort("10.20.2.2:9000")
 	// A UDP idle timeout short enough to expire within the test.

@@ -271,6 +271,7 @@ func (l *Loader) PruneServices(keep []ServiceID) (int, error) {
 		if err := l.objs.EbpfwdNodes.Delete(k); err != nil && !isNotExist(err) {
 			errs = append(errs, fmt.Errorf("delete node %d of service %d: %w", k.Index, k.ServiceId, err))
 		}
+		l.deleteNodeEvents(k)
 	}
 	if len(stale) > 0 {
 		l.cfg.logger().Info("removed services of a previous run that the configuration no longer has; their flows expire",

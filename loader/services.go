@@ -3,6 +3,7 @@ package loader
 import (
 	"errors"
 	"fmt"
+	"math"
 	"net"
 	"net/netip"
 	"time"
@@ -41,6 +42,11 @@ type Service struct {
 	// IdleTimeout expires an established TCP flow or a UDP flow without
 	// traffic; 0 means DefaultTCPIdleTimeout / DefaultUDPIdleTimeout.
 	IdleTimeout time.Duration
+	// MaxFails is how many new flows in a row a node may fail (refused,
+	// unreachable, SYN unanswered: NodeHealth) before the program stops
+	// choosing it on its own, until it answers a flow or SetNodeHealthy
+	// puts it back; 0: only SetNodeHealthy takes nodes out.
+	MaxFails int
 }
 
 // Node is one forward target.
@@ -78,8 +84,9 @@ func (e *Egress) compile() (bpf.NATL2Path, error) {
 }
 
 type serviceState struct {
-	key   bpf.NATServiceKey
-	nodes int
+	key      bpf.NATServiceKey
+	nodes    int
+	maxFails uint32
 }
 
 // PutService adds a service, or replaces the one with the same VIP and
@@ -128,7 +135,14 @@ func (l *Loader) PutService(s Service) (ServiceID, error) {
 	// Nodes first: the program reads node_count from the service, so it
 	// must never see a count larger than the nodes present.
 	for i, n := range nodes {
-		if err := l.objs.EbpfwdNodes.Put(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)}, n); err != nil {
+		nk := bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)}
+		// Another node at this index (or none before) starts with no
+		// events: the counts are the node's, not the slot's.
+		var prev bpf.NATNode
+		if err := l.objs.EbpfwdNodes.Lookup(nk, &prev); err != nil || prev.Addr != n.Addr || prev.Port != n.Port {
+			l.deleteNodeEvents(nk)
+		}
+		if err := l.objs.EbpfwdNodes.Put(nk, n); err != nil {
 			return 0, fmt.Errorf("put node %d of service %s/%s: %w", i, s.Network, s.VIP, err)
 		}
 	}
@@ -136,9 +150,11 @@ func (l *Loader) PutService(s Service) (ServiceID, error) {
 		return 0, fmt.Errorf("put service %s/%s: %w", s.Network, s.VIP, err)
 	}
 	for i := len(nodes); i < prevNodes; i++ {
-		_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)})
+		nk := bpf.NATNodeKey{ServiceId: svc.Id, Index: uint32(i)}
+		_ = l.objs.EbpfwdNodes.Delete(nk)
+		l.deleteNodeEvents(nk)
 	}
-	l.services[id] = &serviceState{key: key, nodes: len(nodes)}
+	l.services[id] = &serviceState{key: key, nodes: len(nodes), maxFails: svc.MaxFails}
 	return id, nil
 }
 
@@ -167,6 +183,9 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 	// loop covers: refuse it here, where the error can say so.
 	if len(s.Nodes) == 0 || len(s.Nodes) > int(natLimits.Nodes) {
 		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("%d nodes: want 1 to %d", len(s.Nodes), natLimits.Nodes)
+	}
+	if s.MaxFails < 0 || s.MaxFails > math.MaxUint32 {
+		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("max fails %d: want 0 or more", s.MaxFails)
 	}
 	if s.Strategy > Hash {
 		return bpf.NATServiceKey{}, bpf.NATService{}, nil, fmt.Errorf("unknown strategy %d", s.Strategy)
@@ -212,7 +231,8 @@ func (l *Loader) compileService(s Service) (bpf.NATServiceKey, bpf.NATService, [
 		}
 	}
 	key := bpf.NATServiceKey{Addr: bpf.Addr(vip), Port: bpf.Port(s.VIP.Port()), Proto: proto, Family: bpf.Family(vip)}
-	svc := bpf.NATService{NodeCount: uint32(len(nodes)), Strategy: uint32(s.Strategy), IdleTimeoutNs: uint64(idle)}
+	svc := bpf.NATService{NodeCount: uint32(len(nodes)), Strategy: uint32(s.Strategy), IdleTimeoutNs: uint64(idle),
+		MaxFails: uint32(s.MaxFails)}
 	return key, svc, nodes, nil
 }
 
@@ -275,14 +295,19 @@ func (l *Loader) DeleteService(id ServiceID) error {
 		return fmt.Errorf("delete service %d: %w", id, err)
 	}
 	for i := range st.nodes {
-		_ = l.objs.EbpfwdNodes.Delete(bpf.NATNodeKey{ServiceId: uint32(id), Index: uint32(i)})
+		nk := bpf.NATNodeKey{ServiceId: uint32(id), Index: uint32(i)}
+		_ = l.objs.EbpfwdNodes.Delete(nk)
+		l.deleteNodeEvents(nk)
 	}
 	delete(l.services, id)
 	return nil
 }
 
 // SetNodeHealthy marks node index of a service healthy or not; unhealthy
-// nodes get no new flows.
+// nodes get no new flows. Healthy also lets a node the program took out
+// (MaxFails failures in a row) get new flows again, with its run of
+// failures kept one short of MaxFails: as with GOST's marking, a node
+// back after failTimeout goes out again at its next failure.
 func (l *Loader) SetNodeHealthy(id ServiceID, index int, healthy bool) error {
 	l.mu.Lock()
 	defer l.mu.Unlock()
@@ -298,6 +323,9 @@ func (l *Loader) SetNodeHealthy(id ServiceID, index int, healthy bool) error {
 	n.Healthy = 0
 	if healthy {
 		n.Healthy = 1
+		if st.maxFails > 0 && n.Fails >= st.maxFails {
+			n.Fails = st.maxFails - 1
+		}
 	}
 	if err := l.objs.EbpfwdNodes.Update(key, n, ebpf.UpdateExist); err != nil {
 		return fmt.Errorf("set health of node %d of service %d: %w", index, id, err)

@@ -105,15 +105,23 @@ type Conn struct {
 	State   FlowState
 	Idle    time.Duration // since the last packet
 	Age     time.Duration // since the first packet
-	Expired bool          // past its timeout, waiting for garbage collection
+	// Started is when the first packet passed, in wall-clock time: the
+	// program's CLOCK_MONOTONIC stamp moved by the offset between that
+	// clock and the wall clock, both read when the table was listed (no
+	// assumption about boot time; a wall clock set since then moves it).
+	Started time.Time
+	Expired bool // past its timeout, waiting for garbage collection
 	// L4 payload moved client -> node and back, as the program counted it
-	// (a segment TCP retransmits counts again).
-	BytesUp, BytesDown uint64
+	// (a segment TCP retransmits counts again), and the packets (GSO
+	// segments) that carried it.
+	BytesUp, BytesDown     uint64
+	PacketsUp, PacketsDown uint64
 }
 
 // Conns lists the conntrack table. The program keeps running while it is
 // read, so a flow may appear or vanish meanwhile.
 func (l *Loader) Conns() ([]Conn, error) {
+	wall := time.Now()
 	now, err := monotonicNow()
 	if err != nil {
 		return nil, err
@@ -125,7 +133,9 @@ func (l *Loader) Conns() ([]Conn, error) {
 	)
 	it := l.objs.EbpfwdConntrack.Iterate()
 	for it.Next(&key, &ct) {
-		conns = append(conns, l.conn(key, ct, now))
+		c := l.conn(key, ct, now)
+		c.Started = wall.Add(-c.Age)
+		conns = append(conns, c)
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list conntrack: %w", err)
@@ -139,15 +149,17 @@ func (l *Loader) conn(key bpf.NATTuple, ct bpf.NATCtEntry, now uint64) Conn {
 		network = "tcp"
 	}
 	c := Conn{
-		Service:   ServiceID(ct.ServiceId),
-		Network:   network,
-		Client:    netip.AddrPortFrom(bpf.AddrFrom(key.Src, key.Family), bpf.PortFrom(key.Sport)),
-		VIP:       netip.AddrPortFrom(bpf.AddrFrom(key.Dst, key.Family), bpf.PortFrom(key.Dport)),
-		SNAT:      netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Dst, key.Family), bpf.PortFrom(ct.Reply.Dport)),
-		Node:      netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Src, key.Family), bpf.PortFrom(ct.Reply.Sport)),
-		State:     FlowState(ct.State),
-		BytesUp:   ct.BytesUp,
-		BytesDown: ct.BytesDown,
+		Service:     ServiceID(ct.ServiceId),
+		Network:     network,
+		Client:      netip.AddrPortFrom(bpf.AddrFrom(key.Src, key.Family), bpf.PortFrom(key.Sport)),
+		VIP:         netip.AddrPortFrom(bpf.AddrFrom(key.Dst, key.Family), bpf.PortFrom(key.Dport)),
+		SNAT:        netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Dst, key.Family), bpf.PortFrom(ct.Reply.Dport)),
+		Node:        netip.AddrPortFrom(bpf.AddrFrom(ct.Reply.Src, key.Family), bpf.PortFrom(ct.Reply.Sport)),
+		State:       FlowState(ct.State),
+		BytesUp:     ct.BytesUp,
+		BytesDown:   ct.BytesDown,
+		PacketsUp:   ct.PacketsUp,
+		PacketsDown: ct.PacketsDown,
 	}
 	if now > ct.LastSeenNs {
 		c.Idle = time.Duration(now - ct.LastSeenNs)

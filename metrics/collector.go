@@ -33,6 +33,9 @@ var (
 		"Datagrams dropped (session limit reached, upstream could not be opened).", "service", "datapath")
 	nodeUp = desc("node_up",
 		"Whether a forward node is selectable (1) or marked dead by maxFails/failTimeout (0).", "service", "node")
+	nodePassiveFailures = desc("node_passive_failures_total",
+		"New flows a kernel datapath saw a forward node fail, by reason (refused, unreachable, syn_timeout), with no probe traffic.",
+		"service", "node", "reason")
 	hopNodeUp = desc("hop_node_up",
 		"Whether a chain hop's node is selectable (1) or marked dead by maxFails/failTimeout (0).", "chain", "hop", "node")
 	flowEntries = desc("flow_table_entries",
@@ -72,7 +75,7 @@ func newCollector(src Source) prometheus.Collector { return collector{src} }
 func (c collector) Describe(ch chan<- *prometheus.Desc) {
 	for _, d := range []*prometheus.Desc{connectionsOpened, connectionsActive, bytesTotal, packetsTotal,
 		packetsPassed, packetsDropped, programRunTime, programRuns, connErrors,
-		droppedTotal, nodeUp, hopNodeUp, flowEntries, flowCapacity, fallbacks, fdBudget, splicePipes, spliceBuffered} {
+		droppedTotal, nodeUp, nodePassiveFailures, hopNodeUp, flowEntries, flowCapacity, fallbacks, fdBudget, splicePipes, spliceBuffered} {
 		ch <- d
 	}
 }
@@ -108,6 +111,9 @@ func (c collector) Collect(ch chan<- prometheus.Metric) {
 		}
 		for _, n := range s.Nodes {
 			gauge(nodeUp, boolValue(n.Up), s.Service, n.Node)
+			for reason, v := range n.PassiveFailures {
+				counter(nodePassiveFailures, v, s.Service, n.Node, reason)
+			}
 		}
 		for _, f := range s.Flows {
 			gauge(flowEntries, float64(f.Entries), s.Service, dp, f.Table)

@@ -39,6 +39,10 @@ type ServiceSnapshot struct {
 type NodeState struct {
 	Node string
 	Up   bool
+	// PassiveFailures are the node's failed new flows as the datapath
+	// judged them, by reason; nil when the datapath judges none (the
+	// relay's dial failures count in Errors).
+	PassiveFailures map[string]uint64
 }
 
 // HopNodeState is one chain hop node's up/down state.

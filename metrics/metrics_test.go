@@ -32,6 +32,8 @@ func (fakeSource) Snapshot() []ServiceSnapshot {
 		Counters: datapath.Counters{PacketsUp: 10, PacketsDown: 20},
 		Passed:   map[string]uint64{"fragment": 3},
 		Dropped:  map[string]uint64{"ttl_exceeded": 4},
+		Nodes: []NodeState{{Node: "k", Up: true,
+			PassiveFailures: map[string]uint64{"refused": 5, "unreachable": 0, "syn_timeout": 1}}},
 	}}
 }
 
@@ -117,6 +119,8 @@ func TestRegistryReadsTheSource(t *testing.T) {
 		{"ebpfwd_packets_total", map[string]string{"service": "tc-svc", "direction": "down"}, 20},
 		{"ebpfwd_packets_passed_total", map[string]string{"service": "tc-svc", "reason": "fragment"}, 3},
 		{"ebpfwd_packets_dropped_total", map[string]string{"service": "tc-svc", "reason": "ttl_exceeded"}, 4},
+		{"ebpfwd_node_passive_failures_total", map[string]string{"service": "tc-svc", "node": "k", "reason": "refused"}, 5},
+		{"ebpfwd_node_passive_failures_total", map[string]string{"service": "tc-svc", "node": "k", "reason": "syn_timeout"}, 1},
 		{"ebpfwd_config_last_reload_successful", nil, 1},
 		{"ebpfwd_config_last_reload_success_timestamp_seconds", nil, 1700000000},
 	}

@@ -104,6 +104,10 @@ func New[T any](opts Options, nodes ...*Node[T]) *Selector[T] {
 // Nodes returns every node in configuration order.
 func (s *Selector[T]) Nodes() []*Node[T] { return slices.Clone(s.nodes) }
 
+// MaxFails is the number of consecutive failures that mark a node dead
+// (GOST's default where none was configured).
+func (s *Selector[T]) MaxFails() int { return int(s.maxFails) }
+
 // Len is how many nodes the selector has.
 func (s *Selector[T]) Len() int { return len(s.nodes) }
 

@@ -25,10 +25,11 @@ type attachment struct {
 }
 
 var (
-	_ datapath.FlowLister       = (*attachment)(nil)
-	_ datapath.FlowTabler       = (*attachment)(nil)
-	_ datapath.NodeHealthSetter = (*attachment)(nil)
-	_ datapath.KernelReasoner   = (*attachment)(nil)
+	_ datapath.FlowLister            = (*attachment)(nil)
+	_ datapath.FlowTabler            = (*attachment)(nil)
+	_ datapath.NodeHealthSetter      = (*attachment)(nil)
+	_ datapath.PassiveHealthReporter = (*attachment)(nil)
+	_ datapath.KernelReasoner        = (*attachment)(nil)
 )
 
 // Counters are the kernel's figures, read from the per-CPU map now (the
@@ -61,6 +62,25 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 // for new flows; flows in progress keep their node.
 func (a *attachment) SetNodeHealthy(index int, healthy bool) error {
 	return a.nl.l.SetNodeHealthy(a.id, index, healthy)
+}
+
+// NodeOutcomes are the program's verdicts on each node's new flows
+// (bpf/lib/health.h).
+func (a *attachment) NodeOutcomes() ([]datapath.NodeOutcomes, error) {
+	hs, err := a.nl.l.NodeHealth(a.id)
+	if err != nil {
+		return nil, err
+	}
+	out := make([]datapath.NodeOutcomes, len(hs))
+	for i, h := range hs {
+		out[i] = datapath.NodeOutcomes{
+			Failed: map[string]uint64{datapath.FailRefused: h.Refused, datapath.FailUnreachable: h.Unreachable,
+				datapath.FailSYNTimeout: h.SYNTimeout},
+			Answered: h.Answered,
+			Streak:   h.Streak,
+		}
+	}
+	return out, nil
 }
 
 // KernelReasons maps the program's counters to metric reasons. A flow that
@@ -107,13 +127,13 @@ func (a *attachment) Flows() []datapath.Flow {
 		return nil
 	}
 	var out []datapath.Flow
-	now := time.Now()
 	for _, c := range conns {
 		out = append(out, datapath.Flow{
 			Service: a.svc.Name, Datapath: datapath.TC, Network: c.Network,
 			Client: c.Client.String(), Node: a.nodeName(c.Node), Upstream: c.Node.String(),
 			State:   fmt.Sprintf("%s idle %s via %s", c.State, c.Idle.Round(time.Millisecond), c.SNAT),
-			Started: now.Add(-c.Age), BytesUp: c.BytesUp, BytesDown: c.BytesDown,
+			Started: c.Started, BytesUp: c.BytesUp, BytesDown: c.BytesDown,
+			PacketsUp: c.PacketsUp, PacketsDown: c.PacketsDown,
 		})
 	}
 	return out
@@ -168,7 +188,7 @@ func loaderService(svc datapath.Service, link *splice.Link) (loader.Service, err
 	if err != nil {
 		return loader.Service{}, err
 	}
-	out := loader.Service{Network: svc.Network, VIP: svc.Listen, Strategy: st, IdleTimeout: svc.IdleTimeout}
+	out := loader.Service{Network: svc.Network, VIP: svc.Listen, Strategy: st, IdleTimeout: svc.IdleTimeout, MaxFails: svc.MaxFails}
 	switch {
 	case svc.Network == "udp":
 		out.IdleTimeout = svc.PacketTTL

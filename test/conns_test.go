@@ -11,6 +11,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/e2e"
+	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 )
 
@@ -72,7 +73,7 @@ func TestConnsListsLiveFlows(t *testing.T) {
 
 	wants := []*regexp.Regexp{
 		regexp.MustCompile(`(?m)^tcp-svc\s+userspace\s+tcp\s+` + regexp.QuoteMeta(tcp.LocalAddr().String()) + `\s+target-0\s+127\.0\.0\.1:9000\s+established\s+\S+\s+5\s+5$`),
-		regexp.MustCompile(`(?m)^udp-svc\s+userspace\s+udp\s+` + regexp.QuoteMeta(udp.LocalAddr().String()) + `\s+-\s+127\.0\.0\.1:9001\s+idle`),
+		regexp.MustCompile(`(?m)^udp-svc\s+userspace\s+udp\s+` + regexp.QuoteMeta(udp.LocalAddr().String()) + `\s+target-0\s+127\.0\.0\.1:9001\s+idle\s+\S+\s+\S+\s+4\s+4$`),
 		regexp.MustCompile(`(?m)^2 flows$`),
 	}
 	// Byte counts of a connection that moves little are refreshed about
@@ -131,4 +132,136 @@ func matchAll(s string, res []*regexp.Regexp) bool {
 		}
 	}
 	return true
+}
+
+// TestConnsCountsBytes sends known amounts through a tc TCP service, a tc
+// UDP service and a userspace UDP service, each checked end to end
+// (SHA-256 for TCP, every datagram compared for UDP), and expects
+// `ebpfwd conns --json` to list each flow with exactly those payload bytes
+// each way, its node, and an age between 0 and the test's own duration.
+func TestConnsCountsBytes(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	begin := time.Now()
+	client := testutil.NewNS(t, "e2e-cnb-c")
+	gw := testutil.NewNS(t, "e2e-cnb-g")
+	server := testutil.NewNS(t, "e2e-cnb-s")
+	testutil.Veth(t, client, "c0", "10.52.1.2/24", gw, "g0", "10.52.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.52.2.1/24", server, "s0", "10.52.2.2/24")
+	e2e.EchoIn(t, server, "10.52.2.2:9000")
+	e2e.UDPEchoIn(t, server, "10.52.2.2:9001")
+	d := e2e.Start(t, "conns-bytes", e2e.Config(`services:
+- name: tc-tcp
+  addr: "10.52.1.1:8000"
+  handler: {type: tcp}
+  forwarder:
+    nodes:
+    - {name: tcp-node, addr: "10.52.2.2:9000"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+- name: tc-udp
+  addr: "10.52.1.1:8001"
+  handler: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true, ttl: 1m}}
+  forwarder:
+    nodes:
+    - {name: udp-node, addr: "10.52.2.2:9001"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+- name: relay-udp
+  addr: "10.52.1.1:8002"
+  handler: {type: udp}
+  listener: {type: udp, metadata: {keepAlive: true, ttl: 1m}}
+  forwarder:
+    nodes:
+    - {name: relay-node, addr: "10.52.2.2:9001"}
+  metadata: {netns: $GW, netns.out: $GW, datapath: userspace}
+`, map[string]string{"GW": gw.Name}), e2e.Options{})
+
+	ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
+	defer cancel()
+	type want struct {
+		service, datapath, node string
+		up, down                uint64
+		datagrams               uint64 // UDP: packets each way; 0: not checked
+	}
+	wants := map[string]want{} // by client address
+
+	// TCP: the echo returns every byte and then its 32-byte SHA-256.
+	const tcpBytes = 300_000
+	c, err := e2e.DialFrom(ctx, t, client, "tcp", "10.52.1.1:8000")
+	if err != nil {
+		t.Fatal(err)
+	}
+	wants[c.LocalAddr().String()] = want{"tc-tcp", "tc", "tcp-node", tcpBytes, tcpBytes + peer.TrailerSize, 0}
+	if err := peer.Exchange(ctx, c, tcpBytes); err != nil {
+		t.Fatalf("tcp exchange: %v", err)
+	}
+
+	// UDP: each datagram echoed once, sizes as peer.DatagramSize says.
+	const datagrams, maxSize = 25, 1200
+	var udpBytes uint64
+	for seq := range uint32(datagrams) {
+		udpBytes += uint64(peer.DatagramSize(seq, maxSize))
+	}
+	for _, svc := range []struct{ service, datapath, addr, node string }{
+		{"tc-udp", "tc", "10.52.1.1:8001", "udp-node"},
+		{"relay-udp", "userspace", "10.52.1.1:8002", "relay-node"},
+	} {
+		u, err := e2e.DialFrom(ctx, t, client, "udp", svc.addr)
+		if err != nil {
+			t.Fatal(err)
+		}
+		wants[u.LocalAddr().String()] = want{svc.service, svc.datapath, svc.node, udpBytes, udpBytes, datagrams}
+		if err := peer.UDPExchange(ctx, u, datagrams, maxSize); err != nil {
+			t.Fatalf("%s: %v", svc.service, err)
+		}
+	}
+
+	type flow struct {
+		Service, Datapath, Network, Client, Node string
+		Started                                  time.Time
+		BytesUp                                  uint64 `json:"bytes_up"`
+		BytesDown                                uint64 `json:"bytes_down"`
+		PacketsUp                                uint64 `json:"packets_up"`
+		PacketsDown                              uint64 `json:"packets_down"`
+	}
+	// The relay's counts are exact once its session has relayed the last
+	// reply, which the client has seen: no waiting. The kernel's are
+	// exact the moment the packet passed.
+	raw, err := exec.CommandContext(ctx, e2e.Bin, "conns", "--json", "--instance", d.Instance).Output()
+	if err != nil {
+		t.Fatalf("ebpfwd conns --json: %v", err)
+	}
+	var flows []flow
+	if err := json.Unmarshal(raw, &flows); err != nil {
+		t.Fatalf("ebpfwd conns --json: %v:\n%s", err, raw)
+	}
+	listed := time.Now()
+	seen := map[string]bool{}
+	for _, f := range flows {
+		w, ok := wants[f.Client]
+		if !ok {
+			continue
+		}
+		seen[f.Client] = true
+		got := want{f.Service, f.Datapath, f.Node, f.BytesUp, f.BytesDown, 0}
+		if w.datagrams != 0 {
+			got.datagrams = f.PacketsUp
+			if f.PacketsDown != f.PacketsUp {
+				t.Errorf("%s flow of %s: %d packets up, %d down, want %d each", w.service, f.Client, f.PacketsUp, f.PacketsDown, w.datagrams)
+			}
+		} else if f.PacketsUp == 0 || f.PacketsDown == 0 {
+			t.Errorf("%s flow of %s: %d packets up, %d down", w.service, f.Client, f.PacketsUp, f.PacketsDown)
+		}
+		if got != w {
+			t.Errorf("flow of %s: got %+v, want %+v", f.Client, got, w)
+		}
+		if age := listed.Sub(f.Started); age <= 0 || age > listed.Sub(begin) {
+			t.Errorf("%s flow of %s: age %v (started %v), want within the test's %v", w.service, f.Client, age, f.Started, listed.Sub(begin))
+		}
+	}
+	for client, w := range wants {
+		if !seen[client] {
+			t.Errorf("conns --json lists no %s flow of %s:\n%s", w.service, client, raw)
+		}
+	}
 }

@@ -220,6 +220,9 @@ func TestDashboardQueriesHaveData(t *testing.T) {
 		// Closed flows stay in conntrack for the closing timeout.
 		{`ebpfwd_flow_table_entries{service="tc-svc",table="conntrack"}`, 0, sent.tcConns},
 		{`ebpfwd_flow_table_capacity{service="tc-svc",table="conntrack"}`, 262144, 262144},
+		// Its node answered every flow: a series per reason, at 0.
+		{`ebpfwd_node_passive_failures_total{service="tc-svc",node="tc-target",reason="refused"}`, 0, 0},
+		{`ebpfwd_node_passive_failures_total{service="tc-svc",node="tc-target",reason="syn_timeout"}`, 0, 0},
 		{`ebpfwd_bpf_program_runs_total{program="ebpfwd_nat"}`, 6 * sent.tcConns, math.MaxFloat64},
 		{`ebpfwd_config_last_reload_successful`, 1, 1},
 		{`ebpfwd_build_info`, 1, 1},

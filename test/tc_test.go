@@ -402,8 +402,9 @@ func TestTCWideLocalPortRange(t *testing.T) {
 		t.Errorf("the node saw %d connections from SNAT ports and %d from others; want %d translated by tc and %d dialed by the listener",
 			snat, local, conns-conns/localEvery, conns/localEvery)
 	}
-	time.Sleep(2500 * time.Millisecond) // a probe round after the load
-	if out := d.Output.String(); strings.Contains(out, "node probe failed") || strings.Contains(out, "no node reachable") {
+	time.Sleep(2500 * time.Millisecond) // several health syncs (500ms) after the load
+	if out := d.Output.String(); strings.Contains(out, "node marked failed by its flows") || strings.Contains(out, "node probe failed") ||
+		strings.Contains(out, "no node reachable") {
 		t.Fatalf("the node was judged dead under a wide local port range:\n%s", out)
 	}
 	if code, err := d.Stop(); err != nil || code != 0 {

@@ -184,8 +184,9 @@ func (a *attachment) Flows() []datapath.Flow {
 		for _, ss := range u.Sessions() {
 			out = append(out, datapath.Flow{
 				Service: a.svc.Name, Datapath: datapath.Userspace, Network: "udp",
-				Client: ss.Client.String(), Upstream: ss.Upstream,
+				Client: ss.Client.String(), Node: ss.Node, Upstream: ss.Upstream,
 				State: "idle " + ss.Idle.Round(time.Millisecond).String(), Started: ss.Started,
+				BytesUp: ss.BytesUp, BytesDown: ss.BytesDown, PacketsUp: ss.DatagramsUp, PacketsDown: ss.DatagramsDown,
 			})
 		}
 	}

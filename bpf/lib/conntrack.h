@@ -48,6 +48,8 @@ enum ct_state {
 // Flags of ct_entry.flags. NODE_EGRESS_FIXED: to_node is the node's fixed
 // egress (struct node.egress), not learned, and replaces the FIB lookup.
 #define CT_F_NODE_EGRESS_FIXED 0x01
+// NODE_JUDGED: the flow has counted for or against its node (health.h).
+#define CT_F_NODE_JUDGED 0x02
 
 // The conntrack entry, keyed by the tuple as the client sends it.
 struct ct_entry {
@@ -60,18 +62,24 @@ struct ct_entry {
 	__u8 state;           // enum ct_state
 	__u8 fin;             // CT_FIN_*
 	__u8 flags;           // CT_F_*
-	__u8 pad;
+	__u8 node_index;      // the node's index in its service (< MAX_NODES), for health.h
 	// Where the last packet of each side came from. With forwarding off
 	// bpf_fib_lookup refuses, and these take its place.
 	struct l2_path to_client;
 	struct l2_path to_node;
 	// For `ebpfwd conns`: when the flow began (bpf_ktime_get_ns) and the
-	// L4 payload moved each way. One flow's packets of both directions
-	// may be handled on two CPUs at once: ct_add_bytes adds atomically.
+	// L4 payload and packets (GSO segments) moved each way. One flow's
+	// packets of both directions may be handled on two CPUs at once, and
+	// so may two packets of one direction (a client multiplexed over two
+	// queues): ct_account adds atomically.
 	__u64 created_ns;
 	__u64 bytes_up;
 	__u64 bytes_down;
+	__u64 packets_up;
+	__u64 packets_down;
 };
+
+_Static_assert(MAX_NODES <= 256, "ct_entry.node_index holds a node index in a byte");
 
 // Puts enum ct_state in BTF for bpf2go (see btf_counter in counters.h).
 volatile const enum ct_state btf_ct_state;
@@ -140,9 +148,17 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 	if (tcp_flags & TCPHDR_SYN && !(tcp_flags & TCPHDR_ACK) && from_client &&
 	    ct->state >= CT_TCP_CLOSING) {
 		// The client reuses the tuple of a finished flow: start over on
-		// the same node and SNAT port.
+		// the same node and SNAT port. It is a new connection, so its
+		// age and counts start over too (the caller counts this SYN
+		// after the reset).
 		ct->state = CT_TCP_SYN_SENT;
 		ct->fin = 0;
+		ct->flags &= ~CT_F_NODE_JUDGED;
+		ct->created_ns = now;
+		ct->bytes_up = 0;
+		ct->bytes_down = 0;
+		ct->packets_up = 0;
+		ct->packets_down = 0;
 		return;
 	}
 	if (ct->state == CT_TCP_SYN_SENT && !from_client)
@@ -153,16 +169,20 @@ static __always_inline void ct_update(struct ct_entry *ct, __u8 tcp_flags, int f
 		ct->state = CT_TCP_CLOSING;
 }
 
-// forget_flow removes a flow from both maps.
-// ct_add_bytes counts a packet's payload in its flow.
-static __always_inline void ct_add_bytes(struct ct_entry *ct, int from_client, __u32 payload_len)
+// ct_account counts a packet (segs GSO segments, payload_len L4 payload
+// bytes) in its flow.
+static __always_inline void ct_account(struct ct_entry *ct, int from_client, __u32 segs, __u32 payload_len)
 {
-	if (from_client)
+	if (from_client) {
+		__sync_fetch_and_add(&ct->packets_up, segs);
 		__sync_fetch_and_add(&ct->bytes_up, payload_len);
-	else
+	} else {
+		__sync_fetch_and_add(&ct->packets_down, segs);
 		__sync_fetch_and_add(&ct->bytes_down, payload_len);
+	}
 }
 
+// forget_flow removes a flow from both maps.
 static __always_inline void forget_flow(const struct tuple *orig, const struct ct_entry *ct)
 {
 	struct tuple reply = ct->reply;

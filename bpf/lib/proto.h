@@ -28,4 +28,27 @@
 #define TCPHDR_RST 0x04
 #define TCPHDR_ACK 0x10
 
+// ICMP destination unreachable (RFC 792, type 3) and the codes that say the
+// destination cannot take a flow (RFC 792, RFC 1812 for 9, 10 and 13), as
+// linux/icmp.h names them (that header is not vendored: these are all the
+// program needs of it).
+#define ICMP_DEST_UNREACH 3
+#define ICMP_NET_UNREACH 0
+#define ICMP_HOST_UNREACH 1
+#define ICMP_PROT_UNREACH 2
+#define ICMP_PORT_UNREACH 3
+#define ICMP_NET_ANO 9
+#define ICMP_HOST_ANO 10
+#define ICMP_PKT_FILTERED 13
+
+// ICMPv6 destination unreachable (RFC 4443, type 1) and its codes, as
+// linux/icmpv6.h names them.
+#define ICMPV6_DEST_UNREACH 1
+#define ICMPV6_NOROUTE 0
+#define ICMPV6_ADM_PROHIBITED 1
+#define ICMPV6_ADDR_UNREACH 3
+#define ICMPV6_PORT_UNREACH 4
+#define ICMPV6_POLICY_FAIL 5
+#define ICMPV6_REJECT_ROUTE 6
+
 #endif // EBPFWD_LIB_PROTO_H

@@ -34,6 +34,11 @@ struct service {
 	__u32 strategy; // enum strategy
 	__u32 rr_next;  // round-robin cursor, advanced atomically
 	__u64 idle_timeout_ns; // TCP established or UDP flow without traffic
+	// A node that failed this many new flows in a row gets no more until
+	// it answers one or userspace sets it healthy again (see health.h);
+	// 0: the program never takes a node out itself.
+	__u32 max_fails;
+	__u32 pad;
 };
 
 // Node index (0..node_count-1) of service service_id.
@@ -57,6 +62,10 @@ struct node {
 	// set, the FIB is never asked: the listen namespace's routes, which
 	// may lead elsewhere or nowhere, must not matter for these flows.
 	struct l2_path egress;
+	// New flows the node failed in a row (health.h), added atomically:
+	// flows of several CPUs fail at once.
+	__u32 fails;
+	__u32 pad2;
 };
 
 // Puts enum strategy in BTF for bpf2go (see btf_counter in counters.h).

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"flag"
 	"fmt"
+	"io"
 	"net/http"
 	"path/filepath"
 	"sort"
@@ -25,23 +26,18 @@ func instanceOf(configPath string) string {
 func cmdConns(e env, args []string) int {
 	var asJSON bool
 	instance, ok := instanceArg(e, "conns", args, func(fs *flag.FlagSet) {
-		fs.BoolVar(&asJSON, "json", false, "print the flows as a JSON array, for scripts")
+		fs.BoolVar(&asJSON, "json", false, "print the flows as a JSON array, for scripts (fields: docs/DATAPATHS.md)")
 	})
 	if !ok {
 		return 2
 	}
-	flows, err := fetchFlows(instance)
+	flows, err := fetchFlows(daemon.ControlSocket(instance), instance)
 	if err != nil {
 		fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
 		return 1
 	}
 	if asJSON {
-		if flows == nil {
-			flows = []datapath.Flow{} // [] rather than null: nothing is open
-		}
-		enc := json.NewEncoder(e.stdout)
-		enc.SetIndent("", "  ")
-		if err := enc.Encode(flows); err != nil {
+		if err := writeFlowsJSON(e.stdout, flows); err != nil {
 			fmt.Fprintf(e.stderr, "ebpfwd conns: %v\n", err)
 			return 1
 		}
@@ -51,8 +47,9 @@ func cmdConns(e env, args []string) int {
 	return 0
 }
 
-func fetchFlows(instance string) ([]datapath.Flow, error) {
-	resp, err := controlRequest(instance, http.MethodGet, daemon.FlowsPath, 5*time.Second)
+// fetchFlows asks the instance behind the control socket sock for its flows.
+func fetchFlows(sock, instance string) ([]datapath.Flow, error) {
+	resp, err := controlRequestAt(sock, instance, http.MethodGet, daemon.FlowsPath, 5*time.Second)
 	if err != nil {
 		return nil, err
 	}
@@ -67,13 +64,32 @@ func fetchFlows(instance string) ([]datapath.Flow, error) {
 	return flows, nil
 }
 
-func printFlows(e env, flows []datapath.Flow, now time.Time) {
-	sort.Slice(flows, func(i, j int) bool {
+// writeFlowsJSON writes flows as datapath.Flow's JSON, sorted as the table
+// is; the field names are a documented interface (docs/DATAPATHS.md).
+func writeFlowsJSON(w io.Writer, flows []datapath.Flow) error {
+	if flows == nil {
+		flows = []datapath.Flow{} // [] rather than null: nothing is open
+	}
+	sortFlows(flows)
+	enc := json.NewEncoder(w)
+	enc.SetIndent("", "  ")
+	if err := enc.Encode(flows); err != nil {
+		return fmt.Errorf("write flows: %w", err)
+	}
+	return nil
+}
+
+func sortFlows(flows []datapath.Flow) {
+	sort.SliceStable(flows, func(i, j int) bool {
 		if flows[i].Service != flows[j].Service {
 			return flows[i].Service < flows[j].Service
 		}
 		return flows[i].Started.Before(flows[j].Started)
 	})
+}
+
+func printFlows(e env, flows []datapath.Flow, now time.Time) {
+	sortFlows(flows)
 	w := tabwriter.NewWriter(e.stdout, 0, 4, 2, ' ', 0)
 	fmt.Fprintln(w, "SERVICE\tDATAPATH\tPROTO\tCLIENT\tNODE\tUPSTREAM\tSTATE\tAGE\tUP\tDOWN")
 	for _, f := range flows {
@@ -89,7 +105,9 @@ func age(started, now time.Time) string {
 	if started.IsZero() {
 		return "-"
 	}
-	return now.Sub(started).Round(time.Second).String()
+	// A flow listed the instant it began may read a hair in the future:
+	// the daemon and this command read the clock apart.
+	return max(now.Sub(started), 0).Round(time.Second).String()
 }
 
 func dash(s string) string {

@@ -44,7 +44,11 @@ func instanceArg(e env, cmd string, args []string, more func(*flag.FlagSet)) (st
 // controlRequest asks a running instance over its control socket. An
 // instance that does not run is said so, not as a socket error.
 func controlRequest(instance, method, path string, timeout time.Duration) (*http.Response, error) {
-	sock := daemon.ControlSocket(instance)
+	return controlRequestAt(daemon.ControlSocket(instance), instance, method, path, timeout)
+}
+
+// controlRequestAt is controlRequest to the control socket at sock.
+func controlRequestAt(sock, instance, method, path string, timeout time.Duration) (*http.Response, error) {
 	client := &http.Client{
 		Timeout: timeout,
 		Transport: &http.Transport{DialContext: func(ctx context.Context, _, _ string) (net.Conn, error) {

@@ -29,11 +29,12 @@ func Handle(t testing.TB, ns *topo.NS) netns.NS {
 // AcceptLog wraps a listener and records the remote address of every
 // connection that sends it data, so a test can tell which hop the target
 // saw. Connections that send nothing (the tc datapath's node probes) are
-// not traffic and are not recorded.
+// not traffic and are not recorded, but Accepted counts them.
 type AcceptLog struct {
 	net.Listener
-	mu      sync.Mutex
-	remotes []string
+	mu       sync.Mutex
+	remotes  []string
+	accepted int
 }
 
 // Accept wraps the next connection so that its first byte logs it.
@@ -42,7 +43,17 @@ func (l *AcceptLog) Accept() (net.Conn, error) {
 	if err != nil {
 		return nil, err
 	}
+	l.mu.Lock()
+	l.accepted++
+	l.mu.Unlock()
 	return &loggedConn{Conn: c, log: l}, nil
+}
+
+// Accepted is how many connections the listener accepted, data or not.
+func (l *AcceptLog) Accepted() int {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.accepted
 }
 
 // loggedConn records its remote address with its first byte.

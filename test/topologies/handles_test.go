@@ -247,8 +247,12 @@ func TestSeed004Deleted(t *testing.T) {
 			if err := e2e.Exchange(t, client, "10.4.4.1:8000", streamBytes, exchangeTimeout); err != nil {
 				t.Fatalf("into the doomed namespace before its deletion: %v", err)
 			}
-			// A connection of the kept service open across the deletion.
-			held, err := e2e.DialFrom(ctx, t, client, "tcp", "10.4.4.1:8001")
+			// A connection of the kept service open across the deletion
+			// (its own bound: starting the daemon may take longer than
+			// the listen's under load).
+			hctx, hcancel := context.WithTimeout(context.Background(), 10*time.Second)
+			defer hcancel()
+			held, err := e2e.DialFrom(hctx, t, client, "tcp", "10.4.4.1:8001")
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -257,14 +261,17 @@ func TestSeed004Deleted(t *testing.T) {
 			stopDoomed()
 			must(t, doomed.Delete())
 			waitGone(t, gw, dp)
-			if dp == "tc" {
-				// The kernel picks nodes itself: new flows go to the
-				// stack (and get closed) once the probe has marked
-				// the node down.
-				d.WaitLog(t, 10*time.Second, "node health pushed to datapath", "service=doomed-tcp", "healthy=false")
-			}
+			// tc: the kernel picks nodes itself. The first client's SYN
+			// finds no way into the namespace; its retransmission
+			// (after 1s) tells the program the node did not answer
+			// (passive health), which takes the node out and passes the
+			// SYN to the stack, whose listener closes it; so do the next
+			// ones at once.
 			for range 3 {
 				e2e.ExpectClosedNoData(t, client, "10.4.4.1:8000")
+			}
+			if dp == "tc" {
+				d.WaitLog(t, 10*time.Second, "node health pushed to datapath", "service=doomed-tcp", "healthy=false")
 			}
 			if !d.Running() {
 				t.Fatalf("the daemon exited when a namespace was deleted; output:\n%s", d.Output)

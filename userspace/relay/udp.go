@@ -49,8 +49,9 @@ type UDP struct {
 	// replies through it; the caller owns and closes it.
 	Conn net.PacketConn
 	// Dial opens the upstream socket for a new client (a connected UDP
-	// socket, in the service's outbound namespace).
-	Dial func(ctx context.Context, client net.Addr) (net.Conn, error)
+	// socket, in the service's outbound namespace) and names the node it
+	// reaches, for Sessions ("" when there is no name).
+	Dial func(ctx context.Context, client net.Addr) (conn net.Conn, node string, err error)
 	// TTL is the session idle expiry (DefaultUDPTTL when zero).
 	TTL time.Duration
 	// OneReply ends a session once it has passed one reply to its client
@@ -90,9 +91,14 @@ type UDP struct {
 // Session describes one live UDP session.
 type Session struct {
 	Client   netip.AddrPort
+	Node     string // as Dial named it; "" while the upstream opens
 	Upstream string // the upstream socket's remote address; "" while it opens
 	Started  time.Time
 	Idle     time.Duration // since a datagram last moved either way
+	// Payload bytes and datagrams relayed client -> upstream (Up) and
+	// back (Down); datagrams dropped or cut short count what was sent.
+	BytesUp, BytesDown         uint64
+	DatagramsUp, DatagramsDown uint64
 }
 
 // Sessions lists the live sessions of the running Serve.
@@ -112,11 +118,14 @@ func (u *UDP) Sessions() []Session {
 	now := t.now()
 	out := make([]Session, 0, len(open))
 	for _, s := range open {
-		info := Session{Client: s.key, Started: s.started, Idle: time.Duration(now - s.lastActive.Load())}
+		info := Session{Client: s.key, Started: s.started, Idle: time.Duration(now - s.lastActive.Load()),
+			BytesUp: s.counts.Up.Load(), BytesDown: s.counts.Down.Load(),
+			DatagramsUp: s.datagramsUp.Load(), DatagramsDown: s.datagramsDown.Load()}
 		s.mu.Lock()
 		closed := s.closed
 		if s.up != nil {
 			info.Upstream = s.up.RemoteAddr().String()
+			info.Node = s.node
 		}
 		s.mu.Unlock()
 		if !closed {
@@ -204,9 +213,14 @@ type udpSession struct {
 	// lastActive is when a datagram last moved either way, in nanoseconds
 	// since the table started.
 	lastActive atomic.Int64
+	// counts are the session's payload bytes, crediting the table's (the
+	// service's) as Total; datagrams* count the datagrams that carried them.
+	counts                     Counts
+	datagramsUp, datagramsDown atomic.Uint64
 
 	mu      sync.Mutex // guards the fields below; held while writing upstream
 	up      net.Conn   // nil while the upstream socket is being opened
+	node    string     // Dial's name for up's node
 	backlog [][]byte   // datagrams received while up is nil
 	closed  bool       // no more datagrams are accepted
 	failed  bool       // closed because the upstream could not be opened
@@ -297,6 +311,7 @@ func (t *udpTable) session(key netip.AddrPort, addr net.Addr) *udpSession {
 		}
 	}
 	s := &udpSession{key: key, addr: addr, started: time.Now(), release: release}
+	s.counts.Total = t.counts
 	s.lastActive.Store(t.now())
 	t.sessions[key] = s
 	if t.u.OnSession != nil {
@@ -341,7 +356,8 @@ func (t *udpTable) writeUp(s *udpSession, p []byte) {
 		t.report(fmt.Errorf("udp relay: client %s: write upstream: %w", s.key, err))
 		return
 	}
-	t.counts.Up.Add(uint64(n))
+	s.counts.up().Add(uint64(n))
+	s.datagramsUp.Add(1)
 }
 
 // report passes a per-session failure to OnError. It logs only at debug
@@ -365,7 +381,7 @@ func (t *udpTable) run(s *udpSession) {
 		clientAddr = net.UDPAddrFromAddrPort(s.key)
 	}
 	dialCtx, cancel := context.WithTimeout(t.ctx, udpDialTimeout)
-	up, err := t.u.Dial(dialCtx, clientAddr)
+	up, node, err := t.u.Dial(dialCtx, clientAddr)
 	cancel()
 
 	s.mu.Lock()
@@ -383,7 +399,7 @@ func (t *udpTable) run(s *udpSession) {
 		}
 		return
 	}
-	s.up = up
+	s.up, s.node = up, node
 	for _, p := range s.backlog {
 		t.writeUp(s, p)
 	}
@@ -435,7 +451,8 @@ func (t *udpTable) relayReplies(s *udpSession, up net.Conn) {
 			}
 			switch {
 			case werr == nil:
-				t.counts.Down.Add(uint64(n))
+				s.counts.down().Add(uint64(n))
+				s.datagramsDown.Add(1)
 			case errors.Is(werr, net.ErrClosed):
 				return // the listening socket is gone: Serve is ending
 			default:

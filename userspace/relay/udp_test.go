@@ -98,9 +98,10 @@ func startUDPWith(t *testing.T, ttl time.Duration, maxSessions int, dial func(co
 	}
 	r.relay = &UDP{
 		Conn: ln,
-		Dial: func(ctx context.Context, client net.Addr) (net.Conn, error) {
+		Dial: func(ctx context.Context, client net.Addr) (net.Conn, string, error) {
 			r.dials.Add(1)
-			return dial(ctx, client)
+			c, err := dial(ctx, client)
+			return c, "echo", err
 		},
 		TTL:         ttl,
 		Counts:      new(Counts),
@@ -246,14 +247,23 @@ func TestUDPSessionsEchoAndExpire(t *testing.T) {
 	if up, down := r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load(); up < sent.Load() || up > written.Load() || down < sent.Load() || down > written.Load() {
 		t.Fatalf("counted up %d down %d, want %d each (at most %d with resends)", up, down, sent.Load(), written.Load())
 	}
-	// Sessions lists one live session per client, each with its upstream.
+	// Sessions lists one live session per client, each with its upstream,
+	// its node and its own counts, which add up to the service's.
 	if got := r.relay.Sessions(); len(got) != clients {
 		t.Fatalf("Sessions() = %+v, want %d", got, clients)
 	} else {
+		var up, down uint64
 		for _, s := range got {
-			if !s.Client.IsValid() || s.Upstream == "" || s.Started.IsZero() || s.Idle < 0 || s.Idle > ttl {
+			if !s.Client.IsValid() || s.Upstream == "" || s.Node != "echo" || s.Started.IsZero() || s.Idle < 0 || s.Idle > ttl {
 				t.Fatalf("bad session %+v", s)
 			}
+			if s.DatagramsUp < datagrams || s.DatagramsDown < datagrams || s.DatagramsUp > roundTripAttempts*datagrams {
+				t.Errorf("session %s: %d datagrams up, %d down, want %d each (more with resends)", s.Client, s.DatagramsUp, s.DatagramsDown, datagrams)
+			}
+			up, down = up+s.BytesUp, down+s.BytesDown
+		}
+		if up != r.relay.Counts.Up.Load() || down != r.relay.Counts.Down.Load() {
+			t.Errorf("sessions count %d up, %d down; the service %d and %d", up, down, r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load())
 		}
 	}
 
