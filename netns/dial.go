@@ -23,8 +23,9 @@ import (
 func (n NS) dialOne(ctx context.Context, network, addr string) (net.Conn, error) {
 	if n.IsOwn() {
 		// The net package's dialer makes fewer syscalls than connect's
-		// socket-then-FileConn, which has to duplicate the descriptor.
-		var d net.Dialer // zero KeepAlive: the net package's default keep-alive
+		// socket-then-FileConn, which has to duplicate the descriptor;
+		// connectFirst spares it the scheduler's hand-off.
+		d := net.Dialer{ControlContext: connectFirst} // zero KeepAlive: the net package's default keep-alive
 		return d.DialContext(ctx, network, addr)
 	}
 	t, ok := n.dialTarget(ctx, network, addr)
@@ -204,6 +205,40 @@ func connectFD(ctx context.Context, fd int, t target) (net.Conn, error) {
 	// kernel, and for TCP it sets what a dialer sets: no Nagle delay and
 	// the default keep-alive.
 	return net.FileConn(f)
+}
+
+// connectFirst is a net.Dialer's control hook that starts a TCP socket's
+// connect(2) itself, with rawConnect, just before the dialer's own connect:
+// that one then finds the connection established (EISCONN) or in progress
+// (EALREADY), both of which the net package handles as its own, and waits
+// on the netpoller as usual. An immediate failure is the dial's error, as
+// the net package would report it. Addresses with an IPv6 zone are left to
+// the dialer.
+func connectFirst(_ context.Context, network, address string, c syscall.RawConn) error {
+	if network != "tcp4" && network != "tcp6" {
+		return nil
+	}
+	ap, err := netip.ParseAddrPort(address)
+	if err != nil || ap.Addr().Zone() != "" {
+		return nil
+	}
+	var sa unix.Sockaddr
+	if network == "tcp4" {
+		sa = &unix.SockaddrInet4{Port: int(ap.Port()), Addr: ap.Addr().Unmap().As4()}
+	} else {
+		sa = &unix.SockaddrInet6{Port: int(ap.Port()), Addr: ap.Addr().As16()}
+	}
+	var connErr error
+	if err := c.Control(func(fd uintptr) {
+		switch err := rawConnect(int(fd), sa); err {
+		case nil, unix.EINPROGRESS, unix.EALREADY, unix.EINTR, unix.EISCONN:
+		default:
+			connErr = os.NewSyscallError("connect", err)
+		}
+	}); err != nil {
+		return err
+	}
+	return connErr
 }
 
 // rawConnect is connect(2) without telling the Go scheduler, which for a

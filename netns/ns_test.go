@@ -637,3 +637,45 @@ func TestAcceptedConnectionsKeepAlive(t *testing.T) {
 		})
 	}
 }
+
+// A dial from the daemon's own namespace starts connect(2) itself before
+// the net package's dialer does (connectFirst); the outcome and the error
+// text are the dialer's.
+func TestOwnNamespaceDialOutcome(t *testing.T) {
+	var own NS
+	ctx := testContext(t)
+	_, open := echoListener(t, own)
+	closedLn, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	closed := closedLn.Addr().String()
+	closedLn.Close()
+	for _, tc := range []struct {
+		network, addr string
+		wantErr       string // "" = the dial succeeds and echoes
+	}{
+		{"tcp", net.JoinHostPort("127.0.0.1", open), ""},
+		{"tcp4", net.JoinHostPort("127.0.0.1", open), ""},
+		{"tcp", net.JoinHostPort("::1", open), "connect: connection refused"}, // the listener is IPv4 only
+		{"tcp", closed, "dial tcp " + closed + " in netns (own): connect: connection refused"},
+	} {
+		t.Run(tc.network+" "+tc.addr, func(t *testing.T) {
+			conn, err := own.Dial(ctx, tc.network, tc.addr)
+			if tc.wantErr == "" {
+				if err != nil {
+					t.Fatalf("dial: %v", err)
+				}
+				assertEcho(t, conn)
+				return
+			}
+			if err == nil {
+				conn.Close()
+				t.Fatalf("dial succeeded, want %q", tc.wantErr)
+			}
+			if !errors.Is(err, syscall.ECONNREFUSED) || !strings.Contains(err.Error(), tc.wantErr) {
+				t.Fatalf("dial error %q, want one containing %q that is ECONNREFUSED", err, tc.wantErr)
+			}
+		})
+	}
+}
