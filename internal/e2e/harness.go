@@ -29,7 +29,12 @@ var Bin string
 
 const (
 	buildTimeout = 3 * time.Minute
-	readyTimeout = 10 * time.Second
+	// readyTimeout bounds a daemon's start. A tc service's start is mostly
+	// the verifier (about 2 s of CPU per namespace on a quiet 2-CPU
+	// machine), and the e2e tests start many daemons in parallel: on such
+	// a machine under load, ten starting at once have waited more than
+	// 10 s for their turn on the CPUs.
+	readyTimeout = 30 * time.Second
 	// StopTimeout is how long Stop waits after SIGTERM before it kills.
 	StopTimeout = 10 * time.Second
 )
