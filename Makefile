@@ -4,9 +4,17 @@
 GO      ?= go
 BIN     := bin/ebpfwd
 VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
-# How long each fuzz target runs in `make test`: enough to catch a shallow
-# panic on every change, short enough for CI.
-FUZZTIME ?= 10s
+# How much each fuzz target runs in `make test`: enough to catch a shallow
+# panic on every change, short enough for CI. Counts of executions, not
+# durations: with a duration, Go 1.26's fuzz coordinator can report its own
+# deadline as a failure ("context deadline exceeded", no crasher written)
+# when a loaded machine starves its workers (golang/go#75804, fixed in Go
+# 1.27). Each count is 5-10 s of its target on a busy 2-CPU machine;
+# FUZZTIME=30s (say) sets one duration for all of them instead.
+FUZZ_CONFIG     ?= 20000x
+FUZZ_CONNECT    ?= 100000x
+FUZZ_PROXYPROTO ?= 200000x
+FUZZ_HTTPPROXY  ?= 200x
 
 .PHONY: build test unit e2e topologies fuzz demo generate check-generate lint clean need-root bench soak image
 
@@ -35,10 +43,10 @@ topologies: need-root
 	$(GO) test -count=1 -timeout 5m -v ./test/topologies/
 
 fuzz:
-	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./config
-	$(GO) test -run='^$$' -fuzz='^FuzzReadResponse$$' -fuzztime=$(FUZZTIME) ./userspace/httpconnect
-	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(FUZZTIME) ./userspace/proxyproto
-	$(GO) test -run='^$$' -fuzz='^FuzzServeRequest$$' -fuzztime=$(FUZZTIME) ./userspace/httpproxy
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(or $(FUZZTIME),$(FUZZ_CONFIG)) ./config
+	$(GO) test -run='^$$' -fuzz='^FuzzReadResponse$$' -fuzztime=$(or $(FUZZTIME),$(FUZZ_CONNECT)) ./userspace/httpconnect
+	$(GO) test -run='^$$' -fuzz='^FuzzParse$$' -fuzztime=$(or $(FUZZTIME),$(FUZZ_PROXYPROTO)) ./userspace/proxyproto
+	$(GO) test -run='^$$' -fuzz='^FuzzServeRequest$$' -fuzztime=$(or $(FUZZTIME),$(FUZZ_HTTPPROXY)) ./userspace/httpproxy
 
 demo: need-root build
 	$(GO) run ./test/demo -ebpfwd $(BIN) -config docs/examples/seed000.yaml
