@@ -251,6 +251,7 @@ type direction struct {
 	buf      []byte          // nil when dst splices from src in the kernel
 	srcRaw   syscall.RawConn // src's socket, when splicing
 	dstRaw   syscall.RawConn // dst's socket, when splicing
+	rc       rawCopy         // readWrite's state, when splicing
 	// bulk: the direction splices. It starts false: a direction first
 	// reads what the socket holds into a pooled buffer and writes it, which
 	// costs two syscalls for a small message where splicing costs a peek,
@@ -283,6 +284,7 @@ func newDirection(name string, src, dst net.Conn, pending []byte, counter counte
 		draw, derr := dst.(syscall.Conn).SyscallConn()
 		if err == nil && derr == nil {
 			d.srcRaw, d.dstRaw = raw, draw
+			d.rc.init()
 		}
 	}
 	if d.srcRaw == nil {
@@ -472,41 +474,73 @@ var errMore = errors.New("more to come")
 // switches the direction to splicing. It returns errMore with the bytes
 // moved, a nil error at EOF.
 func (d *direction) readWrite() (int64, error) {
-	var (
-		b       *[]byte
-		n       int
-		readErr error
-	)
-	want := int(min(int64(bufferSize), d.chunk))
-	err := d.srcRaw.Read(func(fd uintptr) bool {
-		b = copyBuffers.Get().(*[]byte)
-		n, readErr = rawIO(unix.SYS_READ, fd, (*b)[:want])
-		if readErr == unix.EAGAIN {
-			copyBuffers.Put(b)
-			b = nil
-			return false // nothing yet: wait for the poller
-		}
-		return true
-	})
-	if b != nil {
-		defer copyBuffers.Put(b)
+	rc := &d.rc
+	rc.want = int(min(int64(bufferSize), d.chunk))
+	rc.n, rc.err = 0, nil
+	err := d.srcRaw.Read(rc.readFn)
+	if rc.buf != nil {
+		defer func() { copyBuffers.Put(rc.buf); rc.buf = nil }()
 	}
 	switch {
 	case err != nil:
 		return 0, err
-	case readErr != nil:
-		return 0, os.NewSyscallError("read", readErr)
-	case n <= 0:
+	case rc.err != nil:
+		return 0, os.NewSyscallError("read", rc.err)
+	case rc.n <= 0:
 		return 0, nil // EOF
 	}
-	if n == want {
+	if rc.n == rc.want {
 		d.bulk = true
 	}
-	w, err := writeAll(d.dstRaw, (*b)[:n])
-	if err != nil {
-		return int64(w), err
+	rc.written = 0
+	err = d.dstRaw.Write(rc.writeFn)
+	if err == nil && rc.err != nil {
+		err = os.NewSyscallError("write", rc.err)
 	}
-	return int64(w), errMore
+	if err != nil {
+		return int64(rc.written), err
+	}
+	return int64(rc.written), errMore
+}
+
+// rawCopy is readWrite's state. Its two callbacks are made once per
+// direction: a function handed to RawConn.Read or Write escapes, so
+// closures made per call would cost several allocations per message.
+type rawCopy struct {
+	want    int     // bytes one read may take
+	buf     *[]byte // the pooled buffer, while it holds bytes
+	n       int     // bytes read into buf
+	written int     // of those, bytes written
+	err     error   // the read's or the write's errno
+	readFn  func(fd uintptr) bool
+	writeFn func(fd uintptr) bool
+}
+
+func (rc *rawCopy) init() {
+	rc.readFn = func(fd uintptr) bool {
+		rc.buf = copyBuffers.Get().(*[]byte)
+		rc.n, rc.err = rawIO(unix.SYS_READ, fd, (*rc.buf)[:rc.want])
+		if rc.err == unix.EAGAIN {
+			copyBuffers.Put(rc.buf)
+			rc.buf, rc.err = nil, nil
+			return false // nothing yet: wait for the poller
+		}
+		return true
+	}
+	rc.writeFn = func(fd uintptr) bool {
+		for rc.written < rc.n {
+			n, err := rawIO(unix.SYS_WRITE, fd, (*rc.buf)[rc.written:rc.n])
+			if err == unix.EAGAIN {
+				return false // the send buffer is full: wait for the poller
+			}
+			if err != nil {
+				rc.err = err
+				return true
+			}
+			rc.written += n
+		}
+		return true
+	}
 }
 
 // rawIO is read(2) or write(2) on a non-blocking socket, without telling
@@ -541,33 +575,6 @@ func shutdownWrite(c syscall.RawConn) error {
 		return err
 	}
 	return shutErr
-}
-
-// writeAll writes p to the socket, waiting on the poller while its send
-// buffer is full.
-func writeAll(c syscall.RawConn, p []byte) (int, error) {
-	var (
-		written  int
-		writeErr error
-	)
-	err := c.Write(func(fd uintptr) bool {
-		for written < len(p) {
-			n, err := rawIO(unix.SYS_WRITE, fd, p[written:])
-			if err == unix.EAGAIN {
-				return false
-			}
-			if err != nil {
-				writeErr = os.NewSyscallError("write", err)
-				return true
-			}
-			written += n
-		}
-		return true
-	})
-	if err == nil {
-		err = writeErr
-	}
-	return written, err
 }
 
 // waitReadable returns once c has data, EOF or an error to report, or its
