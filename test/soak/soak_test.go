@@ -70,9 +70,22 @@ type tally struct {
 	bytes           atomic.Int64 // verified both ways
 	refused, reset  atomic.Int64
 	other           atomic.Int64
-	duringRestart   atomic.Int64 // failures while a restart happened (expected for userspace)
-	mu              sync.Mutex
-	firstErr        string
+	// during counts failures by the event they fell in (eventKinds; ""
+	// for none); its keys are fixed by newTally.
+	during   map[string]*atomic.Int64
+	mu       sync.Mutex
+	firstErr string
+}
+
+// eventKinds are the soak's events, in the order it takes them.
+var eventKinds = []string{"reload", "upgrade", "restart"}
+
+func newTally() *tally {
+	t := &tally{during: map[string]*atomic.Int64{"": {}}}
+	for _, k := range eventKinds {
+		t.during[k] = new(atomic.Int64)
+	}
+	return t
 }
 
 func (t *tally) fail(err error, event string) {
@@ -84,14 +97,21 @@ func (t *tally) fail(err error, event string) {
 	default:
 		t.other.Add(1)
 	}
+	t.during[event].Add(1)
 	t.mu.Lock()
 	defer t.mu.Unlock()
 	if t.firstErr == "" {
 		t.firstErr = fmt.Sprintf("%v (event: %q)", err, event)
 	}
-	if event == "restart" {
-		t.duringRestart.Add(1)
+}
+
+// failures returns every failure but those during the events named.
+func (t *tally) failures(except ...string) int64 {
+	n := t.refused.Load() + t.reset.Load() + t.other.Load()
+	for _, e := range except {
+		n -= t.during[e].Load()
 	}
+	return n
 }
 
 func TestSoak(t *testing.T) {
@@ -122,17 +142,43 @@ func TestSoak(t *testing.T) {
 	d := e2e.Start(t, "soak", e2e.Config(soakConfig, vars), opts)
 
 	var (
-		cur    atomic.Pointer[e2e.Daemon]
-		event  atomic.Value // the event in progress ("" none)
-		stop   = make(chan struct{})
-		wg     sync.WaitGroup
-		tcp    = map[string]*tally{"tc": {}, "userspace": {}}
-		udp    = map[string]*tally{"tc": {}, "userspace": {}}
-		events []string
-		evMu   sync.Mutex
+		cur   atomic.Pointer[e2e.Daemon]
+		event atomic.Value // the event in progress ("" none)
+		// eventSeq counts the events begun; lastEvent is the latest's
+		// kind: an exchange during which one began belongs to it, even
+		// when it began and ended between the exchange's first and last
+		// look.
+		eventSeq  atomic.Int64
+		lastEvent atomic.Value
+		stop      = make(chan struct{})
+		wg        sync.WaitGroup
+		tcp       = map[string]*tally{"tc": newTally(), "userspace": newTally()}
+		udp       = map[string]*tally{"tc": newTally(), "userspace": newTally()}
+		events    []string
+		evMu      sync.Mutex
 	)
 	cur.Store(d)
 	event.Store("")
+	lastEvent.Store("")
+	// began is what an exchange notes when it starts; eventOf, when it
+	// fails, names the event it fell in: the one in progress at its start
+	// or its end, or one that began meanwhile.
+	type began struct {
+		event string
+		seq   int64
+	}
+	begin := func() began { return began{event.Load().(string), eventSeq.Load()} }
+	eventOf := func(b began) string {
+		switch ev := event.Load().(string); {
+		case ev != "":
+			return ev
+		case b.event != "":
+			return b.event
+		case eventSeq.Load() != b.seq:
+			return lastEvent.Load().(string)
+		}
+		return ""
+	}
 	logEvent := func(format string, args ...any) {
 		evMu.Lock()
 		defer evMu.Unlock()
@@ -151,13 +197,10 @@ func TestSoak(t *testing.T) {
 					default:
 					}
 					n := 64<<10 + rand.IntN(4<<20)
-					ev := event.Load().(string)
+					b := begin()
 					tcp[dp].conns.Add(1)
 					if err := e2e.Exchange(t, c, addr, n, time.Minute); err != nil {
-						if ev == "" {
-							ev = event.Load().(string)
-						}
-						tcp[dp].fail(err, ev)
+						tcp[dp].fail(err, eventOf(b))
 						continue
 					}
 					tcp[dp].verified.Add(1)
@@ -175,7 +218,7 @@ func TestSoak(t *testing.T) {
 						return
 					default:
 					}
-					ev := event.Load().(string)
+					b := begin()
 					udp[dp].conns.Add(1)
 					ctx, cancel := context.WithTimeout(context.Background(), 30*time.Second)
 					conn, err := e2e.DialFrom(ctx, t, c, "udp", addr)
@@ -184,7 +227,7 @@ func TestSoak(t *testing.T) {
 					}
 					cancel()
 					if err != nil {
-						udp[dp].fail(err, ev)
+						udp[dp].fail(err, eventOf(b))
 						continue
 					}
 					udp[dp].verified.Add(1)
@@ -209,7 +252,6 @@ func TestSoak(t *testing.T) {
 		samples = append(samples, sample{at: time.Since(start).Round(time.Second), fds: len(dd.OpenFDs(t)), rss: rssKiB(dd.Pid())})
 	}
 
-	kinds := []string{"reload", "upgrade", "restart"}
 	nextEvent := time.Now().Add(*every)
 	sampleTick := time.NewTicker(15 * time.Second)
 	defer sampleTick.Stop()
@@ -224,8 +266,10 @@ func TestSoak(t *testing.T) {
 		if !time.Now().Before(deadline) {
 			break
 		}
-		kind := kinds[k%len(kinds)]
+		kind := eventKinds[k%len(eventKinds)]
 		k++
+		lastEvent.Store(kind)
+		eventSeq.Add(1)
 		event.Store(kind)
 		dd := cur.Load()
 		switch kind {
@@ -272,8 +316,7 @@ func TestSoak(t *testing.T) {
 		}
 	}
 	for dp, tl := range tcp {
-		bad := tl.refused.Load() + tl.reset.Load() + tl.other.Load() - tl.duringRestart.Load()
-		if bad > 0 {
+		if bad := tl.failures("restart"); bad > 0 {
 			t.Errorf("tcp on %s: %d connections failed outside restarts (first: %s)", dp, bad, tl.firstErr)
 		}
 	}
@@ -300,15 +343,18 @@ func render(dur time.Duration, tcp, udp map[string]*tally, events, samples []str
 	b.WriteString("the userspace relay at once; a reload (SIGHUP), an upgrade (SIGUSR2) and a crash (SIGKILL) with a new start in turn\n")
 	b.WriteString("every few minutes. A crash resets the relay's connections in flight (SO_LINGER: a cut stream never looks\n")
 	b.WriteString("complete); those are counted apart. Written by `test/soak`.\n\n")
-	b.WriteString("| traffic | datapath | exchanges | verified | bytes verified | refused | reset | other failures | of which during a crash |\n|---|---|---|---|---|---|---|---|---|\n")
+	b.WriteString("Each failure is counted where it fell: during a reload, an upgrade or a crash (from the event until 5s after it\n")
+	b.WriteString("was done, and for an exchange that was under way when one began), or at none of them.\n\n")
+	b.WriteString("| traffic | datapath | exchanges | verified | bytes verified | refused | reset | other failures | during a reload | during an upgrade | during a crash | at no event |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n")
 	for _, kind := range []struct {
 		name string
 		m    map[string]*tally
 	}{{"tcp", tcp}, {"udp", udp}} {
 		for _, dp := range []string{"tc", "userspace"} {
 			tl := kind.m[dp]
-			fmt.Fprintf(&b, "| %s | %s | %d | %d | %d MiB | %d | %d | %d | %d |\n", kind.name, dp, tl.conns.Load(), tl.verified.Load(),
-				tl.bytes.Load()>>20, tl.refused.Load(), tl.reset.Load(), tl.other.Load(), tl.duringRestart.Load())
+			fmt.Fprintf(&b, "| %s | %s | %d | %d | %d MiB | %d | %d | %d | %d | %d | %d | %d |\n", kind.name, dp, tl.conns.Load(), tl.verified.Load(),
+				tl.bytes.Load()>>20, tl.refused.Load(), tl.reset.Load(), tl.other.Load(),
+				tl.during["reload"].Load(), tl.during["upgrade"].Load(), tl.during["restart"].Load(), tl.during[""].Load())
 		}
 	}
 	b.WriteString("\nA UDP exchange that loses a datagram (UDP may) retries it; one that still fails counts as a failure.\n\n## Events\n\n")
