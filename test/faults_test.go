@@ -1,0 +1,377 @@
+package test
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/rand"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/prometheus/common/model"
+
+	"github.com/ebpfwd/ebpfwd/daemon"
+	"github.com/ebpfwd/ebpfwd/internal/e2e"
+	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
+)
+
+// The faults of issue #12 that the other end-to-end tests do not cover,
+// each checked for the four things docs/RELIABILITY.md's fault matrix
+// lists: the affected connection closed cleanly (an error or a close, never
+// a hang, never bytes that were not sent), a log line, a counted reason in
+// the metrics, and every other connection unharmed and byte-exact.
+
+// metricsIn scrapes the /metrics of a daemon running inside ns (at addr
+// there).
+func metricsIn(t *testing.T, ns *topo.NS, addr string) func() (model.Vector, error) {
+	t.Helper()
+	h := e2e.Handle(t, ns)
+	client := &http.Client{Timeout: httpTimeout, Transport: &http.Transport{DialContext: h.Dial, DisableKeepAlives: true}}
+	return func() (model.Vector, error) {
+		resp, err := client.Get("http://" + addr + "/metrics")
+		if err != nil {
+			return nil, fmt.Errorf("scrape %s in %s: %w", addr, ns.Name, err)
+		}
+		defer resp.Body.Close()
+		body, err := io.ReadAll(resp.Body)
+		if err != nil || resp.StatusCode != http.StatusOK {
+			return nil, fmt.Errorf("scrape %s in %s: status %d, read: %v", addr, ns.Name, resp.StatusCode, err)
+		}
+		return parseExposition(body)
+	}
+}
+
+// waitCount waits up to settleTimeout until the series selector sums to
+// at least want (a stream's failure is counted when its relay returns,
+// just after the client saw it end) and returns the sum.
+func waitCount(t *testing.T, scrape func() (model.Vector, error), selector string, want float64) float64 {
+	t.Helper()
+	deadline := time.Now().Add(settleTimeout)
+	for {
+		samples, err := scrape()
+		v, ok := sumMatching(samples, selector)
+		if err == nil && ok && v >= want {
+			return v
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%s = %v (present %v, scrape error %v) after %v, want >= %v", selector, v, ok, err, settleTimeout, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+// resetAfter serves a target that echoes the first n bytes of a
+// connection and then resets it (SO_LINGER 0), as a crashing or
+// overloaded backend does in the middle of a stream.
+func resetAfter(n int) func(ctx context.Context, c net.Conn) {
+	return func(ctx context.Context, c net.Conn) {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(trafficTimeout))
+		buf := make([]byte, n)
+		if _, err := io.ReadFull(c, buf); err != nil {
+			return
+		}
+		if _, err := c.Write(buf); err != nil {
+			return
+		}
+		_ = c.(*net.TCPConn).SetLinger(0)
+	}
+}
+
+// TestTargetResetsMidStream: a target that resets a stream after echoing
+// its first 16 KiB. The client gets those bytes intact and then a reset,
+// not a clean end that would pass a cut stream off as complete; the
+// daemon logs the stream's end and counts it as reason reset; a
+// connection held open on the service beside it, and new ones, go on
+// byte-exact.
+func TestTargetResetsMidStream(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	const prefix = 16 << 10
+	c := testutil.NewNS(t, "e2e-rst-c")
+	tg := testutil.NewNS(t, "e2e-rst-t")
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	ln, err := e2e.Handle(t, tg).Listen(context.Background(), "tcp", "127.0.0.1:9001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	testutil.Serve(t, ln, resetAfter(prefix))
+	yaml := e2e.Config(`services:
+- name: resetting
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: flaky, addr: "127.0.0.1:9001"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+- name: steady
+  addr: 127.0.0.1:8001
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"T": tg.Name})
+	d := e2e.Start(t, "target-reset", yaml, e2e.Options{In: c})
+	scrape := metricsIn(t, c, "127.0.0.1:9100")
+	held := holdConn(t, c, "127.0.0.1:8001")
+
+	const streams = 3
+	for i := range streams {
+		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+		conn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
+		cancel()
+		if err != nil {
+			t.Fatal(err)
+		}
+		_ = conn.SetDeadline(time.Now().Add(trafficTimeout))
+		sent := make([]byte, prefix)
+		_, _ = rand.Read(sent)
+		if _, err := conn.Write(sent); err != nil {
+			t.Fatalf("stream %d: write: %v", i, err)
+		}
+		got := make([]byte, prefix)
+		if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, sent) {
+			t.Fatalf("stream %d: the bytes before the reset: equal %v, %v", i, bytes.Equal(got, sent), err)
+		}
+		// Only reads from here: the kernel reports a reset once, to the
+		// first call on the socket, and a read after that sees an EOF.
+		rest, err := io.ReadAll(conn)
+		conn.Close()
+		switch {
+		case errors.Is(err, os.ErrDeadlineExceeded):
+			t.Fatalf("stream %d: neither reset nor closed within %v of the target's reset", i, trafficTimeout)
+		case !errors.Is(err, syscall.ECONNRESET):
+			t.Fatalf("stream %d after the target's reset: %d more bytes, err %v; want a reset (a clean end looks complete)", i, len(rest), err)
+		case len(rest) > 0:
+			t.Fatalf("stream %d: %d bytes after the target's reset", i, len(rest))
+		}
+	}
+	waitCount(t, scrape, `ebpfwd_errors_total{service="resetting",reason="reset"}`, streams)
+	d.WaitLog(t, settleTimeout, "connection ended with error", "service=resetting", "node=flaky")
+	held.roundTrip(t, "after the resets")
+	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("the other service after the resets: %v", err)
+	}
+	samples, err := scrape()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, _ := sumMatching(samples, `ebpfwd_errors_total{service="steady"}`); v != 0 {
+		t.Errorf("the other service counted %v errors, want 0", v)
+	}
+}
+
+// scriptedHop plays a broken HTTP CONNECT proxy at addr inside ns: it reads
+// one request and answers reply (nil: closes without a word; hang: answers
+// nothing until the daemon gives up). Each request's target is sent on the
+// returned channel.
+func scriptedHop(t *testing.T, ns *topo.NS, addr string, reply []byte, hang bool) <-chan string {
+	t.Helper()
+	ln, err := e2e.Handle(t, ns).Listen(context.Background(), "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	targets := make(chan string, 16)
+	testutil.Serve(t, ln, func(ctx context.Context, c net.Conn) {
+		defer c.Close()
+		_ = c.SetDeadline(time.Now().Add(2 * trafficTimeout))
+		r := bufio.NewReader(c)
+		req, err := http.ReadRequest(r)
+		if err != nil {
+			return
+		}
+		select {
+		case targets <- req.Host:
+		default:
+		}
+		if hang {
+			// Until the daemon closes (its handshake timeout) or the test ends.
+			go func() { <-ctx.Done(); c.Close() }()
+			_, _ = io.Copy(io.Discard, r)
+			return
+		}
+		_, _ = c.Write(reply)
+	})
+	return targets
+}
+
+// TestHopFaults: a chain's first hop that refuses (407, 502), answers
+// garbage, closes before or in the middle of its answer, or never answers.
+// The client is closed without a byte, the daemon logs the failed dial
+// with its reason, counts it, and a connection held on a direct service
+// beside it, and new ones, go on byte-exact.
+func TestHopFaults(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	c := testutil.NewNS(t, "e2e-hopf-c")
+	h := testutil.NewNS(t, "e2e-hopf-h")
+	tg := testutil.NewNS(t, "e2e-hopf-t")
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	cases := []struct {
+		name   string
+		reply  string
+		hang   bool
+		reason string
+	}{
+		{"407", "HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic realm=\"hop\"\r\nContent-Length: 0\r\n\r\n", false, "hop_407"},
+		{"502", "HTTP/1.1 502 Bad Gateway\r\nContent-Length: 0\r\n\r\n", false, "hop_502"},
+		{"garbage", "SSH-2.0-OpenSSH_9.6\r\n\r\n", false, "hop_protocol"},
+		{"closed-before-answer", "", false, "hop_closed"},
+		{"closed-mid-status-line", "HTTP/1.1 200 Conn", false, "hop_closed"},
+		{"closed-mid-header", "HTTP/1.1 200 Connection established\r\nVia: 1.1", false, "hop_closed"},
+		// The dial's bound (10s) is the handshake's too.
+		{"never-answers", "", true, "timeout"},
+	}
+	var yaml strings.Builder
+	yaml.WriteString(e2e.Config(`services:
+- name: direct
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+`, map[string]string{"T": tg.Name}))
+	targets := make([]<-chan string, len(cases))
+	for i, tc := range cases {
+		hopAddr := fmt.Sprintf("127.0.0.1:%d", 7000+i)
+		targets[i] = scriptedHop(t, h, hopAddr, []byte(tc.reply), tc.hang)
+		fmt.Fprintf(&yaml, `- name: via-%[1]s
+  addr: 127.0.0.1:%[2]d
+  handler: {type: tcp, chain: chain-%[1]s}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: target, addr: "192.0.2.10:9000"}]}
+`, tc.name, 8100+i)
+	}
+	yaml.WriteString("chains:\n")
+	for i, tc := range cases {
+		fmt.Fprintf(&yaml, `- name: chain-%[1]s
+  hops:
+  - name: hop-%[1]s
+    metadata: {netns: %[2]s}
+    nodes: [{name: proxy, addr: "127.0.0.1:%[3]d", connector: {type: http}, dialer: {type: tcp}}]
+`, tc.name, h.Name, 7000+i)
+	}
+	yaml.WriteString("metrics:\n  addr: 127.0.0.1:9100\n")
+	d := e2e.Start(t, "hop-faults", yaml.String(), e2e.Options{In: c})
+	scrape := metricsIn(t, c, "127.0.0.1:9100")
+	held := holdConn(t, c, "127.0.0.1:8000")
+
+	t.Run("faults", func(t *testing.T) {
+		for i, tc := range cases {
+			t.Run(tc.name, func(t *testing.T) {
+				t.Parallel()
+				service := "via-" + tc.name
+				// Within the daemon's dial bound (10s), which a hop that
+				// never answers waits out.
+				e2e.ExpectClosedNoDataWithin(t, c, fmt.Sprintf("127.0.0.1:%d", 8100+i), 15*time.Second)
+				select {
+				case got := <-targets[i]:
+					if got != "192.0.2.10:9000" {
+						t.Errorf("the hop was asked for %q, want the node 192.0.2.10:9000", got)
+					}
+				default:
+					t.Fatal("the hop got no CONNECT request")
+				}
+				d.WaitLog(t, settleTimeout, "dial failed", "service="+service, "reason="+tc.reason)
+				waitCount(t, scrape, `ebpfwd_errors_total{service="`+service+`",reason="`+tc.reason+`"}`, 1)
+			})
+		}
+	})
+	held.roundTrip(t, "after the hop faults")
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("the direct service after the hop faults: %v", err)
+	}
+	if !d.Running() {
+		t.Fatal("the daemon exited")
+	}
+}
+
+// TestPortInUseAtStart: a service whose address is taken fails the start:
+// `ebpfwd run` exits non-zero naming the address, and leaves nothing half
+// set up: no tc program on the gateway's interfaces, no pins under
+// /sys/fs/bpf/ebpfwd, no control socket, though a tc service came before
+// it in the file.
+func TestPortInUseAtStart(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	client := testutil.NewNS(t, "e2e-inuse-c")
+	gw := testutil.NewNS(t, "e2e-inuse-g")
+	server := testutil.NewNS(t, "e2e-inuse-s")
+	testutil.Veth(t, client, "c0", "10.37.1.2/24", gw, "g0", "10.37.1.1/24")
+	testutil.Veth(t, gw, "g1", "10.37.2.1/24", server, "s0", "10.37.2.2/24")
+	e2e.EchoIn(t, server, "10.37.2.2:9000")
+	// Another program holds the relay service's port (no SO_REUSEPORT).
+	taken, err := e2e.Handle(t, gw).Listen(context.Background(), "tcp", "10.37.1.1:8001")
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { taken.Close() })
+	yaml := e2e.Config(`services:
+- name: kernel
+  addr: "10.37.1.1:8000"
+  handler: {type: tcp}
+  forwarder: {nodes: [{name: server-0, addr: "10.37.2.2:9000"}]}
+  metadata: {netns: $GW, netns.out: $GW, datapath: tc}
+- name: clash
+  addr: "10.37.1.1:8001"
+  handler: {type: tcp}
+  forwarder: {nodes: [{name: server-0, addr: "10.37.2.2:9000"}]}
+  metadata: {netns: $GW, netns.out: $GW, datapath: userspace}
+`, map[string]string{"GW": gw.Name})
+	cfg := filepath.Join(t.TempDir(), "inuse.yaml")
+	if err := os.WriteFile(cfg, []byte(yaml), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	instance := testutil.UniqueName(t, "e2e-inuse")
+	ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+	defer cancel()
+	out, err := exec.CommandContext(ctx, e2e.Bin, "run", "--instance", instance, cfg).CombinedOutput()
+	t.Logf("ebpfwd run:\n%s", out)
+	var exit *exec.ExitError
+	switch {
+	case ctx.Err() != nil:
+		t.Fatalf("ebpfwd run still running %v after its port was found taken", trafficTimeout)
+	case !errors.As(err, &exit) || exit.ExitCode() <= 0:
+		t.Fatalf("ebpfwd run with a port in use: %v, want a non-zero exit", err)
+	}
+	for _, want := range []string{"clash", "10.37.1.1:8001", "address already in use"} {
+		if !bytes.Contains(out, []byte(want)) {
+			t.Errorf("the error does not name %q", want)
+		}
+	}
+	gwNS := e2e.Handle(t, gw)
+	for _, ifname := range []string{"g0", "g1"} {
+		if n := tcxPrograms(t, gwNS, ifname); n != 0 {
+			t.Errorf("%d tcx programs left on %s", n, ifname)
+		}
+	}
+	if dirs := pinDirsOf(instance); len(dirs) > 0 {
+		t.Errorf("pins left: %v", dirs)
+	}
+	if _, err := os.Stat(filepath.Join("/sys/fs/bpf/ebpfwd", instance)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("pin directory of the instance left (stat: %v)", err)
+	}
+	if _, err := os.Stat(daemon.ControlSocket(instance)); !errors.Is(err, os.ErrNotExist) {
+		t.Errorf("control socket left (stat: %v)", err)
+	}
+	// The port freed, the same file starts and serves both services.
+	taken.Close()
+	e2e.Start(t, "inuse-after", yaml, e2e.Options{})
+	for _, addr := range []string{"10.37.1.1:8000", "10.37.1.1:8001"} {
+		if err := e2e.Exchange(t, client, addr, 256<<10, trafficTimeout); err != nil {
+			t.Fatalf("%s once the port is free: %v", addr, err)
+		}
+	}
+}
