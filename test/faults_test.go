@@ -14,6 +14,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"sync/atomic"
 	"syscall"
 	"testing"
 	"time"
@@ -22,6 +24,7 @@ import (
 
 	"github.com/ebpfwd/ebpfwd/daemon"
 	"github.com/ebpfwd/ebpfwd/internal/e2e"
+	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
@@ -374,4 +377,171 @@ func TestPortInUseAtStart(t *testing.T) {
 			t.Fatalf("%s once the port is free: %v", addr, err)
 		}
 	}
+}
+
+// burstConns is how many connections TestConnectionBurst opens at once.
+const burstConns = 5000
+
+// TestConnectionBurst opens 5000 connections at once through a relay
+// service and, once all are open, moves 64 KiB each way on every one,
+// SHA-256 checked both ways, every read bounded by the test's deadline so
+// a stalled stream fails it instead of hanging. None may be refused or
+// fail; the daemon's OS threads stay bounded while the streams run, and its
+// threads and descriptors are back near their baseline once the streams
+// closed. It is not parallel: with the clients and the echo servers this
+// process holds two descriptors per stream, and the machine's hard
+// RLIMIT_NOFILE leaves no room for other tests beside it.
+func TestConnectionBurst(t *testing.T) {
+	testutil.RequireRoot(t)
+	var lim syscall.Rlimit
+	if err := syscall.Getrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+		t.Fatal(err)
+	}
+	if lim.Cur < lim.Max {
+		lim.Cur = lim.Max
+		if err := syscall.Setrlimit(syscall.RLIMIT_NOFILE, &lim); err != nil {
+			t.Fatalf("raise RLIMIT_NOFILE to its hard limit %d: %v", lim.Max, err)
+		}
+	}
+	// The client's and the echo server's end of each stream, and 1000 for
+	// the rest of this process.
+	n := min(burstConns, (int(lim.Cur)-1000)/2)
+	if n < burstConns {
+		t.Logf("RLIMIT_NOFILE %d leaves this process room for %d streams, not %d: running %d", lim.Cur, n, burstConns, n)
+	}
+	const size = 64 << 10
+	c := testutil.NewNS(t, "e2e-burst-c")
+	tg := testutil.NewNS(t, "e2e-burst-t")
+	// 5000 SYNs at once: beyond the default backlog some would wait for a
+	// SYN retransmit (1s, 3s...), which is slow but not a failure; this
+	// keeps the test about the daemon.
+	for _, ns := range []*topo.NS{c, tg} {
+		if err := ns.Exec("sysctl", "-qw", "net.core.somaxconn=8192", "net.ipv4.tcp_max_syn_backlog=8192"); err != nil {
+			t.Fatal(err)
+		}
+	}
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	d := e2e.Start(t, "burst", e2e.Config(`services:
+- name: relay
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"T": tg.Name}), e2e.Options{In: c})
+	scrape := metricsIn(t, c, "127.0.0.1:9100")
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", size, trafficTimeout); err != nil {
+		t.Fatal(err)
+	}
+	baseThreads, baseFDs := daemonThreads(t, d), len(d.SettledFDs(t))
+
+	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
+	defer cancel()
+	h := e2e.Handle(t, c)
+	conns := make([]net.Conn, n)
+	dialErrs := make([]error, n)
+	var wg sync.WaitGroup
+	for i := range n {
+		wg.Go(func() { conns[i], dialErrs[i] = h.Dial(ctx, "tcp", "127.0.0.1:8000") })
+	}
+	wg.Wait()
+	t.Cleanup(func() {
+		for _, conn := range conns {
+			if conn != nil {
+				conn.Close()
+			}
+		}
+	})
+	if err := errors.Join(dialErrs...); err != nil {
+		t.Fatalf("dialing %d connections at once: %v", n, firstLines(err.Error(), 5))
+	}
+	// Every connection is open: now they all move their bytes at once.
+	var peak atomic.Int64
+	watchDone := make(chan struct{})
+	go func() {
+		defer close(watchDone)
+		for ctx.Err() == nil {
+			if th, ok := threadsOf(d.Pid()); ok && int64(th) > peak.Load() {
+				peak.Store(int64(th))
+			}
+			select {
+			case <-ctx.Done():
+			case <-time.After(100 * time.Millisecond):
+			}
+		}
+	}()
+	exchangeErrs := make([]error, n)
+	for i := range n {
+		wg.Go(func() { exchangeErrs[i] = peer.Exchange(ctx, conns[i], size) })
+	}
+	wg.Wait()
+	cancel()
+	<-watchDone
+	var failed []error
+	for i, err := range exchangeErrs {
+		if err != nil {
+			failed = append(failed, fmt.Errorf("stream %d: %w", i, err))
+		}
+	}
+	if len(failed) > 0 {
+		t.Fatalf("%d of %d streams failed or stalled:\n%v", len(failed), n, firstLines(errors.Join(failed...).Error(), 10))
+	}
+	t.Logf("%d streams byte-exact; the daemon's threads: %d before, %d at most during", n, baseThreads, peak.Load())
+	// Go keeps an OS thread per goroutine blocked in a system call: a
+	// relay that blocked in splice(2) or a dial that blocked in a
+	// namespace switch would show here as thousands.
+	if p := int(peak.Load()); p > baseThreads+64 {
+		t.Errorf("%d OS threads while %d streams ran (baseline %d): blocking system calls hold threads", p, n, baseThreads)
+	}
+	samples, err := scrape()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v := value(t, samples, `ebpfwd_connections_opened_total{service="relay"}`); v != float64(n+1) {
+		t.Errorf("connections_opened_total = %v, want %d", v, n+1)
+	}
+	if v, _ := sumMatching(samples, `ebpfwd_errors_total{service="relay"}`); v != 0 {
+		t.Errorf("errors_total of the service = %v, want 0", v)
+	}
+	// Go's runtime keeps the splice pipes it made in a pool that only its
+	// garbage collector empties: those are bounded by the daemon's pipe
+	// allowance (which its fd budget reserves), not by the streams, and
+	// are counted apart. Every other descriptor must be back.
+	pipeLimit := value(t, samples, `ebpfwd_splice_pipes{state="limit"}`)
+	var threads, others, pipes int
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
+		threads, others, pipes = daemonThreads(t, d), 0, 0
+		for _, fd := range d.OpenFDs(t) {
+			if strings.HasPrefix(fd, "pipe:") {
+				pipes++
+			} else {
+				others++
+			}
+		}
+		if threads <= baseThreads+16 && others <= baseFDs+16 {
+			break
+		}
+	}
+	t.Logf("after the burst: %d threads (baseline %d), %d descriptors besides %d pooled splice pipe ends (baseline %d in all)", threads, baseThreads, others, pipes, baseFDs)
+	if threads > baseThreads+16 || others > baseFDs+16 {
+		t.Fatalf("after the burst: %d threads (baseline %d), %d descriptors besides pipes (baseline %d in all: %v now)", threads, baseThreads, others, baseFDs, e2e.FDKinds(d.OpenFDs(t)))
+	}
+	if float64(pipes) > 2*pipeLimit {
+		t.Errorf("%d pipe ends left, beyond the splice pipe allowance of %v pipes", pipes, pipeLimit)
+	}
+	waitActive(t, scrape, "relay", 0)
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("after the burst: %v", err)
+	}
+}
+
+// firstLines keeps the first n lines of s, saying how many it left out.
+func firstLines(s string, n int) string {
+	lines := strings.Split(s, "\n")
+	if len(lines) <= n {
+		return s
+	}
+	return strings.Join(lines[:n], "\n") + fmt.Sprintf("\n... and %d more", len(lines)-n)
 }

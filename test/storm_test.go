@@ -17,21 +17,27 @@ import (
 // daemonThreads is the daemon's thread count, as /proc/PID/status says.
 func daemonThreads(t *testing.T, d *e2e.Daemon) int {
 	t.Helper()
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(d.Pid()) + "/status")
+	n, ok := threadsOf(d.Pid())
+	if !ok {
+		t.Fatalf("no thread count in /proc/%d/status", d.Pid())
+	}
+	return n
+}
+
+// threadsOf reads a process's thread count from /proc/PID/status; false
+// once the process is gone.
+func threadsOf(pid int) (int, bool) {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
-		t.Fatal(err)
+		return 0, false
 	}
 	for _, line := range strings.Split(string(status), "\n") {
 		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
 			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return n
+			return n, err == nil
 		}
 	}
-	t.Fatal("no Threads line in the daemon's status")
-	return 0
+	return 0, false
 }
 
 // TestPendingDialStorm: thousands of clients of a service whose node never
