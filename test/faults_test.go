@@ -92,18 +92,23 @@ func resetAfter(n int) func(ctx context.Context, c net.Conn) {
 	}
 }
 
-// TestTargetResetsMidStream: a target that resets a stream after echoing
-// its first 16 KiB. The client gets those bytes intact and then a reset,
-// not a clean end that would pass a cut stream off as complete; the
-// daemon logs the stream's end and counts it as reason reset; a
-// connection held open on the service beside it, and new ones, go on
-// byte-exact.
-func TestTargetResetsMidStream(t *testing.T) {
+// TestTargetFaults: a service whose only node refuses (nothing listens),
+// one whose node never answers a SYN (its packets vanish inside the
+// target namespace), and one whose node resets each stream after echoing
+// its first 16 KiB. A client of the first two is closed without a byte,
+// at once for the refusal and at the daemon's dial bound (10s) for the
+// black hole, and the daemon logs the failed dial with its reason; a
+// client of the third gets its 16 KiB intact and then a reset, not a clean
+// end that would pass a cut stream off as complete, and the daemon logs
+// the stream's end. Each is counted by reason, and a connection held open
+// on a fourth service, and new ones there, go on byte-exact.
+func TestTargetFaults(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
 	const prefix = 16 << 10
-	c := testutil.NewNS(t, "e2e-rst-c")
-	tg := testutil.NewNS(t, "e2e-rst-t")
+	c := testutil.NewNS(t, "e2e-tgtf-c")
+	tg := testutil.NewNS(t, "e2e-tgtf-t")
+	blackholeIn(t, tg)
 	e2e.EchoIn(t, tg, "127.0.0.1:9000")
 	ln, err := e2e.Handle(t, tg).Listen(context.Background(), "tcp", "127.0.0.1:9001")
 	if err != nil {
@@ -111,61 +116,64 @@ func TestTargetResetsMidStream(t *testing.T) {
 	}
 	testutil.Serve(t, ln, resetAfter(prefix))
 	yaml := e2e.Config(`services:
-- name: resetting
-  addr: 127.0.0.1:8000
-  handler: {type: tcp}
-  listener: {type: tcp}
-  forwarder: {nodes: [{name: flaky, addr: "127.0.0.1:9001"}]}
-  metadata: {netns.out: $T, datapath: userspace}
 - name: steady
-  addr: 127.0.0.1:8001
+  addr: 127.0.0.1:8000
   handler: {type: tcp}
   listener: {type: tcp}
   forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
   metadata: {netns.out: $T, datapath: userspace}
+- name: refusing
+  addr: 127.0.0.1:8001
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: closed, addr: "127.0.0.1:9009"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+- name: blackholed
+  addr: 127.0.0.1:8002
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: silent, addr: "198.51.100.2:80"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+- name: resetting
+  addr: 127.0.0.1:8003
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: flaky, addr: "127.0.0.1:9001"}]}
+  metadata: {netns.out: $T, datapath: userspace}
 metrics:
   addr: 127.0.0.1:9100
 `, map[string]string{"T": tg.Name})
-	d := e2e.Start(t, "target-reset", yaml, e2e.Options{In: c})
+	d := e2e.Start(t, "target-faults", yaml, e2e.Options{In: c})
 	scrape := metricsIn(t, c, "127.0.0.1:9100")
-	held := holdConn(t, c, "127.0.0.1:8001")
-
-	const streams = 3
-	for i := range streams {
-		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
-		conn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8000")
-		cancel()
-		if err != nil {
-			t.Fatal(err)
+	held := holdConn(t, c, "127.0.0.1:8000")
+	t.Run("faults", func(t *testing.T) {
+		for _, tc := range []struct {
+			service, addr, reason string
+			wait                  time.Duration // how long the close may take
+		}{
+			{"refusing", "127.0.0.1:8001", "dial_refused", 5 * time.Second},
+			{"blackholed", "127.0.0.1:8002", "timeout", 15 * time.Second},
+		} {
+			t.Run(tc.service, func(t *testing.T) {
+				t.Parallel()
+				e2e.ExpectClosedNoDataWithin(t, c, tc.addr, tc.wait)
+				d.WaitLog(t, settleTimeout, "dial failed", "service="+tc.service, "reason="+tc.reason)
+				waitCount(t, scrape, `ebpfwd_errors_total{service="`+tc.service+`",reason="`+tc.reason+`"}`, 1)
+			})
 		}
-		_ = conn.SetDeadline(time.Now().Add(trafficTimeout))
-		sent := make([]byte, prefix)
-		_, _ = rand.Read(sent)
-		if _, err := conn.Write(sent); err != nil {
-			t.Fatalf("stream %d: write: %v", i, err)
-		}
-		got := make([]byte, prefix)
-		if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, sent) {
-			t.Fatalf("stream %d: the bytes before the reset: equal %v, %v", i, bytes.Equal(got, sent), err)
-		}
-		// Only reads from here: the kernel reports a reset once, to the
-		// first call on the socket, and a read after that sees an EOF.
-		rest, err := io.ReadAll(conn)
-		conn.Close()
-		switch {
-		case errors.Is(err, os.ErrDeadlineExceeded):
-			t.Fatalf("stream %d: neither reset nor closed within %v of the target's reset", i, trafficTimeout)
-		case !errors.Is(err, syscall.ECONNRESET):
-			t.Fatalf("stream %d after the target's reset: %d more bytes, err %v; want a reset (a clean end looks complete)", i, len(rest), err)
-		case len(rest) > 0:
-			t.Fatalf("stream %d: %d bytes after the target's reset", i, len(rest))
-		}
-	}
-	waitCount(t, scrape, `ebpfwd_errors_total{service="resetting",reason="reset"}`, streams)
-	d.WaitLog(t, settleTimeout, "connection ended with error", "service=resetting", "node=flaky")
-	held.roundTrip(t, "after the resets")
-	if err := e2e.Exchange(t, c, "127.0.0.1:8001", 1<<20, trafficTimeout); err != nil {
-		t.Fatalf("the other service after the resets: %v", err)
+		t.Run("resetting", func(t *testing.T) {
+			t.Parallel()
+			const streams = 3
+			for i := range streams {
+				resetMidStream(t, c, "127.0.0.1:8003", prefix, i)
+			}
+			waitCount(t, scrape, `ebpfwd_errors_total{service="resetting",reason="reset"}`, streams)
+			d.WaitLog(t, settleTimeout, "connection ended with error", "service=resetting", "node=flaky")
+		})
+	})
+	held.roundTrip(t, "after the faults")
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("the other service after the faults: %v", err)
 	}
 	samples, err := scrape()
 	if err != nil {
@@ -173,6 +181,40 @@ metrics:
 	}
 	if v, _ := sumMatching(samples, `ebpfwd_errors_total{service="steady"}`); v != 0 {
 		t.Errorf("the other service counted %v errors, want 0", v)
+	}
+}
+
+// resetMidStream sends prefix bytes to a service whose target echoes them
+// and then resets: they must come back intact, followed by a reset.
+func resetMidStream(t *testing.T, c *topo.NS, addr string, prefix, i int) {
+	t.Helper()
+	ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+	defer cancel()
+	conn, err := e2e.DialFrom(ctx, t, c, "tcp", addr)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(trafficTimeout))
+	sent := make([]byte, prefix)
+	_, _ = rand.Read(sent)
+	if _, err := conn.Write(sent); err != nil {
+		t.Fatalf("stream %d: write: %v", i, err)
+	}
+	got := make([]byte, prefix)
+	if _, err := io.ReadFull(conn, got); err != nil || !bytes.Equal(got, sent) {
+		t.Fatalf("stream %d: the bytes before the reset: equal %v, %v", i, bytes.Equal(got, sent), err)
+	}
+	// Only reads from here: the kernel reports a reset once, to the first
+	// call on the socket, and a read after that sees an EOF.
+	rest, err := io.ReadAll(conn)
+	switch {
+	case errors.Is(err, os.ErrDeadlineExceeded):
+		t.Fatalf("stream %d: neither reset nor closed within %v of the target's reset", i, trafficTimeout)
+	case !errors.Is(err, syscall.ECONNRESET):
+		t.Fatalf("stream %d after the target's reset: %d more bytes, err %v; want a reset (a clean end looks complete)", i, len(rest), err)
+	case len(rest) > 0:
+		t.Fatalf("stream %d: %d bytes after the target's reset", i, len(rest))
 	}
 }
 

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 // daemonThreads is the daemon's thread count, as /proc/PID/status says.
@@ -40,6 +41,24 @@ func threadsOf(pid int) (int, bool) {
 	return 0, false
 }
 
+// blackholeIn makes 198.51.100.2 a black hole inside ns: it sits behind a
+// veth whose both ends stay there, with a neighbour entry nobody answers
+// for, so connects to it stay pending until their timeout.
+func blackholeIn(t *testing.T, ns *topo.NS) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"link", "add", "bh0", "type", "veth", "peer", "name", "bh1"},
+		{"addr", "add", "198.51.100.1/24", "dev", "bh0"},
+		{"link", "set", "bh0", "up"},
+		{"link", "set", "bh1", "up"},
+		{"neigh", "add", "198.51.100.2", "lladdr", "02:00:5e:00:53:02", "dev", "bh0", "nud", "permanent"},
+	} {
+		if err := ns.IP(args...); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // TestPendingDialStorm: thousands of clients of a service whose node never
 // answers (its SYNs vanish inside a test namespace) leave the daemon up
 // with a bounded number of threads (a pending dial holds none), its other
@@ -52,19 +71,7 @@ func TestPendingDialStorm(t *testing.T) {
 	c := testutil.NewNS(t, "e2e-storm-c")
 	dead := testutil.NewNS(t, "e2e-storm-d")
 	alive := testutil.NewNS(t, "e2e-storm-a")
-	// In dead, 198.51.100.2 sits behind a veth whose both ends stay there,
-	// with a neighbour entry nobody answers for: connects stay pending.
-	for _, args := range [][]string{
-		{"link", "add", "bh0", "type", "veth", "peer", "name", "bh1"},
-		{"addr", "add", "198.51.100.1/24", "dev", "bh0"},
-		{"link", "set", "bh0", "up"},
-		{"link", "set", "bh1", "up"},
-		{"neigh", "add", "198.51.100.2", "lladdr", "02:00:5e:00:53:02", "dev", "bh0", "nud", "permanent"},
-	} {
-		if err := dead.IP(args...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	blackholeIn(t, dead)
 	e2e.EchoIn(t, alive, "127.0.0.1:9000")
 	yaml := e2e.Config(`services:
 - name: blackholed
