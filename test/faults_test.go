@@ -27,6 +27,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
 // The faults of issue #12 that the other end-to-end tests do not cover,
@@ -586,4 +587,97 @@ func firstLines(s string, n int) string {
 		return s
 	}
 	return strings.Join(lines[:n], "\n") + fmt.Sprintf("\n... and %d more", len(lines)-n)
+}
+
+// TestSlowloris: clients of an http handler that trickle their request
+// header a byte at a time, never finishing it, are answered 408 at the
+// header timeout (an absolute bound, not one each byte renews), logged and
+// counted as http_header_timeout, while a client beside them tunnels 1 MiB
+// each way byte-exact through the same handler.
+func TestSlowloris(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	const slowClients = 20
+	c := testutil.NewNS(t, "e2e-slow-c")
+	tg := testutil.NewNS(t, "e2e-slow-t")
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	d := e2e.Start(t, "slowloris", e2e.Config(`services:
+- name: proxy
+  addr: 127.0.0.1:8080
+  handler:
+    type: http
+    metadata: {headerTimeout: 1s}
+  listener: {type: tcp}
+  metadata: {netns.out: $T}
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"T": tg.Name}), e2e.Options{In: c})
+	scrape := metricsIn(t, c, "127.0.0.1:9100")
+	ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+	defer cancel()
+
+	slowErrs := make([]error, slowClients)
+	var wg sync.WaitGroup
+	for i := range slowClients {
+		wg.Go(func() { slowErrs[i] = slowlorisClient(ctx, t, c, "127.0.0.1:8080") })
+	}
+	// Beside them, a client that sends its request at once is served.
+	conn, err := e2e.DialFrom(ctx, t, c, "tcp", "127.0.0.1:8080")
+	if err != nil {
+		t.Fatal(err)
+	}
+	tunnel, err := httpconnect.Handshake(ctx, conn, "127.0.0.1:9000", nil)
+	if err != nil {
+		conn.Close()
+		t.Fatalf("CONNECT beside the slowloris clients: %v", err)
+	}
+	if err := peer.Exchange(ctx, tunnel, 1<<20); err != nil {
+		t.Fatalf("the tunnel beside the slowloris clients: %v", err)
+	}
+	wg.Wait()
+	for i, err := range slowErrs {
+		if err != nil {
+			t.Errorf("slowloris client %d: %v", i, err)
+		}
+	}
+	waitCount(t, scrape, `ebpfwd_errors_total{service="proxy",reason="http_header_timeout"}`, slowClients)
+	d.WaitLog(t, settleTimeout, "http proxy request failed", "service=proxy", "status=408")
+}
+
+// slowlorisClient sends the start of a CONNECT and then one header byte
+// every 100ms, and expects a 408 within 10s (the handler's header timeout
+// is 1s); it keeps trickling until the answer comes.
+func slowlorisClient(ctx context.Context, t *testing.T, ns *topo.NS, addr string) error {
+	conn, err := e2e.DialFrom(ctx, t, ns, "tcp", addr)
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+	if _, err := io.WriteString(conn, "CONNECT 127.0.0.1:9000 HTTP/1.1\r\nHost: 127.0.0.1:9000\r\n"); err != nil {
+		return err
+	}
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			if _, err := conn.Write([]byte("X")); err != nil {
+				return
+			}
+		}
+	}()
+	resp, err := http.ReadResponse(bufio.NewReader(conn), nil)
+	if err != nil {
+		return fmt.Errorf("no answer to a header trickled a byte at a time: %w", err)
+	}
+	resp.Body.Close()
+	if resp.StatusCode != http.StatusRequestTimeout {
+		return fmt.Errorf("status %d, want 408", resp.StatusCode)
+	}
+	return nil
 }
