@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -288,6 +289,42 @@ func TestConfigValidation(t *testing.T) {
 			cfg := tt.cfg
 			if err := cfg.setDefaults(); err == nil {
 				t.Errorf("setDefaults(%+v) accepted an invalid config", tt.cfg)
+			}
+		})
+	}
+}
+
+// TestSNATPortsEnv: the test knob narrows the SNAT range of a Config that
+// leaves it unset, never one that sets it, and a malformed value is an
+// error naming the variable.
+func TestSNATPortsEnv(t *testing.T) {
+	tests := []struct {
+		name, env string
+		cfg       Config
+		min, max  uint16
+		wantErr   bool
+	}{
+		{"unset range", "61000-61001", Config{Instance: "x"}, 61000, 61001, false},
+		{"range set in the config", "61000-61001", Config{Instance: "x", SNATPortMin: 2000, SNATPortMax: 3000}, 2000, 3000, false},
+		{"malformed", "61000", Config{Instance: "x"}, 0, 0, true},
+		{"inverted", "61001-61000", Config{Instance: "x"}, 0, 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv(SNATPortsEnv, tt.env)
+			cfg := tt.cfg
+			err := cfg.setDefaults()
+			switch {
+			case tt.wantErr && err == nil:
+				t.Fatalf("%s=%s accepted: range %d-%d", SNATPortsEnv, tt.env, cfg.SNATPortMin, cfg.SNATPortMax)
+			case tt.wantErr:
+				if !strings.Contains(err.Error(), SNATPortsEnv) && !strings.Contains(err.Error(), "SNAT port range") {
+					t.Errorf("error %q names neither the variable nor the range", err)
+				}
+			case err != nil:
+				t.Fatal(err)
+			case cfg.SNATPortMin != tt.min || cfg.SNATPortMax != tt.max:
+				t.Errorf("range %d-%d, want %d-%d", cfg.SNATPortMin, cfg.SNATPortMax, tt.min, tt.max)
 			}
 		})
 	}

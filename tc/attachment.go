@@ -170,6 +170,7 @@ func (a *attachment) Close() error {
 		last := a.nl.services[a.id] <= 0
 		if last {
 			delete(a.nl.services, a.id)
+			delete(a.nl.names, a.id)
 		}
 		a.d.mu.Unlock()
 		var err error
