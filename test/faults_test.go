@@ -27,6 +27,7 @@ import (
 	"github.com/ebpfwd/ebpfwd/internal/peer"
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
 	"github.com/ebpfwd/ebpfwd/internal/topo"
+	"github.com/ebpfwd/ebpfwd/netns"
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
@@ -680,4 +681,87 @@ func slowlorisClient(ctx context.Context, t *testing.T, ns *topo.NS, addr string
 		return fmt.Errorf("status %d, want 408", resp.StatusCode)
 	}
 	return nil
+}
+
+// TestListenNamespaceDeleted deletes the listen namespace of one service
+// under the running daemon, while a process still lives in it (as a
+// container's processes outlive the bind mount a runtime removes). The
+// namespace lives on, and so does the service's listener in it: the
+// connection held through it goes on, and its processes' new connections
+// are served, byte-exact. A reload cannot open the namespace by its name
+// any more: it is refused naming the namespace, logged and counted
+// (ebpfwd_config_last_reload_successful 0), and the running configuration,
+// the other service included, keeps serving.
+func TestListenNamespaceDeleted(t *testing.T) {
+	testutil.RequireRoot(t)
+	t.Parallel()
+	doomed := testutil.NewNS(t, "e2e-ldel-l")
+	kept := testutil.NewNS(t, "e2e-ldel-k")
+	tg := testutil.NewNS(t, "e2e-ldel-t")
+	e2e.EchoIn(t, tg, "127.0.0.1:9000")
+	inside, err := netns.Parse(processIn(t, doomed))
+	if err != nil {
+		t.Fatal(err)
+	}
+	d := e2e.Start(t, "listen-deleted", e2e.Config(`services:
+- name: svc-doomed
+  addr: 127.0.0.1:8000
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns: $DOOMED, netns.out: $T, datapath: userspace}
+- name: svc-kept
+  addr: 127.0.0.1:8001
+  handler: {type: tcp}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+  metadata: {netns.out: $T, datapath: userspace}
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"DOOMED": doomed.Name, "T": tg.Name}), e2e.Options{In: kept})
+	scrape := metricsIn(t, kept, "127.0.0.1:9100")
+	exchangeInside := func(when string) {
+		t.Helper()
+		ctx, cancel := context.WithTimeout(context.Background(), trafficTimeout)
+		defer cancel()
+		conn, err := inside.Dial(ctx, "tcp", "127.0.0.1:8000")
+		if err == nil {
+			err = peer.Exchange(ctx, conn, 1<<20)
+		}
+		if err != nil {
+			t.Fatalf("a process in the listen namespace %s: %v", when, err)
+		}
+	}
+	held := holdConn(t, doomed, "127.0.0.1:8000")
+	exchangeInside("before its deletion")
+
+	if err := doomed.Delete(); err != nil {
+		t.Fatal(err)
+	}
+	held.roundTrip(t, "after the listen namespace was deleted")
+	exchangeInside("after its deletion")
+	if err := d.Signal(syscall.SIGHUP); err != nil {
+		t.Fatal(err)
+	}
+	d.WaitLog(t, settleTimeout, "reload refused", doomed.Name)
+	deadline := time.Now().Add(settleTimeout)
+	for {
+		samples, err := scrape()
+		v, ok := sumMatching(samples, "ebpfwd_config_last_reload_successful")
+		if err == nil && ok && v == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("ebpfwd_config_last_reload_successful = %v (scrape error %v) after a refused reload, want 0", v, err)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	held.roundTrip(t, "after the refused reload")
+	exchangeInside("after the refused reload")
+	if err := e2e.Exchange(t, kept, "127.0.0.1:8001", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("the other service: %v", err)
+	}
+	if !d.Running() {
+		t.Fatal("the daemon exited")
+	}
 }
