@@ -426,15 +426,27 @@ func TestPortInUseAtStart(t *testing.T) {
 // burstConns is how many connections TestConnectionBurst opens at once.
 const burstConns = 5000
 
+// burstDaemon is a daemon a burst goes through, with its service's name
+// and its metrics.
+type burstDaemon struct {
+	d       *e2e.Daemon
+	service string
+	scrape  func() (model.Vector, error)
+	// baseline, taken before the burst.
+	threads, fds int
+}
+
 // TestConnectionBurst opens 5000 connections at once through a relay
-// service and, once all are open, moves 64 KiB each way on every one,
+// service, directly and through a chain whose hop is a second ebpfwd (an
+// http handler), and once all are open moves 64 KiB each way on every one,
 // SHA-256 checked both ways, every read bounded by the test's deadline so
 // a stalled stream fails it instead of hanging. None may be refused or
-// fail; the daemon's OS threads stay bounded while the streams run, and its
-// threads and descriptors are back near their baseline once the streams
-// closed. It is not parallel: with the clients and the echo servers this
-// process holds two descriptors per stream, and the machine's hard
-// RLIMIT_NOFILE leaves no room for other tests beside it.
+// fail; every daemon's OS threads stay bounded while the streams run (the
+// issue saw a hop left with 1856), and its threads and descriptors are
+// back near their baseline once the streams closed. It is not parallel:
+// with the clients and the echo servers this process holds two
+// descriptors per stream, and the machine's hard RLIMIT_NOFILE leaves no
+// room for other tests beside it.
 func TestConnectionBurst(t *testing.T) {
 	testutil.RequireRoot(t)
 	var lim syscall.Rlimit
@@ -453,19 +465,20 @@ func TestConnectionBurst(t *testing.T) {
 	if n < burstConns {
 		t.Logf("RLIMIT_NOFILE %d leaves this process room for %d streams, not %d: running %d", lim.Cur, n, burstConns, n)
 	}
-	const size = 64 << 10
-	c := testutil.NewNS(t, "e2e-burst-c")
-	tg := testutil.NewNS(t, "e2e-burst-t")
-	// 5000 SYNs at once: beyond the default backlog some would wait for a
-	// SYN retransmit (1s, 3s...), which is slow but not a failure; this
-	// keeps the test about the daemon.
-	for _, ns := range []*topo.NS{c, tg} {
+	newNS := func(t *testing.T, prefix string) *topo.NS {
+		ns := testutil.NewNS(t, prefix)
+		// 5000 SYNs at once: beyond the default backlog some would wait
+		// for a SYN retransmit (1s, 3s...), which is slow but not a
+		// failure; this keeps the test about the daemon.
 		if err := ns.Exec("sysctl", "-qw", "net.core.somaxconn=8192", "net.ipv4.tcp_max_syn_backlog=8192"); err != nil {
 			t.Fatal(err)
 		}
+		return ns
 	}
-	e2e.EchoIn(t, tg, "127.0.0.1:9000")
-	d := e2e.Start(t, "burst", e2e.Config(`services:
+	t.Run("relay", func(t *testing.T) {
+		c, tg := newNS(t, "e2e-burst-c"), newNS(t, "e2e-burst-t")
+		e2e.EchoIn(t, tg, "127.0.0.1:9000")
+		d := e2e.Start(t, "burst", e2e.Config(`services:
 - name: relay
   addr: 127.0.0.1:8000
   handler: {type: tcp}
@@ -475,11 +488,51 @@ func TestConnectionBurst(t *testing.T) {
 metrics:
   addr: 127.0.0.1:9100
 `, map[string]string{"T": tg.Name}), e2e.Options{In: c})
-	scrape := metricsIn(t, c, "127.0.0.1:9100")
+		burst(t, c, n, &burstDaemon{d: d, service: "relay", scrape: metricsIn(t, c, "127.0.0.1:9100")})
+	})
+	t.Run("through an http hop", func(t *testing.T) {
+		c, hop, tg := newNS(t, "e2e-burst-c"), newNS(t, "e2e-burst-h"), newNS(t, "e2e-burst-t")
+		e2e.EchoIn(t, tg, "127.0.0.1:9000")
+		hd := e2e.Start(t, "burst-hop", e2e.Config(`services:
+- name: hop
+  addr: 127.0.0.1:8080
+  handler: {type: http}
+  listener: {type: tcp}
+  metadata: {netns.out: $T}
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"T": tg.Name}), e2e.Options{In: hop})
+		d := e2e.Start(t, "burst-chain", e2e.Config(`services:
+- name: chained
+  addr: 127.0.0.1:8000
+  handler: {type: tcp, chain: via-hop}
+  listener: {type: tcp}
+  forwarder: {nodes: [{name: echo, addr: "127.0.0.1:9000"}]}
+chains:
+- name: via-hop
+  hops:
+  - name: hop-0
+    metadata: {netns: $H}
+    nodes: [{name: proxy, addr: "127.0.0.1:8080", connector: {type: http}, dialer: {type: tcp}}]
+metrics:
+  addr: 127.0.0.1:9100
+`, map[string]string{"H": hop.Name}), e2e.Options{In: c})
+		burst(t, c, n,
+			&burstDaemon{d: d, service: "chained", scrape: metricsIn(t, c, "127.0.0.1:9100")},
+			&burstDaemon{d: hd, service: "hop", scrape: metricsIn(t, hop, "127.0.0.1:9100")})
+	})
+}
+
+// burst runs TestConnectionBurst's n streams from c to 127.0.0.1:8000 and
+// checks the daemons they cross.
+func burst(t *testing.T, c *topo.NS, n int, daemons ...*burstDaemon) {
+	const size = 64 << 10
 	if err := e2e.Exchange(t, c, "127.0.0.1:8000", size, trafficTimeout); err != nil {
 		t.Fatal(err)
 	}
-	baseThreads, baseFDs := daemonThreads(t, d), len(d.SettledFDs(t))
+	for _, bd := range daemons {
+		bd.threads, bd.fds = daemonThreads(t, bd.d), len(bd.d.SettledFDs(t))
+	}
 
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Minute)
 	defer cancel()
@@ -502,13 +555,15 @@ metrics:
 		t.Fatalf("dialing %d connections at once: %v", n, firstLines(err.Error(), 5))
 	}
 	// Every connection is open: now they all move their bytes at once.
-	var peak atomic.Int64
+	peaks := make([]atomic.Int64, len(daemons))
 	watchDone := make(chan struct{})
 	go func() {
 		defer close(watchDone)
 		for ctx.Err() == nil {
-			if th, ok := threadsOf(d.Pid()); ok && int64(th) > peak.Load() {
-				peak.Store(int64(th))
+			for i, bd := range daemons {
+				if th, ok := threadsOf(bd.d.Pid()); ok && int64(th) > peaks[i].Load() {
+					peaks[i].Store(int64(th))
+				}
 			}
 			select {
 			case <-ctx.Done():
@@ -532,22 +587,35 @@ metrics:
 	if len(failed) > 0 {
 		t.Fatalf("%d of %d streams failed or stalled:\n%v", len(failed), n, firstLines(errors.Join(failed...).Error(), 10))
 	}
-	t.Logf("%d streams byte-exact; the daemon's threads: %d before, %d at most during", n, baseThreads, peak.Load())
-	// Go keeps an OS thread per goroutine blocked in a system call: a
-	// relay that blocked in splice(2) or a dial that blocked in a
-	// namespace switch would show here as thousands.
-	if p := int(peak.Load()); p > baseThreads+64 {
-		t.Errorf("%d OS threads while %d streams ran (baseline %d): blocking system calls hold threads", p, n, baseThreads)
+	for i, bd := range daemons {
+		peak := int(peaks[i].Load())
+		t.Logf("%d streams byte-exact; daemon %s's threads: %d before, %d at most during", n, bd.d.Name, bd.threads, peak)
+		// Go keeps an OS thread per goroutine blocked in a system call: a
+		// relay that blocked in splice(2) or a dial that blocked in a
+		// namespace switch would show here as thousands.
+		if peak > bd.threads+64 {
+			t.Errorf("daemon %s: %d OS threads while %d streams ran (baseline %d): blocking system calls hold threads", bd.d.Name, peak, n, bd.threads)
+		}
+		checkBurstDaemon(t, bd, n)
 	}
-	samples, err := scrape()
+	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, trafficTimeout); err != nil {
+		t.Fatalf("after the burst: %v", err)
+	}
+}
+
+// checkBurstDaemon checks one daemon after a burst of n streams: all
+// counted, none failed, and its threads and descriptors back.
+func checkBurstDaemon(t *testing.T, bd *burstDaemon, n int) {
+	t.Helper()
+	samples, err := bd.scrape()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if v := value(t, samples, `ebpfwd_connections_opened_total{service="relay"}`); v != float64(n+1) {
-		t.Errorf("connections_opened_total = %v, want %d", v, n+1)
+	if v := value(t, samples, `ebpfwd_connections_opened_total{service="`+bd.service+`"}`); v != float64(n+1) {
+		t.Errorf("daemon %s: connections_opened_total = %v, want %d", bd.d.Name, v, n+1)
 	}
-	if v, _ := sumMatching(samples, `ebpfwd_errors_total{service="relay"}`); v != 0 {
-		t.Errorf("errors_total of the service = %v, want 0", v)
+	if v, _ := sumMatching(samples, `ebpfwd_errors_total{service="`+bd.service+`"}`); v != 0 {
+		t.Errorf("daemon %s: errors_total of the service = %v, want 0", bd.d.Name, v)
 	}
 	// Go's runtime keeps the splice pipes it made in a pool that only its
 	// garbage collector empties: those are bounded by the daemon's pipe
@@ -556,29 +624,28 @@ metrics:
 	pipeLimit := value(t, samples, `ebpfwd_splice_pipes{state="limit"}`)
 	var threads, others, pipes int
 	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); time.Sleep(500 * time.Millisecond) {
-		threads, others, pipes = daemonThreads(t, d), 0, 0
-		for _, fd := range d.OpenFDs(t) {
+		threads, others, pipes = daemonThreads(t, bd.d), 0, 0
+		for _, fd := range bd.d.OpenFDs(t) {
 			if strings.HasPrefix(fd, "pipe:") {
 				pipes++
 			} else {
 				others++
 			}
 		}
-		if threads <= baseThreads+16 && others <= baseFDs+16 {
+		if threads <= bd.threads+16 && others <= bd.fds+16 {
 			break
 		}
 	}
-	t.Logf("after the burst: %d threads (baseline %d), %d descriptors besides %d pooled splice pipe ends (baseline %d in all)", threads, baseThreads, others, pipes, baseFDs)
-	if threads > baseThreads+16 || others > baseFDs+16 {
-		t.Fatalf("after the burst: %d threads (baseline %d), %d descriptors besides pipes (baseline %d in all: %v now)", threads, baseThreads, others, baseFDs, e2e.FDKinds(d.OpenFDs(t)))
+	t.Logf("daemon %s after the burst: %d threads (baseline %d), %d descriptors besides %d pooled splice pipe ends (baseline %d in all)",
+		bd.d.Name, threads, bd.threads, others, pipes, bd.fds)
+	if threads > bd.threads+16 || others > bd.fds+16 {
+		t.Fatalf("daemon %s after the burst: %d threads (baseline %d), %d descriptors besides pipes (baseline %d in all: %v now)",
+			bd.d.Name, threads, bd.threads, others, bd.fds, e2e.FDKinds(bd.d.OpenFDs(t)))
 	}
 	if float64(pipes) > 2*pipeLimit {
-		t.Errorf("%d pipe ends left, beyond the splice pipe allowance of %v pipes", pipes, pipeLimit)
+		t.Errorf("daemon %s: %d pipe ends left, beyond the splice pipe allowance of %v pipes", bd.d.Name, pipes, pipeLimit)
 	}
-	waitActive(t, scrape, "relay", 0)
-	if err := e2e.Exchange(t, c, "127.0.0.1:8000", 1<<20, trafficTimeout); err != nil {
-		t.Fatalf("after the burst: %v", err)
-	}
+	waitActive(t, bd.scrape, bd.service, 0)
 }
 
 // firstLines keeps the first n lines of s, saying how many it left out.
