@@ -31,11 +31,11 @@ import (
 	"github.com/ebpfwd/ebpfwd/userspace/httpconnect"
 )
 
-// The faults of issue #12 that the other end-to-end tests do not cover,
-// each checked for the four things docs/RELIABILITY.md's fault matrix
-// lists: the affected connection closed cleanly (an error or a close, never
-// a hang, never bytes that were not sent), a log line, a counted reason in
-// the metrics, and every other connection unharmed and byte-exact.
+// The faults of issue #12 that the other end-to-end tests did not cover,
+// each checked for what docs/RELIABILITY.md's fault matrix lists: the
+// affected connection closed cleanly (an error or a close, never a hang,
+// never bytes that were not sent), a log line, a counted reason in the
+// metrics, and every other connection unharmed and byte-exact.
 
 // metricsIn scrapes the /metrics of a daemon running inside ns (at addr
 // there).
