@@ -353,28 +353,24 @@ func TestHopFaults(t *testing.T) {
 func TestPortInUseAtStart(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	client := testutil.NewNS(t, "e2e-inuse-c")
-	gw := testutil.NewNS(t, "e2e-inuse-g")
-	server := testutil.NewNS(t, "e2e-inuse-s")
-	testutil.Veth(t, client, "c0", "10.37.1.2/24", gw, "g0", "10.37.1.1/24")
-	testutil.Veth(t, gw, "g1", "10.37.2.1/24", server, "s0", "10.37.2.2/24")
-	e2e.EchoIn(t, server, "10.37.2.2:9000")
+	tp := newRestartTopo(t, "e2e-inuse")
+	client, gw := tp.client, tp.gw
 	// Another program holds the relay service's port (no SO_REUSEPORT).
-	taken, err := e2e.Handle(t, gw).Listen(context.Background(), "tcp", "10.37.1.1:8001")
+	taken, err := e2e.Handle(t, gw).Listen(context.Background(), "tcp", "10.34.1.1:8001")
 	if err != nil {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { taken.Close() })
 	yaml := e2e.Config(`services:
 - name: kernel
-  addr: "10.37.1.1:8000"
+  addr: "10.34.1.1:8000"
   handler: {type: tcp}
-  forwarder: {nodes: [{name: server-0, addr: "10.37.2.2:9000"}]}
+  forwarder: {nodes: [{name: server-0, addr: "10.34.2.2:9000"}]}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
 - name: clash
-  addr: "10.37.1.1:8001"
+  addr: "10.34.1.1:8001"
   handler: {type: tcp}
-  forwarder: {nodes: [{name: server-0, addr: "10.37.2.2:9000"}]}
+  forwarder: {nodes: [{name: server-0, addr: "10.34.2.2:9000"}]}
   metadata: {netns: $GW, netns.out: $GW, datapath: userspace}
 `, map[string]string{"GW": gw.Name})
 	cfg := filepath.Join(t.TempDir(), "inuse.yaml")
@@ -393,7 +389,7 @@ func TestPortInUseAtStart(t *testing.T) {
 	case !errors.As(err, &exit) || exit.ExitCode() <= 0:
 		t.Fatalf("ebpfwd run with a port in use: %v, want a non-zero exit", err)
 	}
-	for _, want := range []string{"clash", "10.37.1.1:8001", "address already in use"} {
+	for _, want := range []string{"clash", "10.34.1.1:8001", "address already in use"} {
 		if !bytes.Contains(out, []byte(want)) {
 			t.Errorf("the error does not name %q", want)
 		}
@@ -416,7 +412,7 @@ func TestPortInUseAtStart(t *testing.T) {
 	// The port freed, the same file starts and serves both services.
 	taken.Close()
 	e2e.Start(t, "inuse-after", yaml, e2e.Options{})
-	for _, addr := range []string{"10.37.1.1:8000", "10.37.1.1:8001"} {
+	for _, addr := range []string{"10.34.1.1:8000", "10.34.1.1:8001"} {
 		if err := e2e.Exchange(t, client, addr, 256<<10, trafficTimeout); err != nil {
 			t.Fatalf("%s once the port is free: %v", addr, err)
 		}

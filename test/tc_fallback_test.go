@@ -23,12 +23,8 @@ import (
 func TestTCSetupRefusedFallsBack(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	client := testutil.NewNS(t, "e2e-fbk-c")
-	gw := testutil.NewNS(t, "e2e-fbk-g")
-	server := testutil.NewNS(t, "e2e-fbk-s")
-	testutil.Veth(t, client, "c0", "10.40.1.2/24", gw, "g0", "10.40.1.1/24")
-	testutil.Veth(t, gw, "g1", "10.40.2.1/24", server, "s0", "10.40.2.2/24")
-	e2e.EchoIn(t, server, "10.40.2.2:9000")
+	tp := newRestartTopo(t, "e2e-fbk")
+	client, gw := tp.client, tp.gw
 	instance, opts := fixedInstance("tc-fallback")
 	opts.In = gw
 	blocker := filepath.Join("/sys/fs/bpf/ebpfwd", instance)
@@ -50,14 +46,14 @@ func TestTCSetupRefusedFallsBack(t *testing.T) {
 	})
 	d := e2e.Start(t, "tc-fallback", e2e.Config(`services:
 - name: wants-tc
-  addr: "10.40.1.1:8000"
+  addr: "10.34.1.1:8000"
   handler: {type: tcp}
-  forwarder: {nodes: [{name: server-0, addr: "10.40.2.2:9000"}]}
+  forwarder: {nodes: [{name: server-0, addr: "10.34.2.2:9000"}]}
   metadata: {netns: $GW, netns.out: $GW}
 - name: relay
-  addr: "10.40.1.1:8001"
+  addr: "10.34.1.1:8001"
   handler: {type: tcp}
-  forwarder: {nodes: [{name: server-0, addr: "10.40.2.2:9000"}]}
+  forwarder: {nodes: [{name: server-0, addr: "10.34.2.2:9000"}]}
   metadata: {netns: $GW, netns.out: $GW, datapath: userspace}
 metrics:
   addr: 127.0.0.1:9100
@@ -66,12 +62,12 @@ metrics:
 	d.WaitLog(t, time.Second, "kernel datapath could not be set up: falling back to the userspace relay", "wants-tc")
 	scrape := metricsIn(t, gw, "127.0.0.1:9100")
 	waitCount(t, scrape, `ebpfwd_datapath_fallback{service="wants-tc",reason="setup_failed"}`, 1)
-	for _, addr := range []string{"10.40.1.1:8000", "10.40.1.1:8001"} {
+	for _, addr := range []string{"10.34.1.1:8000", "10.34.1.1:8001"} {
 		if err := e2e.Exchange(t, client, addr, 1<<20, trafficTimeout); err != nil {
 			t.Fatalf("%s: %v", addr, err)
 		}
 	}
-	h := holdConn(t, client, "10.40.1.1:8000")
+	h := holdConn(t, client, "10.34.1.1:8000")
 	if out := conns(t, d); !regexp.MustCompile(`(?m)^wants-tc\s+userspace\s+tcp\s+` + regexp.QuoteMeta(h.c.LocalAddr().String()) + `\s`).MatchString(out) {
 		t.Fatalf("conns does not list %s on the relay:\n%s", h.c.LocalAddr(), out)
 	}

@@ -20,24 +20,20 @@ import (
 func TestTCSNATExhausted(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
-	client := testutil.NewNS(t, "e2e-snat-c")
-	gw := testutil.NewNS(t, "e2e-snat-g")
-	server := testutil.NewNS(t, "e2e-snat-s")
-	testutil.Veth(t, client, "c0", "10.39.1.2/24", gw, "g0", "10.39.1.1/24")
-	testutil.Veth(t, gw, "g1", "10.39.2.1/24", server, "s0", "10.39.2.2/24")
-	e2e.EchoIn(t, server, "10.39.2.2:9000")
+	tp := newRestartTopo(t, "e2e-snat")
+	client, gw := tp.client, tp.gw
 	d := e2e.Start(t, "tc-snat-full", e2e.Config(`services:
 - name: tc-full
-  addr: "10.39.1.1:8000"
+  addr: "10.34.1.1:8000"
   handler: {type: tcp}
-  forwarder: {nodes: [{name: server-0, addr: "10.39.2.2:9000"}]}
+  forwarder: {nodes: [{name: server-0, addr: "10.34.2.2:9000"}]}
   metadata: {netns: $GW, netns.out: $GW, datapath: tc}
 metrics:
   addr: 127.0.0.1:9100
 `, map[string]string{"GW": gw.Name}), e2e.Options{In: gw, Env: []string{loader.SNATPortsEnv + "=61000-61001"}})
 	d.WaitLog(t, time.Second, "SNAT port range narrowed", "snat_ports=61000-61001")
 	scrape := metricsIn(t, gw, "127.0.0.1:9100")
-	const addr = "10.39.1.1:8000"
+	const addr = "10.34.1.1:8000"
 	userspaceFlow := func(local string) *regexp.Regexp {
 		return regexp.MustCompile(`(?m)^tc-full\s+userspace\s+tcp\s+` + regexp.QuoteMeta(local) + `\s`)
 	}
