@@ -358,9 +358,8 @@ func TestConfigValidation(t *testing.T) {
 	}
 }
 
-// TestSNATPortsEnv: the test knob narrows the SNAT range of a Config that
-// leaves it unset, never one that sets it, and a malformed value is an
-// error naming the variable.
+// TestSNATPortsEnv: the test knob replaces the SNAT range, set in the
+// Config or not, and a malformed value is an error.
 func TestSNATPortsEnv(t *testing.T) {
 	tests := []struct {
 		name, env string
@@ -369,7 +368,7 @@ func TestSNATPortsEnv(t *testing.T) {
 		wantErr   bool
 	}{
 		{"unset range", "61000-61001", Config{Instance: "x"}, 61000, 61001, false},
-		{"range set in the config", "61000-61001", Config{Instance: "x", SNATPortMin: 2000, SNATPortMax: 3000}, 2000, 3000, false},
+		{"range set in the config", "61000-61001", Config{Instance: "x", SNATPortMin: 2000, SNATPortMax: 3000}, 61000, 61001, false},
 		{"malformed", "61000", Config{Instance: "x"}, 0, 0, true},
 		{"inverted", "61001-61000", Config{Instance: "x"}, 0, 0, true},
 	}

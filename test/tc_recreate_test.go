@@ -124,8 +124,6 @@ func tcInterfaceRecreated(t *testing.T, forwarding bool) {
 	d.WaitLog(t, hotplugWait, "tc datapath attached to new interface", "interface=g1")
 	waitTCXPrograms(t, gwNS, "g1", 1)
 	waitNodeUp("server-a", 1)
-	// The kernel's copy of the node's health follows the metric's.
-	d.WaitLog(t, hotplugWait, "node health pushed to datapath", "node=server-a", "healthy=true")
 	newKernelFlow("tc-a", "10.38.1.1:8000", "after the interface was created again")
 	heldB.roundTrip(t, "after the other service's interface came back")
 	newKernelFlow("tc-b", "10.38.1.1:8001", "after the other service's interface came back")
