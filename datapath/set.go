@@ -144,8 +144,9 @@ func (s *Set) Plan(svc Service, want Kind) (Plan, error) {
 // comes joined with the relay's (WithRelay). When a kernel datapath that
 // `auto` chose fails to set up (the kernel refused the program, say), the
 // service falls back to the relay: the returned plan says so and why, and
-// the failure is logged. A datapath configured by name that fails is an
-// error.
+// the failure is logged to log, which carries the service's attributes
+// (its name and planned datapath). A datapath configured by name that
+// fails is an error.
 func (s *Set) Setup(ctx context.Context, p Plan, configured bool, svc Service, log *slog.Logger) (Attachment, Plan, error) {
 	relay, err := s.relay.Setup(ctx, svc)
 	if err != nil {
@@ -167,8 +168,7 @@ func (s *Set) Setup(ctx context.Context, p Plan, configured bool, svc Service, l
 		relay.Close()
 		return nil, p, fmt.Errorf("set up datapath %s: %w", p.Datapath, err)
 	}
-	log.Warn("kernel datapath could not be set up: falling back to the userspace relay",
-		"service", svc.Name, "datapath", p.Datapath, "err", err)
+	log.Warn("kernel datapath could not be set up: falling back to the userspace relay", "err", err)
 	fallback := Plan{Service: p.Service, Datapath: s.relay.Kind(), From: p.Datapath, FallbackReason: FallbackSetupFailed,
 		Reason: fmt.Sprintf("%s could not be set up: %v", p.Datapath, err)}
 	return relay, fallback, nil

@@ -34,6 +34,13 @@ import (
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
+// SNATPortsEnv, set to MIN-MAX in the daemon's environment, replaces the
+// SNAT port range of every Loader, whatever its Config (the tc datapath's
+// choice for the namespace) says. It is a test knob, reachable from no
+// configuration file: end-to-end tests use a range of a few ports to run a
+// node out of them (docs/DATAPATHS.md).
+const SNATPortsEnv = "EBPFWD_TEST_SNAT_PORTS"
+
 // Defaults of Config.
 const (
 	DefaultBPFFS = "/sys/fs/bpf"
@@ -122,6 +129,13 @@ func (c *Config) setDefaults() error {
 	}
 	if c.SNATPortMin == 0 && c.SNATPortMax == 0 {
 		c.SNATPortMin, c.SNATPortMax = DefaultSNATPortMin, DefaultSNATPortMax
+	}
+	if v, ok := os.LookupEnv(SNATPortsEnv); ok {
+		if _, err := fmt.Sscanf(v, "%d-%d", &c.SNATPortMin, &c.SNATPortMax); err != nil {
+			return fmt.Errorf("%s=%q: want MIN-MAX: %w", SNATPortsEnv, v, err)
+		}
+		c.logger().Warn("SNAT port range narrowed from the environment (a test knob: the range bounds the flows each node can hold)",
+			"env", SNATPortsEnv, "snat_ports", v)
 	}
 	if c.SNATPortMin == 0 || c.SNATPortMin > c.SNATPortMax {
 		return fmt.Errorf("SNAT port range %d-%d: want 1 <= min <= max", c.SNATPortMin, c.SNATPortMax)

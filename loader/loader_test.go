@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -271,6 +272,70 @@ func TestGarbageCollectionRemovesExpiredFlows(t *testing.T) {
 	}
 }
 
+// TestRefreshRouteHints: a node's route hint follows its interface when
+// the interface is deleted (no route: 0) and created again under its name
+// (a new ifindex); a refresh with nothing changed changes nothing.
+func TestRefreshRouteHints(t *testing.T) {
+	testutil.RequireRoot(t)
+	tp := newGatewayTopology(t)
+	l := load(t, Config{})
+	for _, ifname := range []string{"g0", "g1"} {
+		if _, err := l.Attach(tp.gateway, ifname); err != nil {
+			t.Fatal(err)
+		}
+	}
+	id, err := l.PutService(Service{Network: "tcp", VIP: netip.MustParseAddrPort("10.20.1.1:8000"),
+		Nodes: []Node{{Addr: netip.MustParseAddrPort("10.20.2.2:9000")}}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	hint := func() uint32 {
+		t.Helper()
+		var n bpf.NATNode
+		if err := l.objs.EbpfwdNodes.Lookup(bpf.NATNodeKey{ServiceId: uint32(id), Index: 0}, &n); err != nil {
+			t.Fatal(err)
+		}
+		return n.Ifindex
+	}
+	ifindex := func() uint32 {
+		t.Helper()
+		var idx int
+		if err := tp.gateway.Do(func() error {
+			iface, err := net.InterfaceByName("g1")
+			if err == nil {
+				idx = iface.Index
+			}
+			return err
+		}); err != nil {
+			t.Fatal(err)
+		}
+		return uint32(idx)
+	}
+	refresh := func(want int) {
+		t.Helper()
+		if n, err := l.RefreshRouteHints(); err != nil || n != want {
+			t.Fatalf("RefreshRouteHints = %d, %v; want %d, nil", n, err, want)
+		}
+	}
+	if got, want := hint(), ifindex(); got != want {
+		t.Fatalf("hint %d at start, want g1's ifindex %d", got, want)
+	}
+	refresh(0)
+	if err := tp.gatewayNS.IP("link", "del", "g1"); err != nil {
+		t.Fatal(err)
+	}
+	refresh(1)
+	if got := hint(); got != 0 {
+		t.Fatalf("hint %d with no route to the node, want 0", got)
+	}
+	server := testutil.NewNS(t, "ebpfwd-tcs2")
+	testutil.Veth(t, tp.gatewayNS, "g1", "10.20.2.1/24", server, "s0", "10.20.2.2/24")
+	refresh(1)
+	if got, want := hint(), ifindex(); got != want {
+		t.Fatalf("hint %d after g1 came back, want its new ifindex %d", got, want)
+	}
+}
+
 func TestConfigValidation(t *testing.T) {
 	tests := []struct {
 		name string
@@ -288,6 +353,41 @@ func TestConfigValidation(t *testing.T) {
 			cfg := tt.cfg
 			if err := cfg.setDefaults(); err == nil {
 				t.Errorf("setDefaults(%+v) accepted an invalid config", tt.cfg)
+			}
+		})
+	}
+}
+
+// TestSNATPortsEnv: the test knob replaces the SNAT range, set in the
+// Config or not, and a malformed value is an error.
+func TestSNATPortsEnv(t *testing.T) {
+	tests := []struct {
+		name, env string
+		cfg       Config
+		min, max  uint16
+		wantErr   bool
+	}{
+		{"unset range", "61000-61001", Config{Instance: "x"}, 61000, 61001, false},
+		{"range set in the config", "61000-61001", Config{Instance: "x", SNATPortMin: 2000, SNATPortMax: 3000}, 61000, 61001, false},
+		{"malformed", "61000", Config{Instance: "x"}, 0, 0, true},
+		{"inverted", "61001-61000", Config{Instance: "x"}, 0, 0, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			t.Setenv(SNATPortsEnv, tt.env)
+			cfg := tt.cfg
+			err := cfg.setDefaults()
+			switch {
+			case tt.wantErr && err == nil:
+				t.Fatalf("%s=%s accepted: range %d-%d", SNATPortsEnv, tt.env, cfg.SNATPortMin, cfg.SNATPortMax)
+			case tt.wantErr:
+				if !strings.Contains(err.Error(), SNATPortsEnv) && !strings.Contains(err.Error(), "SNAT port range") {
+					t.Errorf("error %q names neither the variable nor the range", err)
+				}
+			case err != nil:
+				t.Fatal(err)
+			case cfg.SNATPortMin != tt.min || cfg.SNATPortMax != tt.max:
+				t.Errorf("range %d-%d, want %d-%d", cfg.SNATPortMin, cfg.SNATPortMax, tt.min, tt.max)
 			}
 		})
 	}

@@ -332,3 +332,61 @@ func (l *Loader) SetNodeHealthy(id ServiceID, index int, healthy bool) error {
 	}
 	return nil
 }
+
+// RefreshRouteHints looks the route to every node up again and updates
+// the nodes whose route hint changed, returning how many did. The hint is
+// an ifindex: an interface deleted and created again under the same name
+// (a link flap, a CNI plugin re-plumbing a veth) comes back with a new
+// one, and with forwarding off the program would go on redirecting the
+// node's new flows to the index that is gone, where they vanish. A node
+// with no route now gets 0, which leaves its new flows to the stack (the
+// service's listener, whose dial fails cleanly and is counted). Nodes with
+// a fixed egress are not looked up. The tc datapath calls it when the
+// namespace's interfaces change and when a node's health changes (its
+// route may have come back with an address added after the interface).
+func (l *Loader) RefreshRouteHints() (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.closed || l.ns == nil {
+		return 0, nil
+	}
+	changed := 0
+	var errs []error
+	for id, st := range l.services {
+		for i := range st.nodes {
+			ok, err := l.refreshRouteHint(id, st, i)
+			if err != nil {
+				errs = append(errs, err)
+			}
+			if ok {
+				changed++
+			}
+		}
+	}
+	return changed, errors.Join(errs...)
+}
+
+// refreshRouteHint updates node index of a service to its current route
+// hint and reports whether it changed. l.mu is held.
+func (l *Loader) refreshRouteHint(id ServiceID, st *serviceState, index int) (bool, error) {
+	key := bpf.NATNodeKey{ServiceId: uint32(id), Index: uint32(index)}
+	var n bpf.NATNode
+	if err := l.objs.EbpfwdNodes.Lookup(key, &n); err != nil {
+		return false, fmt.Errorf("route hint of node %d of service %d: %w", index, id, err)
+	}
+	if n.Egress.Ifindex != 0 {
+		return false, nil
+	}
+	hint := 0
+	if ifindex, _, err := l.route(bpf.AddrFrom(n.Addr, st.key.Family)); err == nil {
+		hint = ifindex
+	}
+	if uint32(hint) == n.Ifindex {
+		return false, nil
+	}
+	n.Ifindex = uint32(hint)
+	if err := l.objs.EbpfwdNodes.Update(key, n, ebpf.UpdateExist); err != nil {
+		return false, fmt.Errorf("route hint of node %d of service %d: %w", index, id, err)
+	}
+	return true, nil
+}

@@ -59,8 +59,17 @@ func (a *attachment) FlowTables() []datapath.FlowTable {
 }
 
 // SetNodeHealthy takes a node out of (or back into) the program's choice
-// for new flows; flows in progress keep their node.
+// for new flows; flows in progress keep their node. The nodes' route hints
+// are refreshed first: a node's health changes with its route (an
+// interface gone, or back with the address that brings the route, which
+// the interface watcher may have seen come up before its address), and a
+// node back in the choice must not be routed to an ifindex that is gone.
 func (a *attachment) SetNodeHealthy(index int, healthy bool) error {
+	if n, err := a.nl.l.RefreshRouteHints(); err != nil {
+		a.d.logger().Warn("tc datapath: refresh the nodes' route hints", "service", a.svc.Name, "err", err)
+	} else if n > 0 {
+		a.d.logger().Info("tc datapath: nodes' route hints updated", "service", a.svc.Name, "nodes", n)
+	}
 	return a.nl.l.SetNodeHealthy(a.id, index, healthy)
 }
 
@@ -161,6 +170,7 @@ func (a *attachment) Close() error {
 		last := a.nl.services[a.id] <= 0
 		if last {
 			delete(a.nl.services, a.id)
+			delete(a.nl.names, a.id)
 		}
 		a.d.mu.Unlock()
 		var err error

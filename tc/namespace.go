@@ -3,6 +3,7 @@ package tc
 import (
 	"context"
 	"fmt"
+	"maps"
 	"sync"
 	"time"
 
@@ -31,6 +32,8 @@ type nsLoader struct {
 	// services counts the attachments of each service ID in the maps:
 	// FinishSetup prunes every other service a previous run left.
 	services map[loader.ServiceID]int
+	// names names the services of services, for logs.
+	names map[loader.ServiceID]string
 
 	counts flowCountCache
 }
@@ -130,7 +133,7 @@ func (d *Datapath) acquire(ns netns.NS) (*nsLoader, error) {
 	}
 	gcCtx, stop := context.WithCancel(context.Background())
 	nl := &nsLoader{ns: ns, id: id, l: l, refs: 1, stopGC: stop, gcDone: make(chan struct{}), watch: watch,
-		ports: ports, services: map[loader.ServiceID]int{}}
+		ports: ports, services: map[loader.ServiceID]int{}, names: map[loader.ServiceID]string{}}
 	go d.collectGarbage(gcCtx, nl)
 	if d.loaders == nil {
 		d.loaders = map[netns.ID]*nsLoader{}
@@ -181,6 +184,7 @@ func (d *Datapath) collectGarbage(ctx context.Context, nl *nsLoader) {
 	defer close(nl.gcDone)
 	t := time.NewTicker(gcInterval)
 	defer t.Stop()
+	refused := map[loader.ServiceID]kernelRefusals{}
 	for {
 		select {
 		case <-ctx.Done():
@@ -191,6 +195,45 @@ func (d *Datapath) collectGarbage(ctx context.Context, nl *nsLoader) {
 			} else if n > 0 {
 				d.logger().Debug("tc conntrack garbage collection", "netns", nl.ns.String(), "removed", n)
 			}
+			d.logKernelRefusals(nl, refused)
+		}
+	}
+}
+
+// kernelRefusals are a service's new flows the program could not take on:
+// no free SNAT port (the flow goes to the listener) or the conntrack map
+// refused the entry (the packet is dropped; the client retransmits).
+type kernelRefusals struct{ snatExhausted, mapFull uint64 }
+
+// logKernelRefusals logs, once a GC round, the refusals of each service
+// since the last round (seen holds the counts then): the metrics count them
+// (snat_exhausted, map_full), and a line says when they happened.
+func (d *Datapath) logKernelRefusals(nl *nsLoader, seen map[loader.ServiceID]kernelRefusals) {
+	d.mu.Lock()
+	names := maps.Clone(nl.names)
+	d.mu.Unlock()
+	for id, name := range names {
+		k, err := nl.l.Counters(id)
+		if err != nil {
+			continue // the service is going; Counters says why at scrape
+		}
+		now := kernelRefusals{snatExhausted: k.SNATFailures, mapFull: k.DropConntrack}
+		last, known := seen[id]
+		seen[id] = now
+		if !known && nl.l.Reused() {
+			// The maps, counters included, are a previous run's: what
+			// they counted was that run's to log.
+			continue
+		}
+		if now.snatExhausted > last.snatExhausted || now.mapFull > last.mapFull {
+			d.logger().Warn("tc datapath refused new flows: no free SNAT port (served by the listener) or conntrack map full (dropped, the client retries)",
+				"service", name, "netns", nl.ns.String(), "snat_exhausted", now.snatExhausted-last.snatExhausted,
+				"map_full", now.mapFull-last.mapFull, "since", gcInterval)
+		}
+	}
+	for id := range seen {
+		if _, ok := names[id]; !ok {
+			delete(seen, id)
 		}
 	}
 }

@@ -124,6 +124,7 @@ func (d *Datapath) setup(svc datapath.Service, crossing bool) (*attachment, erro
 	}
 	d.mu.Lock()
 	nl.services[a.id]++
+	nl.names[a.id] = svc.Name
 	d.mu.Unlock()
 	return a, nil
 }

@@ -51,6 +51,7 @@ type attacher interface {
 	Attach(ns netns.NS, ifname string) (loader.Attachment, error)
 	Detach(ifname string) error
 	SetPeerRedirect(ifname string, on bool) (bool, error)
+	RefreshRouteHints() (int, error)
 }
 
 // linkState is what decides whether an interface carries the program, as a
@@ -459,6 +460,22 @@ func (w *ifaceWatcher) apply(actions []action) {
 			w.log.Info("tc datapath attached to new interface", "netns", w.ns.String(), "interface", att.Interface,
 				"ifindex", att.Ifindex, "peer_redirect", att.PeerRedirect, "legacy", att.Legacy)
 		}
+	}
+	if len(actions) > 0 {
+		w.refreshRouteHints()
+	}
+}
+
+// refreshRouteHints brings the nodes' route hints (ifindexes) in line with
+// the namespace's routes once an interface came or went: one deleted and
+// created again has a new ifindex, and the old one leads nowhere.
+func (w *ifaceWatcher) refreshRouteHints() {
+	n, err := w.l.RefreshRouteHints()
+	if err != nil {
+		w.log.Warn("tc datapath: refresh the nodes' route hints", "netns", w.ns.String(), "err", err)
+	}
+	if n > 0 {
+		w.log.Info("tc datapath: nodes' route hints updated", "netns", w.ns.String(), "nodes", n)
 	}
 }
 

@@ -170,6 +170,8 @@ func (f *fakeLoader) Detach(ifname string) error {
 
 func (f *fakeLoader) SetPeerRedirect(ifname string, on bool) (bool, error) { return false, nil }
 
+func (f *fakeLoader) RefreshRouteHints() (int, error) { return 0, nil }
+
 func (f *fakeLoader) names() []string {
 	f.mu.Lock()
 	defer f.mu.Unlock()

@@ -24,7 +24,8 @@ import (
 // service under the running daemon. The namespace itself lives on (the
 // target's socket holds it), but its name is gone, so the daemon must stop
 // dialing through it: new connections are closed, the daemon says which
-// namespace failed, and its other service keeps working.
+// namespace failed and counts the failures (netns_gone), and its other
+// service keeps working.
 func TestNetnsDeletedWhileRunning(t *testing.T) {
 	testutil.RequireRoot(t)
 	t.Parallel()
@@ -50,8 +51,11 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
     nodes:
     - {name: target-0, addr: "127.0.0.1:9000"}
   metadata: {netns: $C, netns.out: $KEPT}
+metrics:
+  addr: 127.0.0.1:9100
 `, map[string]string{"C": c.Name, "DOOMED": doomed.Name, "KEPT": kept.Name})
-	d := e2e.Start(t, "netns-deleted", yaml, e2e.Options{})
+	// In C, where its services listen, so that its metrics are there too.
+	d := e2e.Start(t, "netns-deleted", yaml, e2e.Options{In: c})
 	for _, addr := range []string{"127.0.0.1:8000", "127.0.0.1:8001"} {
 		if err := e2e.Exchange(t, c, addr, 64<<10, 10*time.Second); err != nil {
 			t.Fatalf("before deletion, %s: %v", addr, err)
@@ -71,6 +75,7 @@ func TestNetnsDeletedWhileRunning(t *testing.T) {
 		t.Fatalf("the other service after deletion: %v", err)
 	}
 	d.WaitLog(t, 5*time.Second, doomed.Name)
+	waitCount(t, metricsIn(t, c, "127.0.0.1:9100"), `ebpfwd_errors_total{service="svc-doomed",reason="netns_gone"}`, 3)
 }
 
 // TestCheckBadConfig: `ebpfwd check` must report every problem at once,

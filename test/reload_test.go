@@ -56,7 +56,7 @@ func holdConn(t *testing.T, ns *topo.NS, addr string) *heldConn {
 	}
 	t.Cleanup(func() { c.Close() })
 	h := &heldConn{c: c}
-	h.roundTrip(t, "before the reload")
+	h.roundTrip(t, "when opened")
 	return h
 }
 

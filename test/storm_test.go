@@ -12,26 +12,51 @@ import (
 	"time"
 
 	"github.com/ebpfwd/ebpfwd/internal/testutil"
+	"github.com/ebpfwd/ebpfwd/internal/topo"
 )
 
 // daemonThreads is the daemon's thread count, as /proc/PID/status says.
 func daemonThreads(t *testing.T, d *e2e.Daemon) int {
 	t.Helper()
-	status, err := os.ReadFile("/proc/" + strconv.Itoa(d.Pid()) + "/status")
+	n, ok := threadsOf(d.Pid())
+	if !ok {
+		t.Fatalf("no thread count in /proc/%d/status", d.Pid())
+	}
+	return n
+}
+
+// threadsOf reads a process's thread count from /proc/PID/status; false
+// once the process is gone.
+func threadsOf(pid int) (int, bool) {
+	status, err := os.ReadFile("/proc/" + strconv.Itoa(pid) + "/status")
 	if err != nil {
-		t.Fatal(err)
+		return 0, false
 	}
 	for _, line := range strings.Split(string(status), "\n") {
 		if v, ok := strings.CutPrefix(line, "Threads:"); ok {
 			n, err := strconv.Atoi(strings.TrimSpace(v))
-			if err != nil {
-				t.Fatal(err)
-			}
-			return n
+			return n, err == nil
 		}
 	}
-	t.Fatal("no Threads line in the daemon's status")
-	return 0
+	return 0, false
+}
+
+// blackholeIn makes 198.51.100.2 a black hole inside ns: it sits behind a
+// veth whose both ends stay there, with a neighbour entry nobody answers
+// for, so connects to it stay pending until their timeout.
+func blackholeIn(t *testing.T, ns *topo.NS) {
+	t.Helper()
+	for _, args := range [][]string{
+		{"link", "add", "bh0", "type", "veth", "peer", "name", "bh1"},
+		{"addr", "add", "198.51.100.1/24", "dev", "bh0"},
+		{"link", "set", "bh0", "up"},
+		{"link", "set", "bh1", "up"},
+		{"neigh", "add", "198.51.100.2", "lladdr", "02:00:5e:00:53:02", "dev", "bh0", "nud", "permanent"},
+	} {
+		if err := ns.IP(args...); err != nil {
+			t.Fatal(err)
+		}
+	}
 }
 
 // TestPendingDialStorm: thousands of clients of a service whose node never
@@ -46,19 +71,7 @@ func TestPendingDialStorm(t *testing.T) {
 	c := testutil.NewNS(t, "e2e-storm-c")
 	dead := testutil.NewNS(t, "e2e-storm-d")
 	alive := testutil.NewNS(t, "e2e-storm-a")
-	// In dead, 198.51.100.2 sits behind a veth whose both ends stay there,
-	// with a neighbour entry nobody answers for: connects stay pending.
-	for _, args := range [][]string{
-		{"link", "add", "bh0", "type", "veth", "peer", "name", "bh1"},
-		{"addr", "add", "198.51.100.1/24", "dev", "bh0"},
-		{"link", "set", "bh0", "up"},
-		{"link", "set", "bh1", "up"},
-		{"neigh", "add", "198.51.100.2", "lladdr", "02:00:5e:00:53:02", "dev", "bh0", "nud", "permanent"},
-	} {
-		if err := dead.IP(args...); err != nil {
-			t.Fatal(err)
-		}
-	}
+	blackholeIn(t, dead)
 	e2e.EchoIn(t, alive, "127.0.0.1:9000")
 	yaml := e2e.Config(`services:
 - name: blackholed

@@ -46,6 +46,9 @@ type restartTopo struct {
 	client, gw, server *topo.NS
 }
 
+// newRestartTopo is client (10.34.1.2) <-> gateway (10.34.1.1, 10.34.2.1)
+// <-> server (10.34.2.2, an echo server on :9000), each namespace the
+// test's own: the tc tests' usual layout, not only the restart tests'.
 func newRestartTopo(t *testing.T, prefix string) restartTopo {
 	t.Helper()
 	tp := restartTopo{client: testutil.NewNS(t, prefix+"-c"), gw: testutil.NewNS(t, prefix+"-g"), server: testutil.NewNS(t, prefix+"-s")}

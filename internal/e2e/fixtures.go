@@ -175,8 +175,16 @@ func Config(template string, vars map[string]string) string {
 }
 
 // ExpectClosedNoData sends a little data on a fresh connection to addr
-// and expects the far end to close it without sending a single byte.
+// and expects the far end to close it without sending a single byte
+// within 5s.
 func ExpectClosedNoData(t testing.TB, ns *topo.NS, addr string) {
+	t.Helper()
+	ExpectClosedNoDataWithin(t, ns, addr, 5*time.Second)
+}
+
+// ExpectClosedNoDataWithin is ExpectClosedNoData for a close that may take
+// up to wait (one that waits out a timeout of the daemon's).
+func ExpectClosedNoDataWithin(t testing.TB, ns *topo.NS, addr string, wait time.Duration) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
@@ -192,13 +200,13 @@ func ExpectClosedNoData(t testing.TB, ns *topo.NS, addr string) {
 		return
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(5 * time.Second))
+	_ = c.SetDeadline(time.Now().Add(wait))
 	// The write may fail if the daemon already closed; that is fine.
 	_, _ = c.Write([]byte("GET / HTTP/1.0\r\n\r\n"))
 	got, err := io.ReadAll(c)
 	switch {
 	case errors.As(err, &ne) && ne.Timeout():
-		t.Fatalf("connection to %s neither answered nor closed within 5s (got %d bytes)", addr, len(got))
+		t.Fatalf("connection to %s neither answered nor closed within %v (got %d bytes)", addr, wait, len(got))
 	case len(got) > 0:
 		t.Fatalf("connection to %s returned %d bytes (%q), want none", addr, len(got), got)
 	}

@@ -311,7 +311,7 @@ func TestSoak(t *testing.T) {
 	}())
 	t.Log("\n" + out)
 	if *report != "" {
-		if err := os.WriteFile(*report, []byte(out), 0o644); err != nil {
+		if err := writeReport(*report, out); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -366,4 +366,25 @@ func render(dur time.Duration, tcp, udp map[string]*tally, events, samples []str
 		b.WriteString(s + "\n")
 	}
 	return b.String()
+}
+
+// keptSection starts the part of the report file the soak does not write
+// (the fault matrix, kept by hand): a new report replaces what comes
+// before it and keeps it.
+const keptSection = "\n## Fault matrix\n"
+
+// writeReport writes out to path in place of the previous soak report,
+// keeping the file's hand-kept sections.
+func writeReport(path, out string) error {
+	old, err := os.ReadFile(path)
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return fmt.Errorf("read %s: %w", path, err)
+	}
+	if i := strings.Index(string(old), keptSection); i >= 0 {
+		out = strings.TrimRight(out, "\n") + "\n" + string(old[i:])
+	}
+	if err := os.WriteFile(path, []byte(out), 0o644); err != nil {
+		return fmt.Errorf("write %s: %w", path, err)
+	}
+	return nil
 }

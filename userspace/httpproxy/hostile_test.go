@@ -209,6 +209,34 @@ func TestHeaderTimeout(t *testing.T) {
 	}
 }
 
+// TestHeaderTimeoutMidLine: a header cut short by the header timeout is a
+// timeout (408, counted as one) wherever the cut falls, including inside a
+// line net/http would call malformed if it were complete.
+func TestHeaderTimeoutMidLine(t *testing.T) {
+	const timeout = 300 * time.Millisecond
+	proxy, results := startProxy(t, &Server{HandshakeTimeout: timeout})
+	for _, sent := range []string{
+		"CONNECT 127.0.0.1:9",                           // inside the request line
+		"CONNECT 127.0.0.1:9 HTTP/1.1\r\nHost",          // inside a field name
+		"CONNECT 127.0.0.1:9 HTTP/1.1\r\nX-Slow: aaaa",  // inside a value
+		"CONNECT 127.0.0.1:9 HTTP/1.1\r\nX-Slow: a\r\n", // between lines
+	} {
+		t.Run(sent, func(t *testing.T) {
+			c := dial(t, proxy)
+			if _, err := io.WriteString(c, sent); err != nil {
+				t.Fatal(err)
+			}
+			resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+			if err != nil || resp.StatusCode != http.StatusRequestTimeout {
+				t.Fatalf("header cut after %q: %v, %v; want 408", sent, resp, err)
+			}
+			if r := nextResult(t, results); r.Refused != RefusedHeaderTimeout {
+				t.Fatalf("header cut after %q counted as %q (%v), want %q", sent, r.Refused, r.Err, RefusedHeaderTimeout)
+			}
+		})
+	}
+}
+
 // TestMaxClients: a client over the cap gets 503 at once and is counted;
 // once a slot is free the next client is served.
 func TestMaxClients(t *testing.T) {

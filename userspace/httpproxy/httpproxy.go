@@ -263,7 +263,10 @@ func (s *Server) serve(ctx context.Context, conn net.Conn) (res Result) {
 		}
 		res.Err = fmt.Errorf("read request: %w", redact(err))
 		switch {
-		case isTimeout(err) && ctx.Err() == nil:
+		case (isTimeout(err) || rec.timedOut) && ctx.Err() == nil:
+			if !isTimeout(err) {
+				res.Err = fmt.Errorf("read request: header not complete at the header timeout (%w)", redact(err))
+			}
 			// A client that sent nothing gets nothing; one that was
 			// sending a request hears it was too slow (RFC 9110 15.5.9).
 			res.Refused = RefusedHeaderTimeout
@@ -535,12 +538,18 @@ type recorder struct {
 	r   io.Reader
 	buf []byte
 	off bool
+	// timedOut: a read of the header ran into the handshake deadline.
+	// bufio hands a partial line out before the error that ended it, so
+	// net/http may report a line cut short by the deadline as malformed
+	// ("missing colon"): this tells the two apart.
+	timedOut bool
 }
 
 func (r *recorder) Read(p []byte) (int, error) {
 	n, err := r.r.Read(p)
 	if !r.off {
 		r.buf = append(r.buf, p[:n]...)
+		r.timedOut = r.timedOut || isTimeout(err)
 	}
 	return n, err
 }
