@@ -6,6 +6,7 @@ import (
 	"net"
 	"os"
 
+	"github.com/ebpfwd/ebpfwd/datapath"
 	"github.com/ebpfwd/ebpfwd/netns"
 )
 
@@ -157,7 +158,7 @@ func (d *Daemon) handOver(u Upgrader, closeControl func()) (started bool, err er
 		return false, err
 	}
 	for _, s := range d.current() {
-		s.stopAccepting()
+		s.stopTaking()
 		s.stopProbing()
 	}
 	for _, dp := range d.datapaths.Datapaths() {
@@ -173,6 +174,20 @@ func (d *Daemon) handOver(u Upgrader, closeControl func()) (started bool, err er
 		return true, err
 	}
 	return true, nil
+}
+
+// stopTaking makes the service take no new connection or datagram and
+// leaves the rest to the new process, which shares its listening socket:
+// a TCP service closes its listener (the new process's copy keeps the
+// socket and its backlog); a UDP service stops reading but keeps its
+// socket, through which its open sessions answer their clients until they
+// expire (closing it would drop every reply still on its way).
+func (s *service) stopTaking() {
+	if st, ok := s.att.(datapath.PacketReadStopper); ok && s.ln.pc != nil {
+		st.StopReadingPackets()
+		return
+	}
+	s.stopAccepting()
 }
 
 // releaseKernel closes the kernel side of the service's attachment (its

@@ -189,6 +189,14 @@ type PacketForwarder interface {
 	ServePackets(ctx context.Context, pc net.PacketConn, dial PacketDialer) error
 }
 
+// PacketReadStopper is a PacketForwarder that can stop reading its socket
+// while the sessions it has open go on answering through it, until they
+// expire and ServePackets returns: what an upgrade needs, since the new
+// process shares the socket and reads from then on.
+type PacketReadStopper interface {
+	StopReadingPackets()
+}
+
 // Flow is one connection or flow as a datapath sees it, for listing.
 type Flow struct {
 	Service   string    `json:"service"`

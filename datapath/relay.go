@@ -34,12 +34,13 @@ func (r *relayed) CloseKernel() error {
 }
 
 var (
-	_ Splicer          = (*relayed)(nil)
-	_ PacketForwarder  = (*relayed)(nil)
-	_ FlowLister       = (*relayed)(nil)
-	_ FlowTabler       = (*relayed)(nil)
-	_ NodeHealthSetter = (*relayed)(nil)
-	_ KernelReasoner   = (*relayed)(nil)
+	_ Splicer           = (*relayed)(nil)
+	_ PacketForwarder   = (*relayed)(nil)
+	_ PacketReadStopper = (*relayed)(nil)
+	_ FlowLister        = (*relayed)(nil)
+	_ FlowTabler        = (*relayed)(nil)
+	_ NodeHealthSetter  = (*relayed)(nil)
+	_ KernelReasoner    = (*relayed)(nil)
 )
 
 // Kernel returns the kernel datapath's own attachment.
@@ -67,6 +68,12 @@ func (r *relayed) ServePackets(ctx context.Context, pc net.PacketConn, dial Pack
 		return errors.New("the relay cannot forward packets")
 	}
 	return pf.ServePackets(ctx, pc, dial)
+}
+
+func (r *relayed) StopReadingPackets() {
+	if st, ok := r.relay.(PacketReadStopper); ok {
+		st.StopReadingPackets()
+	}
 }
 
 func (r *relayed) Counters() Counters {

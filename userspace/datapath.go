@@ -154,6 +154,14 @@ func (a *attachment) ServePackets(ctx context.Context, pc net.PacketConn, dial d
 }
 
 // FlowTables reports the UDP session table of a UDP service.
+// StopReadingPackets stops the running UDP relay's reads (relay.UDP's
+// StopReading); its sessions answer until they expire.
+func (a *attachment) StopReadingPackets() {
+	if u := a.udp.Load(); u != nil {
+		u.StopReading()
+	}
+}
+
 func (a *attachment) FlowTables() []datapath.FlowTable {
 	if a.svc.Network != "udp" {
 		return nil

@@ -86,6 +86,22 @@ type UDP struct {
 
 	dropped atomic.Uint64
 	table   atomic.Pointer[udpTable] // the running Serve's sessions, for Sessions
+	// readingStopped: StopReading was called.
+	readingStopped atomic.Bool
+}
+
+// errReadingStopped ends readClients after StopReading.
+var errReadingStopped = errors.New("udp relay: reading stopped")
+
+// StopReading ends Serve's reading of client datagrams, and only that:
+// the sessions already open keep relaying their replies through Conn
+// until they expire (TTL) or Serve's context ends, and then Serve returns.
+// An upgrade calls it: the new process shares Conn and reads every
+// datagram from then on, while replies to what this process forwarded
+// still reach their clients.
+func (u *UDP) StopReading() {
+	u.readingStopped.Store(true)
+	_ = u.Conn.SetReadDeadline(time.Unix(1, 0)) // unblocks ReadFrom; this process's deadline only
 }
 
 // Session describes one live UDP session.
@@ -181,6 +197,15 @@ func (u *UDP) Serve(ctx context.Context) error {
 		_ = u.Conn.SetReadDeadline(time.Unix(1, 0))
 	})
 	err := t.readClients()
+	if errors.Is(err, errReadingStopped) {
+		err = nil
+		ended := make(chan struct{})
+		go func() { t.wg.Wait(); close(ended) }()
+		select {
+		case <-ended: // every session expired or answered
+		case <-ctx.Done():
+		}
+	}
 	stop()
 	cancel()
 	t.closeAll()
@@ -235,6 +260,9 @@ func (t *udpTable) readClients() error {
 		if err != nil {
 			if t.ctx.Err() != nil || errors.Is(err, net.ErrClosed) {
 				return nil
+			}
+			if t.u.readingStopped.Load() {
+				return errReadingStopped
 			}
 			return fmt.Errorf("udp relay: read from %s: %w", t.u.Conn.LocalAddr(), err)
 		}

@@ -202,9 +202,11 @@ func TestUDPSessionsEchoAndExpire(t *testing.T) {
 	const (
 		clients   = 3
 		datagrams = 100
-		// Long enough that no client pauses this long between datagrams
-		// even on a loaded machine; expiry is timed precisely elsewhere.
-		ttl = time.Second
+		// Long enough that no session expires before the checks below,
+		// even on a loaded machine: a client that finished first idles
+		// until the last one has (seen to take more than 1 s under -race);
+		// expiry is timed precisely elsewhere.
+		ttl = 5 * time.Second
 	)
 	r := startUDP(t, ttl, 0, nil)
 	var (
@@ -243,7 +245,17 @@ func TestUDPSessionsEchoAndExpire(t *testing.T) {
 	if got := r.dials.Load(); got != clients {
 		t.Fatalf("%d upstream dials, want %d", got, clients)
 	}
-	// Exact unless a datagram had to be resent: then up to every byte written.
+	// Exact unless a datagram had to be resent: then up to every byte
+	// written. A datagram is counted up once its write upstream returned,
+	// which may be after its echo came back down: the last counts settle
+	// a moment after the clients have their replies.
+	settled := func() bool {
+		up, down := r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load()
+		return up >= sent.Load() && down >= sent.Load()
+	}
+	for deadline := time.Now().Add(testDeadline); !settled() && time.Now().Before(deadline); {
+		time.Sleep(time.Millisecond)
+	}
 	if up, down := r.relay.Counts.Up.Load(), r.relay.Counts.Down.Load(); up < sent.Load() || up > written.Load() || down < sent.Load() || down > written.Load() {
 		t.Fatalf("counted up %d down %d, want %d each (at most %d with resends)", up, down, sent.Load(), written.Load())
 	}
@@ -567,5 +579,82 @@ func TestUDPReadSize(t *testing.T) {
 	}
 	if !bytes.Equal(buf[:n], long[:100]) {
 		t.Fatalf("echo of a 300-byte datagram: %d bytes, want its first 100", n)
+	}
+}
+
+// After StopReading (an upgrade), a session already open still gets its
+// replies to the client through the listening socket, the datagrams that
+// come next are left on the socket for whoever shares it, and Serve
+// returns once the session expired.
+func TestUDPStopReadingKeepsSessions(t *testing.T) {
+	// An upstream that answers late: the reply is still on its way when
+	// the relay stops reading.
+	slow, err := net.ListenUDP("udp", &net.UDPAddr{IP: net.IPv4(127, 0, 0, 1)})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer slow.Close()
+	go func() {
+		buf := make([]byte, maxDatagram)
+		for {
+			n, from, err := slow.ReadFromUDPAddrPort(buf)
+			if err != nil {
+				return
+			}
+			time.Sleep(200 * time.Millisecond)
+			if _, err := slow.WriteToUDPAddrPort(buf[:n], from); err != nil {
+				return
+			}
+		}
+	}()
+	const ttl = 500 * time.Millisecond
+	r := startUDP(t, ttl, 0, func(ctx context.Context, _ net.Addr) (net.Conn, error) {
+		var d net.Dialer
+		return d.DialContext(ctx, "udp", slow.LocalAddr().String())
+	})
+	// The socket as the next process would hold it: its own descriptor,
+	// its own deadlines.
+	f, err := r.listener.File()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	next, err := net.FilePacketConn(f)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer next.Close()
+
+	c := r.client(t)
+	if _, err := c.Write([]byte("before")); err != nil {
+		t.Fatal(err)
+	}
+	waitFor(t, "the session to open", testDeadline, func() bool { return r.active.Load() == 1 })
+	r.relay.StopReading()
+
+	buf := make([]byte, 64)
+	n, err := c.Read(buf)
+	if err != nil || string(buf[:n]) != "before" {
+		t.Fatalf("reply after StopReading: %q, %v; want %q", buf[:n], err, "before")
+	}
+	if _, err := c.Write([]byte("after")); err != nil {
+		t.Fatal(err)
+	}
+	next.SetReadDeadline(time.Now().Add(testDeadline))
+	n, _, err = next.ReadFrom(buf)
+	if err != nil || string(buf[:n]) != "after" {
+		t.Fatalf("the sharing socket read %q, %v; want the datagram sent after StopReading", buf[:n], err)
+	}
+	select {
+	case err := <-r.served:
+		r.served <- err // for the rig's cleanup
+		if err != nil {
+			t.Fatalf("Serve: %v", err)
+		}
+	case <-time.After(ttl + testDeadline):
+		t.Fatal("Serve did not return after its session expired")
+	}
+	if got := r.dials.Load(); got != 1 {
+		t.Errorf("%d upstream sockets opened, want 1 (nothing read after StopReading)", got)
 	}
 }
