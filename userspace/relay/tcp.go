@@ -1,9 +1,10 @@
 // Package relay moves bytes between an accepted client connection and the
 // upstream connection dialed for it: the userspace datapath of ebpfwd.
 //
-// TCP streams are copied with splice(2) whenever both ends are kernel
-// sockets, in bounded chunks so byte counters stay live and idle deadlines can
-// be re-armed. UDP is relayed per client session over the service's single
+// TCP streams between kernel sockets are read into a pooled buffer and
+// written while messages are small, and spliced (splice(2)) once a read
+// fills the buffer, in bounded chunks so byte counters stay live and idle
+// deadlines can be re-armed. UDP is relayed per client session over the service's single
 // listening socket.
 package relay
 
